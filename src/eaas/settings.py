@@ -1,0 +1,100 @@
+"""The one settings object every command and process uses.
+
+Values come, in increasing priority, from the defaults below, ``EAAS_*``
+environment variables (``EAAS_REDIS_URL``, ``EAAS_PREFIX``, ...) and CLI flags
+(which the CLI applies with :meth:`Settings.model_copy`). Every duration is
+named with its unit (``_s`` seconds, ``_ms`` milliseconds); sizes in bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from typing_extensions import Annotated
+
+TransportName = Literal["auto", "inline", "shm", "cuda_ipc", "nixl"]
+
+
+def _default_cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "eaas"
+
+
+class Settings(BaseSettings):
+    """EaaS configuration (environment prefix ``EAAS_``).
+
+    Attributes mirror the environment variables: ``redis_url`` is
+    ``EAAS_REDIS_URL`` and so on. Lists (``api_keys``) are comma-separated.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="EAAS_", extra="ignore")
+
+    # --- registry ---
+    redis_url: str | None = Field(
+        None, description="Redis URL; unset = find a running deployment, or start a private Redis"
+    )
+    prefix: str = Field("eaas", description="key prefix, so several deployments share one Redis")
+    redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout for Redis calls")
+    state_dir: Path = Field(
+        default_factory=_default_cache_dir,
+        description="where `eaas up`/`eaas redis` write deployment.json for admin commands",
+    )
+    cache_dir: Path = Field(default_factory=_default_cache_dir, description="tiny checkpoints etc.")
+
+    # --- leases ---
+    lease_ttl_s: float = Field(3.0, gt=0, description="worker lease TTL")
+    heartbeat_interval_s: float = Field(0.5, gt=0, description="heartbeat period (< lease_ttl_s)")
+    routing_refresh_s: float = Field(2.0, gt=0, description="client full re-read of the routing table")
+
+    # --- compute ---
+    torch_threads: int = Field(1, ge=1, description="torch intra-op threads per process")
+    device: str = Field("cpu", description="torch device for expert workers")
+
+    # --- wire / data plane ---
+    transport: TransportName = Field("auto", description="data-plane transport")
+    bind_host: str = Field("127.0.0.1", description="address workers bind (loopback by default)")
+    advertise_host: str | None = Field(None, description="address workers advertise (default: bind)")
+    max_message_bytes: int = Field(1 << 30, gt=0, description="largest tensor payload accepted")
+    max_batch_tokens: int = Field(8192, gt=0, description="worker continuous-batching cap (rows)")
+    shm_arena_bytes: int = Field(64 << 20, gt=0, description="shared-memory arena per client-worker pair")
+    request_timeout_ms: int = Field(2000, gt=0, description="per-attempt deadline before failover")
+    call_deadline_ms: int = Field(30000, gt=0, description="deadline of one layer call, failovers included")
+
+    # --- gateway ---
+    host: str = Field("127.0.0.1", description="gateway bind address")
+    port: int = Field(8000, ge=0, le=65535, description="gateway port")
+    api_keys: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, description="bearer API keys; empty = no auth"
+    )
+    max_body_bytes: int = Field(64 << 20, gt=0, description="largest HTTP body accepted")
+    max_batch_size: int = Field(32, gt=0, description="sequences decoded together by the runner")
+
+    # --- logging ---
+    log_level: str = Field("INFO", description="logging level")
+
+    @field_validator("api_keys", mode="before")
+    @classmethod
+    def _split_keys(cls, v: object) -> object:
+        if isinstance(v, str):
+            return [k.strip() for k in v.split(",") if k.strip()]
+        return v
+
+    @property
+    def state_file(self) -> Path:
+        """Path of the deployment state file (JSON: redis_url, prefix, gateway_url, pid)."""
+        return self.state_dir / "deployment.json"
+
+
+def get_settings(**overrides: object) -> Settings:
+    """Read settings from the environment, then apply non-None ``overrides``.
+
+    Raises:
+        pydantic.ValidationError: an ``EAAS_*`` variable has an invalid value.
+    """
+    s = Settings()
+    clean = {k: v for k, v in overrides.items() if v is not None}
+    return s.model_copy(update=clean) if clean else s
