@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from eaas.commands import bench
+from eaas.commands import bench, redis_cmd, registry
+from eaas.commands.common import setup_logging
 
 app = typer.Typer(
     name="eaas",
@@ -13,6 +14,27 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
+
+
+@app.callback()
+def _root(
+    redis_url: str = typer.Option(None, "--redis-url", envvar="EAAS_REDIS_URL", help="Redis of the deployment (default: the one `eaas up` recorded, or a private one)"),
+    prefix: str = typer.Option(None, "--prefix", envvar="EAAS_PREFIX", help="registry key prefix (default: eaas)"),
+    log_level: str = typer.Option("WARNING", "--log-level", envvar="EAAS_LOG_LEVEL", help="logging level"),
+) -> None:
+    """Shared options; they are exported as EAAS_* so every child process sees them."""
+    import os
+
+    if redis_url:
+        os.environ["EAAS_REDIS_URL"] = redis_url
+    if prefix:
+        os.environ["EAAS_PREFIX"] = prefix
+    os.environ["EAAS_LOG_LEVEL"] = log_level
+    setup_logging(log_level)
+
+
+app.add_typer(registry.app, name="registry")
+app.command("redis")(redis_cmd.redis)
 app.add_typer(bench.app, name="bench")
 
 

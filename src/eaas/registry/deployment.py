@@ -1,0 +1,114 @@
+"""Finding the Redis of a deployment, or starting a private one.
+
+Admin commands run from another shell find the deployment that ``eaas up`` (or
+``eaas redis``) started through a *state file*, ``$EAAS_STATE_DIR/deployment.json``
+(default ``~/.cache/eaas/deployment.json``), holding the Redis URL, the key
+prefix, the gateway URL and the owner's pid. ``EAAS_REDIS_URL`` always wins over
+the state file. A state file whose owner process is dead is ignored.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from eaas.errors import DeploymentNotFound
+from eaas.registry.server import RedisServer
+from eaas.registry.store import Registry
+from eaas.settings import Settings
+
+
+@dataclass(frozen=True, slots=True)
+class DeploymentState:
+    """What ``deployment.json`` holds."""
+
+    redis_url: str
+    prefix: str
+    pid: int
+    gateway_url: str = ""
+    started_at_s: float = 0.0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def read_state(settings: Settings) -> DeploymentState | None:
+    """The live deployment recorded in the state file, or None (missing, malformed, owner dead)."""
+    try:
+        d = json.loads(Path(settings.state_file).read_text())
+        st = DeploymentState(**{k: d[k] for k in ("redis_url", "prefix", "pid")},
+                             gateway_url=d.get("gateway_url", ""), started_at_s=float(d.get("started_at_s", 0)))
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return st if _pid_alive(st.pid) else None
+
+
+def write_state(settings: Settings, redis_url: str, gateway_url: str = "") -> Path:
+    """Record this process as the deployment admin commands should find (atomic rename)."""
+    path = Path(settings.state_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    st = DeploymentState(redis_url, settings.prefix, os.getpid(), gateway_url, time.time())
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(asdict(st), indent=2))
+    os.replace(tmp, path)
+    return path
+
+
+def clear_state(settings: Settings) -> None:
+    """Remove the state file if this process owns it."""
+    path = Path(settings.state_file)
+    try:
+        if json.loads(path.read_text()).get("pid") == os.getpid():
+            path.unlink()
+    except (OSError, ValueError, AttributeError):
+        pass
+
+
+def resolve(settings: Settings) -> tuple[str, str] | None:
+    """(redis_url, prefix) of the deployment to talk to, or None when there is none.
+
+    ``EAAS_REDIS_URL`` (with ``EAAS_PREFIX``) first, then the state file.
+    """
+    if settings.redis_url:
+        return settings.redis_url, settings.prefix
+    st = read_state(settings)
+    if st is None:
+        return None
+    return st.redis_url, st.prefix
+
+
+def open_registry(settings: Settings, start_if_missing: bool = False) -> tuple[Registry, RedisServer | None]:
+    """Connect to the deployment's registry, or start a private Redis.
+
+    Args:
+        settings: the settings object.
+        start_if_missing: with no deployment found, start a private Redis server
+            (stopped with the returned server / this process) instead of failing.
+
+    Returns:
+        The registry and the private server it started, if any.
+
+    Raises:
+        DeploymentNotFound: nothing found and ``start_if_missing`` is false.
+        RegistryUnavailable: the private server could not be started.
+    """
+    found = resolve(settings)
+    if found is not None:
+        url, prefix = found
+        return Registry.from_url(url, prefix, settings.redis_timeout_s), None
+    if not start_if_missing:
+        raise DeploymentNotFound(
+            f"no EaaS deployment found: set EAAS_REDIS_URL, or start one with `eaas up` (no live {settings.state_file})"
+        )
+    server = RedisServer().start()
+    return Registry.from_url(server.url, settings.prefix, settings.redis_timeout_s), server

@@ -1,0 +1,60 @@
+"""Shared fixtures: a private, real Redis server per test session.
+
+Never assumes a Redis is running: the session starts its own ``redis-server``
+on a free loopback port and stops it at the end. Each test gets its own key
+prefix, so tests cannot see each other's keys.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from eaas.registry.server import RedisServer
+from eaas.registry.store import Registry
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    """A real redis-server for the whole session (loopback, free port, no persistence)."""
+    with RedisServer() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def redis_url(redis_server: RedisServer) -> str:
+    return redis_server.url
+
+
+@pytest.fixture
+def prefix() -> str:
+    """A fresh key prefix for one test."""
+    return f"t{uuid.uuid4().hex[:10]}"
+
+
+@pytest.fixture
+def registry(redis_url: str, prefix: str) -> Iterator[Registry]:
+    reg = Registry.from_url(redis_url, prefix)
+    yield reg
+    reg.close()
+
+
+@pytest.fixture
+def eaas_env(redis_url: str, prefix: str, tmp_path, monkeypatch) -> dict[str, str]:  # type: ignore[no-untyped-def]
+    """Environment for `eaas` subprocesses pointed at the session Redis with this test's prefix."""
+    env = dict(os.environ)
+    env.update(
+        EAAS_REDIS_URL=redis_url,
+        EAAS_PREFIX=prefix,
+        EAAS_STATE_DIR=str(tmp_path / "state"),
+        EAAS_CACHE_DIR=str(tmp_path / "cache"),
+        OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+        COLUMNS="200",
+    )
+    return env
