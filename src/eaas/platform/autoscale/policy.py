@@ -1,0 +1,312 @@
+"""The autoscaling policy: a pure function, no I/O, the clock passed in.
+
+``decide(snapshot, config, state) -> (decision, state)`` turns one metrics
+snapshot into desired replicas per shard and extra replicas for hot experts.
+The mechanism (live autoscaler, or the simulation in ``simulate.py``) gathers
+snapshots, calls it once per control tick and applies the decision.
+
+Per shard, each tick (Ray Serve's control loop, with Knative's panic mode):
+
+1. Only *fresh* workers count (heartbeat at most ``metrics_stale_s`` old);
+   draining workers are neither capacity nor load. The load, in
+   replica-equivalents, is computed from the ready ones (see ``config.py``).
+2. **Panic**: if the instantaneous load is ``panic_threshold`` times the ready
+   replicas or more, the target jumps to ``ceil(load)`` at once.
+3. Otherwise the load is smoothed (exponential moving average, time constant
+   ``look_back_s``) and the proposal is
+   ``ceil(target + (load - target) * smoothing_factor)``, within
+   ``[min_replicas, max_replicas]``.
+4. A proposal that differs from the target is applied only once it has pointed
+   the same way for ``upscale_delay_s`` / ``downscale_delay_s`` *and* that long
+   has passed since the last change: an oscillating load changes a shard at
+   most once per delay window (no flapping).
+
+Hot experts: a function whose token rate exceeds ``hot_expert_factor`` times
+its shard's mean function rate gets ``ceil(load * excess_share)`` extra
+replicas (at least 1, at most ``max_hot_replicas``), where ``excess_share`` is
+the share of the shard's tokens it takes above an average function. Extra
+replicas go through the same delays.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field, replace
+from typing import Mapping
+
+from eaas.platform.autoscale.config import AutoscalerConfig
+
+
+class WorkerState(str, enum.Enum):
+    """Life cycle of a worker as the autoscaler sees it."""
+
+    STARTING = "starting"  # launched, loading weights: counts toward the target, not capacity
+    READY = "ready"  # registered and serving
+    DRAINING = "draining"  # finishing its queue before exit: neither capacity nor load
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerMetrics:
+    """One worker's last heartbeat.
+
+    Attributes:
+        worker_id: registry id of the worker.
+        shard: name of the shard (set of functions) it hosts.
+        state: its :class:`WorkerState`.
+        heartbeat_at_s: clock time of the heartbeat these numbers come from (s).
+        queue_tokens: tokens queued or in service.
+        queue_requests: requests queued or in service.
+        tokens_per_s: tokens served per second over the last heartbeat period.
+        busy_fraction: share of the last heartbeat period spent computing, 0-1.
+    """
+
+    worker_id: str
+    shard: str
+    state: WorkerState
+    heartbeat_at_s: float
+    queue_tokens: float = 0.0
+    queue_requests: int = 0
+    tokens_per_s: float = 0.0
+    busy_fraction: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FunctionMetrics:
+    """Tokens routed to one expert function, summed over its replicas.
+
+    Attributes:
+        function_id: ``{model}/{layer}/{expert}``.
+        shard: the shard that hosts it.
+        tokens_per_s: tokens per second sent to it.
+    """
+
+    function_id: str
+    shard: str
+    tokens_per_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class MetricsSnapshot:
+    """Everything the policy sees at one tick.
+
+    Attributes:
+        now_s: the clock (injected; same clock as ``heartbeat_at_s``).
+        workers: one entry per registered worker.
+        functions: token rates per function (optional: only hot-expert detection uses them).
+        shards: every shard that should exist, even one with no worker left;
+            shards named by workers or functions are added implicitly.
+    """
+
+    now_s: float
+    workers: tuple[WorkerMetrics, ...] = ()
+    functions: tuple[FunctionMetrics, ...] = ()
+    shards: tuple[str, ...] = ()
+
+    def shard_names(self) -> list[str]:
+        """Sorted names of every shard mentioned in the snapshot."""
+        names = set(self.shards)
+        names.update(w.shard for w in self.workers)
+        names.update(f.shard for f in self.functions)
+        return sorted(names)
+
+
+@dataclass(frozen=True, slots=True)
+class TargetState:
+    """A replica target with its pending proposal (one per shard or hot function).
+
+    Attributes:
+        replicas: the target last applied.
+        last_change_s: when it last changed (``-inf``: never).
+        pending: direction of the proposal waiting out its delay (+1, -1, or 0: none).
+        pending_since_s: since when that direction has been proposed without a break.
+    """
+
+    replicas: int
+    last_change_s: float = -math.inf
+    pending: int = 0
+    pending_since_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class ShardState:
+    """Policy memory for one shard.
+
+    Attributes:
+        target: the shard's replica target and pending proposal.
+        load_ema: smoothed load (replica-equivalents); ``None`` before the first measure.
+        ema_at_s: clock time of the last update of ``load_ema``.
+    """
+
+    target: TargetState
+    load_ema: float | None = None
+    ema_at_s: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyState:
+    """Everything :func:`decide` remembers between ticks (start with ``PolicyState()``)."""
+
+    shards: Mapping[str, ShardState] = field(default_factory=dict)
+    hot: Mapping[str, TargetState] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """What the mechanism should make true.
+
+    Attributes:
+        desired: replicas per shard (hot extras not included).
+        hot_extra: extra replicas per hot function id (only functions with > 0).
+        reasons: one human-readable line per shard.
+        load: the smoothed load per shard, replica-equivalents (for metrics/plots).
+        panic: shards that scaled in panic mode at this tick.
+    """
+
+    desired: dict[str, int]
+    hot_extra: dict[str, int]
+    reasons: dict[str, str]
+    load: dict[str, float] = field(default_factory=dict)
+    panic: frozenset[str] = frozenset()
+
+    @property
+    def total_replicas(self) -> int:
+        """Workers the decision asks for, hot extras included."""
+        return sum(self.desired.values()) + sum(self.hot_extra.values())
+
+
+def _clamp(n: int, config: AutoscalerConfig) -> int:
+    return max(config.min_replicas, min(config.max_replicas, n))
+
+
+def _step_target(
+    ts: TargetState, proposal: int, now_s: float, config: AutoscalerConfig
+) -> tuple[TargetState, str]:
+    # Only the delays of ``config`` are used here; bounds are the caller's job.
+    """Apply the delay rule to one target; returns the new target and a note."""
+    direction = (proposal > ts.replicas) - (proposal < ts.replicas)
+    if direction == 0:
+        return replace(ts, pending=0), "steady"
+    since_s = ts.pending_since_s if ts.pending == direction else now_s
+    delay_s = config.upscale_delay_s if direction > 0 else config.downscale_delay_s
+    waited_s = now_s - since_s
+    if waited_s >= delay_s and now_s - ts.last_change_s >= delay_s:
+        word = "up" if direction > 0 else "down"
+        return TargetState(proposal, now_s, 0, now_s), f"scaled {word} {ts.replicas}->{proposal}"
+    word = "up" if direction > 0 else "down"
+    left_s = max(delay_s - waited_s, delay_s - (now_s - ts.last_change_s))
+    return replace(ts, pending=direction, pending_since_s=since_s), (
+        f"{word} to {proposal} pending ({left_s:.0f}s left)"
+    )
+
+
+def shard_load(workers: list[WorkerMetrics], config: AutoscalerConfig) -> float:
+    """Load of a shard in replica-equivalents, from its ready, fresh workers."""
+    busy = sum(min(max(w.busy_fraction, 0.0), 1.0) for w in workers)
+    queue = sum(max(w.queue_tokens, 0.0) for w in workers)
+    return max(busy / config.target_busy_fraction, queue / config.target_queue_tokens_per_replica)
+
+
+def decide(
+    snapshot: MetricsSnapshot, config: AutoscalerConfig, state: PolicyState
+) -> tuple[Decision, PolicyState]:
+    """One control tick: desired replicas per shard and for hot experts.
+
+    Args:
+        snapshot: metrics at ``snapshot.now_s``.
+        config: the policy's knobs.
+        state: what the previous call returned (``PolicyState()`` at first).
+
+    Returns:
+        The decision and the state to pass to the next call.
+    """
+    now_s = snapshot.now_s
+    fresh = [w for w in snapshot.workers if now_s - w.heartbeat_at_s <= config.metrics_stale_s]
+    desired: dict[str, int] = {}
+    reasons: dict[str, str] = {}
+    loads: dict[str, float] = {}
+    panic: set[str] = set()
+    new_shards: dict[str, ShardState] = {}
+
+    for shard in sorted(set(snapshot.shard_names()) | set(state.shards)):
+        mine = [w for w in fresh if w.shard == shard]
+        ready = [w for w in mine if w.state is WorkerState.READY]
+        starting = sum(1 for w in mine if w.state is WorkerState.STARTING)
+        prev = state.shards.get(shard)
+        ts = prev.target if prev else TargetState(_clamp(len(ready) + starting, config))
+        ema = prev.load_ema if prev else None
+        ema_at_s = prev.ema_at_s if prev else now_s
+
+        if not ready:
+            ts = replace(ts, replicas=_clamp(ts.replicas, config), pending=0)
+            note = f"no ready replica with fresh metrics ({starting} starting): holding {ts.replicas}"
+        else:
+            raw = shard_load(ready, config)
+            if ema is None or config.look_back_s == 0:
+                ema = raw
+            else:
+                alpha = 1.0 - math.exp(-max(now_s - ema_at_s, 0.0) / config.look_back_s)
+                ema += alpha * (raw - ema)
+            ema_at_s = now_s
+            ratio = raw / len(ready)
+            jump = _clamp(math.ceil(raw - 1e-9), config)
+            if ratio >= config.panic_threshold and jump > ts.replicas:
+                panic.add(shard)
+                note = f"panic: load {raw:.1f} on {len(ready)} ready ({ratio:.1f}x) -> {jump} at once"
+                ts = TargetState(jump, now_s, 0, now_s)
+                ema = max(ema, raw)
+            else:
+                factor = (
+                    config.upscale_smoothing_factor if ema > ts.replicas else config.downscale_smoothing_factor
+                )
+                proposal = _clamp(math.ceil(ts.replicas + (ema - ts.replicas) * factor - 1e-9), config)
+                ts, step_note = _step_target(ts, proposal, now_s, config)
+                note = f"load {ema:.2f} (now {raw:.2f}) on {len(ready)} ready: {step_note}"
+            loads[shard] = ema
+        desired[shard] = ts.replicas
+        reasons[shard] = f"{shard}: {note}"
+        new_shards[shard] = ShardState(ts, ema, ema_at_s)
+
+    hot_extra, new_hot = _decide_hot(snapshot, config, state, loads, desired, reasons)
+    decision = Decision(desired, hot_extra, reasons, loads, frozenset(panic))
+    return decision, PolicyState(new_shards, new_hot)
+
+
+def _decide_hot(
+    snapshot: MetricsSnapshot,
+    config: AutoscalerConfig,
+    state: PolicyState,
+    loads: dict[str, float],
+    desired: dict[str, int],
+    reasons: dict[str, str],
+) -> tuple[dict[str, int], dict[str, TargetState]]:
+    """Extra replicas for functions far above their shard's mean token rate."""
+    by_shard: dict[str, list[FunctionMetrics]] = {}
+    for f in snapshot.functions:
+        by_shard.setdefault(f.shard, []).append(f)
+    wants: dict[str, int] = {}
+    for shard, funcs in by_shard.items():
+        total = sum(max(f.tokens_per_s, 0.0) for f in funcs)
+        if total <= 0 or config.max_hot_replicas == 0:
+            continue
+        mean = total / len(funcs)
+        load = loads.get(shard, float(desired.get(shard, config.min_replicas)))
+        for f in funcs:
+            if f.tokens_per_s > config.hot_expert_factor * mean:
+                excess_share = (f.tokens_per_s - mean) / total
+                wants[f.function_id] = max(1, min(config.max_hot_replicas, math.ceil(load * excess_share - 1e-9)))
+    hot_extra: dict[str, int] = {}
+    new_hot: dict[str, TargetState] = {}
+    for fid in sorted(set(wants) | set(state.hot)):
+        ts = state.hot.get(fid, TargetState(0))
+        ts, note = _step_target(ts, wants.get(fid, 0), snapshot.now_s, config)
+        if ts.replicas > 0 or ts.pending:
+            new_hot[fid] = ts
+        if ts.replicas > 0:
+            hot_extra[fid] = ts.replicas
+        if fid in wants or ts.replicas > 0:
+            shard = next((f.shard for f in snapshot.functions if f.function_id == fid), None)
+            if shard in reasons:
+                reasons[shard] += f"; hot {fid}: +{ts.replicas} ({note})"
+    return hot_extra, new_hot
+

@@ -1,0 +1,183 @@
+"""Policy unit tests: synthetic snapshot sequences on a fake clock (no I/O)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from eaas.errors import ConfigError
+from eaas.platform.autoscale import (
+    AutoscalerConfig,
+    FunctionMetrics,
+    MetricsSnapshot,
+    PolicyState,
+    WorkerMetrics,
+    WorkerState,
+    decide,
+)
+
+SHARD = "shard-0"
+BASE = AutoscalerConfig(
+    min_replicas=2, max_replicas=8, upscale_delay_s=10, downscale_delay_s=30, look_back_s=0,
+    panic_threshold=2.0, target_queue_tokens_per_replica=1000, target_busy_fraction=0.5,
+)
+
+
+def workers(n: int, load: float, config: AutoscalerConfig, now_s: float, state=WorkerState.READY, prefix="w"):
+    """``n`` workers whose queues add up to ``load`` replica-equivalents."""
+    q = load * config.target_queue_tokens_per_replica / max(n, 1)
+    return [WorkerMetrics(f"{prefix}{i}", SHARD, state, now_s, queue_tokens=q) for i in range(n)]
+
+
+def drive(config: AutoscalerConfig, load_at, duration_s: float, start_replicas: int = 2, tick_s: float = 1.0):
+    """Fake mechanism: the pool follows the decision at once. Returns [(t, desired)] per tick."""
+    state, n, out = PolicyState(), start_replicas, []
+    t = 0.0
+    while t <= duration_s:
+        snap = MetricsSnapshot(now_s=t, workers=tuple(workers(n, load_at(t), config, t)))
+        decision, state = decide(snap, config, state)
+        n = decision.desired[SHARD]
+        out.append((t, n))
+        t += tick_s
+    return out
+
+
+def changes(series):
+    return [(t, n) for (t, n), (_, prev) in zip(series[1:], series[:-1]) if n != prev]
+
+
+@pytest.mark.parametrize(
+    "name, config, load_at, duration_s, start, expect_final, expect_changes",
+    [
+        # step up 2 -> 3.5 at t=20 (below panic): applied once the proposal held for upscale_delay_s
+        ("step up", BASE, lambda t: 2.0 if t < 20 else 3.5, 60, 2, 4, [(30.0, 4)]),
+        # step up 2 -> 6 (3x the ready replicas): panic, at once
+        ("step up, panic", BASE, lambda t: 2.0 if t < 20 else 6.0, 60, 2, 6, [(20.0, 6)]),
+        # step down 6 -> 2 at t=20: waits downscale_delay_s
+        ("step down", BASE, lambda t: 6.0 if t < 20 else 2.0, 90, 6, 2, [(50.0, 2)]),
+        # 2-second spike to 10x: panic mode jumps to max at once, holds for the down delay
+        ("spike, panic", BASE, lambda t: 10.0 if 20 <= t < 22 else 1.0, 120, 2, 2, [(20.0, 8), (52.0, 2)]),
+        # same spike without panic: shorter than the upscale delay, nothing happens
+        ("spike, no panic", dataclasses.replace(BASE, panic_threshold=100.0),
+         lambda t: 10.0 if 20 <= t < 22 else 1.0, 120, 2, 2, []),
+        # bounds: far above max and at zero load
+        ("bounded above", BASE, lambda t: 100.0 if t >= 5 else 4.0, 60, 4, 8, [(5.0, 8)]),
+        ("bounded below", BASE, lambda t: 0.0, 60, 4, 2, [(30.0, 2)]),
+    ],
+)
+def test_scaling_sequences(name, config, load_at, duration_s, start, expect_final, expect_changes):
+    series = drive(config, load_at, duration_s, start_replicas=start)
+    assert series[-1][1] == expect_final, name
+    assert changes(series) == expect_changes, name
+    assert all(config.min_replicas <= n <= config.max_replicas for _, n in series)
+
+
+@pytest.mark.parametrize("look_back_s", [0.0, 10.0])
+@pytest.mark.parametrize("period_s", [2.0, 6.0, 20.0])
+def test_oscillation_around_threshold_does_not_flap(look_back_s, period_s):
+    config = dataclasses.replace(BASE, look_back_s=look_back_s)
+    # load 3.6 <-> 4.4 around the 4-replica threshold
+    series = drive(config, lambda t: 3.6 if int(t // (period_s / 2)) % 2 == 0 else 4.4, 600, start_replicas=4)
+    ch = changes(series)
+    gaps = [b[0] - a[0] for a, b in zip(ch, ch[1:])]
+    assert all(g >= config.upscale_delay_s for g in gaps), ch
+    # at most one change per (shortest) delay window
+    assert len(ch) <= 600 / config.upscale_delay_s
+    if period_s < 2 * config.upscale_delay_s:  # faster than the delay: no change at all
+        assert len(ch) <= 1, ch
+
+
+def test_stale_workers_not_counted():
+    now = 100.0
+    fresh = workers(2, 2.0, BASE, now)
+    stale = workers(2, 50.0, BASE, now - BASE.metrics_stale_s - 0.1, prefix="old")
+    decision, state = decide(MetricsSnapshot(now, tuple(fresh + stale)), BASE, PolicyState())
+    assert decision.desired[SHARD] == 2 and decision.load[SHARD] == pytest.approx(2.0)
+    assert not decision.panic
+    # only stale workers: nothing measured, the target is held (never below min)
+    decision, _ = decide(MetricsSnapshot(now + 1, tuple(stale)), BASE, state)
+    assert decision.desired[SHARD] == 2 and SHARD not in decision.load
+    assert "no ready replica" in decision.reasons[SHARD]
+
+
+def test_draining_workers_not_capacity_nor_load():
+    now = 10.0
+    ready = workers(2, 1.0, BASE, now)
+    draining = workers(3, 40.0, BASE, now, state=WorkerState.DRAINING, prefix="d")
+    decision, _ = decide(MetricsSnapshot(now, tuple(ready + draining)), BASE, PolicyState())
+    assert decision.load[SHARD] == pytest.approx(1.0)
+    assert decision.desired[SHARD] == 2  # initial target = ready + starting, drainers excluded
+
+
+def test_starting_workers_count_toward_target_not_load():
+    now = 10.0
+    ready = workers(2, 3.0, BASE, now)
+    starting = [WorkerMetrics(f"s{i}", SHARD, WorkerState.STARTING, now) for i in range(2)]
+    decision, _ = decide(MetricsSnapshot(now, tuple(ready + starting)), BASE, PolicyState())
+    assert decision.desired[SHARD] == 4  # 3 needed, 4 already on the way: no churn up
+    assert decision.load[SHARD] == pytest.approx(3.0)
+
+
+def test_busy_fraction_signal():
+    config = dataclasses.replace(BASE, upscale_delay_s=0)
+    ws = [WorkerMetrics(f"w{i}", SHARD, WorkerState.READY, 0.0, busy_fraction=0.9) for i in range(4)]
+    decision, _ = decide(MetricsSnapshot(0.0, tuple(ws)), config, PolicyState())
+    assert decision.load[SHARD] == pytest.approx(4 * 0.9 / 0.5)
+    assert decision.desired[SHARD] == 8
+
+
+def _hot_snapshot(now_s, hot_rate, n_ready=4):
+    funcs = [FunctionMetrics(f"m/0/{e}", SHARD, 100.0) for e in range(8)]
+    funcs[3] = FunctionMetrics("m/0/3", SHARD, hot_rate)
+    return MetricsSnapshot(now_s, tuple(workers(n_ready, 4.0, BASE, now_s)), tuple(funcs))
+
+
+@pytest.mark.parametrize("hot_rate, expect", [(100.0, {}), (300.0, {}), (5000.0, {"m/0/3": 2})])
+def test_hot_expert_extra_replicas(hot_rate, expect):
+    config = dataclasses.replace(BASE, upscale_delay_s=0, max_hot_replicas=2, hot_expert_factor=4.0)
+    decision, state = decide(_hot_snapshot(0.0, hot_rate), config, PolicyState())
+    assert decision.hot_extra == expect
+    assert decision.desired[SHARD] == 4
+    assert decision.total_replicas == 4 + sum(expect.values())
+
+
+def test_hot_expert_extras_removed_after_downscale_delay():
+    config = dataclasses.replace(BASE, upscale_delay_s=0, downscale_delay_s=30)
+    d, state = decide(_hot_snapshot(0.0, 5000.0), config, PolicyState())
+    assert d.hot_extra
+    for t in range(1, 30):
+        d, state = decide(_hot_snapshot(float(t), 100.0), config, state)
+        assert d.hot_extra, t
+    d, state = decide(_hot_snapshot(31.0, 100.0), config, state)
+    assert d.hot_extra == {} and state.hot == {}
+
+
+def test_decide_is_pure():
+    snap = MetricsSnapshot(5.0, tuple(workers(2, 6.0, BASE, 5.0)))
+    state = PolicyState()
+    a = decide(snap, BASE, state)
+    b = decide(snap, BASE, state)
+    assert a == b and state == PolicyState()
+
+
+def test_shard_without_workers_gets_min_replicas():
+    d, _ = decide(MetricsSnapshot(0.0, shards=("lonely",)), BASE, PolicyState())
+    assert d.desired == {"lonely": 2}
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(min_replicas=3, max_replicas=2), dict(target_busy_fraction=0.0), dict(upscale_delay_s=-1.0),
+     dict(panic_threshold=1.0), dict(downscale_smoothing_factor=0.0), dict(metrics_stale_s=0.0)],
+)
+def test_config_rejects_bad_values(bad):
+    with pytest.raises(ConfigError) as info:
+        AutoscalerConfig(**bad)
+    assert repr(next(iter(bad.values()))) in str(info.value)
+
+
+def test_config_from_mapping():
+    assert AutoscalerConfig.from_mapping({"max_replicas": 16, "min_replicas": None}).max_replicas == 16
+    with pytest.raises(ConfigError, match="unknown"):
+        AutoscalerConfig.from_mapping({"max_replica": 3})
