@@ -1,0 +1,71 @@
+"""Prometheus metrics of one gateway app, in a registry of its own.
+
+A per-app :class:`prometheus_client.CollectorRegistry` keeps several apps in one
+process (tests) from colliding. The expert client reports its calls through the
+two hooks :meth:`GatewayMetrics.record_expert_call` and
+:meth:`GatewayMetrics.record_failover`, so it never imports this module's types.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+_LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+
+class GatewayMetrics:
+    """All metrics of one gateway; every name starts with ``eaas_gateway_`` or ``eaas_expert_``."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.request_latency_s = Histogram(
+            "eaas_gateway_request_latency_seconds", "HTTP request latency",
+            ["endpoint", "status"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.ttft_s = Histogram(
+            "eaas_gateway_time_to_first_token_seconds", "time from arrival to the first generated token",
+            ["model"], buckets=_LATENCY_BUCKETS_S, registry=r,
+        )
+        self.prompt_tokens = Counter("eaas_gateway_prompt_tokens", "prompt tokens received", ["model"], registry=r)
+        self.completion_tokens = Counter(
+            "eaas_gateway_completion_tokens", "tokens generated", ["model"], registry=r
+        )
+        self.batch_size = Histogram(
+            "eaas_gateway_batch_size", "sequences sharing one decode forward pass",
+            ["model"], buckets=_BATCH_BUCKETS, registry=r,
+        )
+        self.running_sequences = Gauge(
+            "eaas_gateway_running_sequences", "sequences being decoded", ["model"], registry=r
+        )
+        self.waiting_sequences = Gauge(
+            "eaas_gateway_waiting_sequences", "sequences waiting for a batch slot", ["model"], registry=r
+        )
+        self.sequences_finished = Counter(
+            "eaas_gateway_sequences_finished", "sequences ended, by reason (stop, length, cancelled, error)",
+            ["model", "reason"], registry=r,
+        )
+        self.expert_calls = Counter(
+            "eaas_expert_calls", "expert requests sent by the attention client", ["function"], registry=r
+        )
+        self.expert_failovers = Counter(
+            "eaas_expert_failovers", "expert requests re-sent to another replica", ["function"], registry=r
+        )
+
+    # --- hooks for the expert client -------------------------------------------------
+
+    def record_expert_call(self, n: int = 1, function: str = "") -> None:
+        """Count ``n`` expert requests (optionally labelled by function id)."""
+        self.expert_calls.labels(function=function).inc(n)
+
+    def record_failover(self, n: int = 1, function: str = "") -> None:
+        """Count ``n`` failovers (a request re-sent to another replica)."""
+        self.expert_failovers.labels(function=function).inc(n)
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition of this registry."""
+        return generate_latest(self.registry)

@@ -1,0 +1,297 @@
+"""Gateway app in-process (httpx ASGITransport): parity with generate, batching, errors."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import math
+
+import httpx
+import pytest
+import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from eaas.gateway.app import create_app
+from eaas.gateway.runner import ModelRunner
+from eaas.settings import Settings
+from gateway_ckpt import write_gateway_checkpoint
+
+torch.set_num_threads(1)
+
+MODEL = "tiny"
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return write_gateway_checkpoint(tmp_path_factory.mktemp("ckpt") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def loaded(checkpoint):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    return model, tok
+
+
+@pytest.fixture(scope="module")
+def gateway(loaded):
+    model, tok = loaded
+    runner = ModelRunner(model, tok, name=MODEL, max_batch_size=16)
+    runner.start()
+
+    def invoker(function_id: str, x: torch.Tensor) -> torch.Tensor:
+        if function_id != "tiny/0/1":
+            from eaas.errors import NotFound
+
+            raise NotFound(f"unknown function {function_id}")
+        return 2 * x
+
+    settings = Settings(max_body_bytes=64 * 1024, max_batch_tokens=512)
+    app = create_app(settings, runner, function_invoker=invoker, manage_runners=False)
+    yield app
+    runner.stop()
+
+
+def reference(loaded, ids: list[int], n: int) -> list[int]:
+    model, _ = loaded
+    with torch.no_grad():
+        out = model.generate(torch.tensor([ids]), max_new_tokens=n, do_sample=False)
+    return out[0, len(ids):].tolist()
+
+
+async def _client_call(app, fn):
+    transport = httpx.ASGITransport(app=app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=60) as client:
+        return await fn(client)
+
+
+def call(app, fn):
+    return asyncio.run(_client_call(app, fn))
+
+
+def post(app, path, **kw):
+    return call(app, lambda c: c.post(path, **kw))
+
+
+def get(app, path):
+    return call(app, lambda c: c.get(path))
+
+
+PROMPT = "the quick brown fox"
+
+
+def test_greedy_text_prompt_matches_generate(gateway, loaded):
+    _, tok = loaded
+    ids = tok(PROMPT)["input_ids"]
+    r = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    ref = reference(loaded, ids, 24)
+    choice = body["choices"][0]
+    assert choice["token_ids"] == ref
+    assert choice["text"] == tok.decode(ref, skip_special_tokens=True)
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref), "total_tokens": len(ids) + len(ref)}
+
+
+def test_greedy_token_prompt_and_list_of_prompts(gateway, loaded):
+    ids = [5, 17, 42, 99, 7, 3]
+    r = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": ids, "max_tokens": 12, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["token_ids"] == reference(loaded, ids, 12)
+    _, tok = loaded
+    texts = ["hello world", "experts serve models", "dog"]
+    r = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": texts, "max_tokens": 10, "temperature": 0})
+    assert r.status_code == 200, r.text
+    choices = sorted(r.json()["choices"], key=lambda c: c["index"])
+    assert [c["token_ids"] for c in choices] == [reference(loaded, tok(t)["input_ids"], 10) for t in texts]
+
+
+def _sse_events(text: str) -> list:
+    lines = [ln[6:] for ln in text.splitlines() if ln.startswith("data: ")]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(x) for x in lines[:-1]]
+
+
+def test_streaming_gives_same_tokens(gateway, loaded):
+    _, tok = loaded
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 20, "temperature": 0, "stream": True,
+            "stream_options": {"include_usage": True}}
+    r = post(gateway, "/v1/completions", json=body)
+    assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+    events = _sse_events(r.text)
+    ids = [t for e in events for c in e["choices"] for t in c["token_ids"]]
+    ref = reference(loaded, tok(PROMPT)["input_ids"], 20)
+    assert ids == ref
+    assert "".join(c["text"] for e in events for c in e["choices"]) == tok.decode(ref, skip_special_tokens=True)
+    assert events[-1]["usage"]["completion_tokens"] == len(ref)
+
+
+def test_concurrent_completions_share_batches(gateway, loaded):
+    _, tok = loaded
+    prompts = [f"prompt number {i} about experts" for i in range(8)]
+
+    async def many(client):
+        reqs = [client.post("/v1/completions", json={"model": MODEL, "prompt": p, "max_tokens": 16, "temperature": 0})
+                for p in prompts]
+        return await asyncio.gather(*reqs)
+
+    responses = call(gateway, many)
+    assert all(r.status_code == 200 for r in responses)
+    for p, r in zip(prompts, responses):  # batched == unbatched
+        assert r.json()["choices"][0]["token_ids"] == reference(loaded, tok(p)["input_ids"], 16)
+    metrics = get(gateway, "/metrics").text
+    from prometheus_client.parser import text_string_to_metric_families
+
+    fams = {f.name: f for f in text_string_to_metric_families(metrics)}
+    samples = fams["eaas_gateway_batch_size"].samples
+    le1 = sum(s.value for s in samples if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+    total = sum(s.value for s in samples if s.name.endswith("_count"))
+    assert total - le1 > 0, "no decode step ran with more than one sequence"
+
+
+def test_sampling_seeded_is_reproducible_and_stop_strings(gateway, loaded):
+    body = {"model": MODEL, "prompt": PROMPT, "max_tokens": 16, "temperature": 0.9, "top_p": 0.9, "seed": 7}
+    a = post(gateway, "/v1/completions", json=body).json()["choices"][0]
+    b = post(gateway, "/v1/completions", json=body).json()["choices"][0]
+    assert a["token_ids"] == b["token_ids"]
+    full = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0})
+    text = full.json()["choices"][0]["text"]
+    stop = text[5:7]
+    r = post(gateway, "/v1/completions",
+             json={"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "stop": [stop]})
+    choice = r.json()["choices"][0]
+    assert choice["text"] == text[: text.find(stop)]
+    assert choice["finish_reason"] == "stop"
+
+
+def test_chat_and_models(gateway):
+    r = post(gateway, "/v1/chat/completions",
+             json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5, "temperature": 0})
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["message"]["role"] == "assistant"
+    models = get(gateway, "/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL]
+    assert get(gateway, "/healthz").status_code == 200
+    assert get(gateway, "/readyz").json()["ready"] is True
+
+
+BAD_JSON = [
+    (b"{not json", 400),
+    (json.dumps({"model": MODEL, "prompt": 5}).encode(), 400),
+    (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": "many"}).encode(), 400),
+    (json.dumps({"model": MODEL, "prompt": "x", "max_tokens": 10_000}).encode(), 400),
+    (json.dumps({"model": MODEL, "prompt": "x", "temperature": -1}).encode(), 400),
+    (json.dumps({"model": MODEL, "prompt": [10_000]}).encode(), 400),
+    (json.dumps({"model": MODEL, "prompt": ""}).encode(), 400),
+    (json.dumps({"model": "nope", "prompt": "x"}).encode(), 404),
+    (json.dumps({"model": MODEL, "prompt": "x" * 70_000}).encode(), 413),
+]
+
+
+@pytest.mark.parametrize("content,status", BAD_JSON)
+def test_bad_completion_input(gateway, content, status):
+    r = post(gateway, "/v1/completions", content=content, headers={"content-type": "application/json"})
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    ok = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": "x", "max_tokens": 2})
+    assert ok.status_code == 200
+
+
+def _st(**tensors) -> bytes:
+    return st_save(tensors)
+
+
+def test_layer_forward_matches_moe_block(gateway, loaded):
+    model, _ = loaded
+    x = torch.randn(5, model.config.hidden_size)
+    r = post(gateway, f"/v1/layers/{MODEL}/1:forward", content=_st(hidden_states=x))
+    assert r.status_code == 200, r.text
+    out = st_load(r.content)["hidden_states"]
+    with torch.no_grad():
+        ref = model.model.layers[1].mlp(x.unsqueeze(0))[0]
+    torch.testing.assert_close(out, ref, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "path,body,status",
+    [
+        (f"/v1/layers/{MODEL}/0:forward", _st(hidden_states=torch.full((2, 64), math.nan)), 400),
+        (f"/v1/layers/{MODEL}/0:forward", _st(hidden_states=torch.full((2, 64), math.inf)), 400),
+        (f"/v1/layers/{MODEL}/0:forward", _st(hidden_states=torch.zeros(2, 63)), 400),
+        (f"/v1/layers/{MODEL}/0:forward", _st(hidden_states=torch.zeros(2, 4, 64)), 400),
+        (f"/v1/layers/{MODEL}/0:forward", _st(hidden_states=torch.zeros(2, 64, dtype=torch.int32)), 400),
+        (f"/v1/layers/{MODEL}/0:forward", _st(other=torch.zeros(2, 64)), 400),
+        (f"/v1/layers/{MODEL}/0:forward", b"garbage bytes here", 400),
+        (f"/v1/layers/{MODEL}/0:forward", _st(hidden_states=torch.zeros(600, 64)), 413),
+        (f"/v1/layers/{MODEL}/9:forward", _st(hidden_states=torch.zeros(2, 64)), 404),
+        ("/v1/layers/nope/0:forward", _st(hidden_states=torch.zeros(2, 64)), 404),
+        ("/v1/functions/tiny/0/2:invoke", _st(x=torch.zeros(2, 64)), 404),
+        ("/v1/functions/tiny/0/1:invoke", _st(x=torch.full((2, 64), math.nan)), 400),
+    ],
+)
+def test_bad_tensor_input(gateway, path, body, status):
+    r = post(gateway, path, content=body)
+    assert r.status_code == status, r.text
+    assert r.json()["error"]["message"]
+    assert post(gateway, f"/v1/layers/{MODEL}/0:forward", content=_st(hidden_states=torch.zeros(2, 64))).status_code == 200
+
+
+def test_function_invoke(gateway):
+    x = torch.randn(3, 64)
+    r = post(gateway, "/v1/functions/tiny/0/1:invoke", content=_st(x=x))
+    assert r.status_code == 200, r.text
+    torch.testing.assert_close(st_load(r.content)["y"], 2 * x)
+
+
+def test_function_invoke_not_configured_and_api_keys(loaded):
+    model, tok = loaded
+    runner = ModelRunner(model, tok, name=MODEL)
+    app = create_app(Settings(api_keys=["s3cret"]), runner, manage_runners=False)
+    runner.start()
+    try:
+        assert get(app, "/v1/models").status_code == 401
+        r = call(app, lambda c: c.get("/v1/models", headers={"Authorization": "Bearer s3cret"}))
+        assert r.status_code == 200
+        r = call(app, lambda c: c.post("/v1/functions/a/0/1:invoke", content=_st(x=torch.zeros(1, 4)),
+                                       headers={"Authorization": "Bearer s3cret"}))
+        assert r.status_code == 501 and "not configured" in r.json()["error"]["message"]
+        assert get(app, "/healthz").status_code == 200
+    finally:
+        runner.stop()
+
+
+def test_no_replica_maps_to_503(loaded):
+    from eaas.errors import NoReplicaAvailable
+
+    class Broken(torch.nn.Module):
+        def __init__(self, model):
+            super().__init__()
+            self.inner = model
+            self.config = model.config
+            self.generation_config = model.generation_config
+
+        @property
+        def device(self):
+            return torch.device("cpu")
+
+        def forward(self, input_ids=None, cache=None, use_cache=True, logits_to_keep=1, **kw):
+            raise NoReplicaAvailable(["tiny/0/3"])
+
+    model, tok = loaded
+    runner = ModelRunner(Broken(model), tok, name=MODEL)
+    app = create_app(Settings(), runner, manage_runners=False, readiness=lambda: (False, {"missing": ["tiny/0/3"]}))
+    runner.start()
+    try:
+        r = post(app, "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3})
+        assert r.status_code == 503 and r.headers["retry-after"]
+        assert "no ready replica" in r.json()["error"]["message"]
+        r = post(app, "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True})
+        assert r.status_code == 503
+        r = get(app, "/readyz")
+        assert r.status_code == 503 and r.json()["detail"] == {"missing": ["tiny/0/3"]}
+    finally:
+        runner.stop()
