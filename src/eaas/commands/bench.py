@@ -10,3 +10,52 @@ from __future__ import annotations
 import typer
 
 app = typer.Typer(help="Benchmarks: a table, --json, and a PNG plot, with ratios against a baseline measured in the same run.", no_args_is_help=True)
+
+
+@app.command("autoscale")
+def autoscale(
+    trace: str = typer.Option("diurnal", "--trace", help="load shape: step, spike or diurnal"),
+    simulate: bool = typer.Option(False, "--simulate", help="discrete-event simulation at cluster scale (same policy code)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    png: str = typer.Option(None, "--png", help="write load and replicas over time to this PNG"),
+    seed: int = typer.Option(0, "--seed", help="seed of the load trace"),
+    duration_s: float = typer.Option(3600.0, "--duration-s", help="length of the trace (s)"),
+    num_shards: int = typer.Option(8, "--shards", help="shards (worker types)"),
+    max_replicas: int = typer.Option(8, "--max-replicas", help="replicas per shard at most"),
+    zipf_s: float = typer.Option(0.0, "--zipf", help="Zipf exponent of expert popularity (0 = uniform)"),
+    capacity_tokens_per_s: float = typer.Option(8000.0, "--capacity-tokens-per-s", help="tokens/s one worker serves (measured live)"),
+    startup_s: float = typer.Option(30.0, "--startup-s", help="worker launch-to-ready time (measured live)"),
+    slo_ms: float = typer.Option(250.0, "--slo-ms", help="target latency per request"),
+) -> None:
+    """Autoscaled pool vs a static pool sized for the peak: worker-seconds, latency, SLO, failures."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from eaas.errors import EaaSError
+    from eaas.platform.autoscale import AutoscalerConfig, SimConfig, TraceSpec, make_trace, run_benchmark
+    from eaas.platform.autoscale.report import plot_timeline, summary_table
+    from eaas.platform.autoscale.simulate import default_peak_tokens_per_s
+
+    if not simulate:
+        typer.echo("eaas bench autoscale: live mode needs the worker pool (not wired yet); use --simulate", err=True)
+        raise typer.Exit(2)
+    try:
+        config = AutoscalerConfig(max_replicas=max_replicas)
+        sim = SimConfig(capacity_tokens_per_s=capacity_tokens_per_s, startup_s=startup_s, slo_ms=slo_ms)
+        probe = TraceSpec(kind=trace, duration_s=duration_s, num_shards=num_shards, num_functions=8 * num_shards, zipf_s=zipf_s, seed=seed)
+        spec = TraceSpec(kind=trace, duration_s=duration_s, num_shards=num_shards, num_functions=8 * num_shards,
+                         zipf_s=zipf_s, seed=seed, peak_tokens_per_s=default_peak_tokens_per_s(config, sim, probe))
+        result = run_benchmark(make_trace(spec), config, sim)
+    except EaaSError as exc:
+        typer.echo(f"eaas bench autoscale: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if png:
+        plot_timeline(result, Path(png))
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print(summary_table(result))
+        if png:
+            Console().print(f"plot: {png}")
