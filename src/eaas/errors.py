@@ -94,3 +94,22 @@ class NoReplicaAvailable(EaaSError):
 
 class ExpertTimeout(EaaSError):
     """An expert call did not complete before its deadline."""
+
+
+# --- expert functions -----------------------------------------------------------
+
+
+class InvalidSpec(EaaSError):
+    """A model or function spec (or its JSON form) is malformed."""
+
+
+class InvalidFunctionId(InvalidSpec):
+    """A function id is not of the form ``{model}/{layer}/{expert}``."""
+
+
+class UnknownFunction(EaaSError):
+    """An expert function was asked of a shard that does not host it."""
+
+
+class ShardInputError(EaaSError):
+    """An expert shard's input (shape, dtype, device, segments) does not match the shard."""
