@@ -1,0 +1,421 @@
+"""The EaaS wire protocol: ZeroMQ multipart messages with a msgpack header.
+
+A message (after the ROUTER envelope, which the socket owner strips) is::
+
+    frame 0      msgpack map: the header (see :class:`Header`)
+    frame 1..n   raw tensor bytes (transport ``inline`` only; C-contiguous, native
+                 little-endian, ``shape`` and ``dtype`` from the header)
+
+Header fields (``v`` and ``kind`` always; the rest per kind):
+
+====================  =====================================================
+``v``                 protocol version, :data:`PROTOCOL_VERSION`
+``kind``              one of :data:`KINDS`
+``id``                request id, ``str`` (<= 128 chars) or ``int``
+``deadline_ms``       absolute unix epoch milliseconds (``invoke``)
+``segments``          ``[[function_id, rows], ...]`` (``invoke``); rows sum to ``shape[0]``
+``dtype``             ``"float32" | "bfloat16" | "float16"`` (``invoke``, ``reply``)
+``shape``             ``[rows, hidden]`` (``invoke``, ``reply``)
+``transport``         ``"inline" | "shm" | "cuda_ipc" | "nixl"`` (``invoke``, ``reply``, ``hello``)
+``handle``            transport-specific map (arena name, offset, ...); validated by the transport
+``status``            ``"ok"`` (``reply``)
+``error``, ``code``   human text and machine code (``error``)
+====================  =====================================================
+
+Nothing is pickled. :func:`decode_header` validates every field — and the declared
+payload size against a limit — before anything proportional to the payload is
+allocated; each failure raises :class:`~eaas.errors.ProtocolError` whose ``code`` is
+one of :data:`ERROR_CODES`. Unknown functions are the worker's check: pass
+``known_functions`` to :func:`check_functions` (or to the transport endpoint).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Container, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Union
+
+import msgpack
+import torch
+
+from eaas.errors import ProtocolError
+
+PROTOCOL_VERSION = 1
+KINDS = frozenset({"invoke", "reply", "error", "ping", "pong", "hello", "hello_ack", "bye"})
+TRANSPORTS = ("inline", "shm", "cuda_ipc", "nixl")
+DTYPES: Mapping[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+MAX_HEADER_BYTES = 1 << 20  # segments of a few thousand experts fit easily
+MAX_ID_CHARS = 128
+MAX_HANDLE_ITEMS = 32
+MAX_HANDLE_VALUE_BYTES = 64 << 10  # NIXL agent metadata is a few KiB
+
+#: Every ``ProtocolError.code`` this module (and the transports) raise.
+ERROR_CODES = frozenset({
+    "bad_header",          # frame 0 missing, not msgpack, not a map, too big
+    "bad_version",
+    "bad_kind",
+    "bad_field",           # a field has the wrong type or range
+    "bad_dtype",
+    "bad_shape",
+    "bad_segments",        # rows do not sum to shape[0], bad function id
+    "size_mismatch",       # payload frame / handle extent != prod(shape) * itemsize
+    "too_large",           # declared payload above the limit
+    "deadline_exceeded",
+    "unknown_function",
+    "bad_transport",       # transport unknown or not offered
+    "bad_handle",          # handle fields missing / outside the arena
+    "unknown_arena",       # handle names an arena this peer never announced
+    "internal",            # the worker failed computing (not the sender's fault)
+})
+
+Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (has .buffer)
+
+
+@dataclass(frozen=True, slots=True)
+class Header:
+    """A decoded (validated) or to-be-encoded message header.
+
+    Attributes:
+        kind: one of :data:`KINDS`.
+        id: request id (``str`` or ``int``); replies echo the invoke's id.
+        deadline_ms: absolute unix epoch ms after which the request is worthless.
+        segments: ``((function_id, rows), ...)``, rows summing to ``shape[0]``.
+        dtype: dtype name from :data:`DTYPES`.
+        shape: ``(rows, hidden)``.
+        transport: data-plane transport name.
+        handle: transport-specific map; keys ``str``, values ``int | str | bytes``.
+        status, error, code: reply status; error text and code.
+        v: protocol version.
+    """
+
+    kind: str
+    id: str | int = 0
+    deadline_ms: int | None = None
+    segments: tuple[tuple[str, int], ...] = ()
+    dtype: str | None = None
+    shape: tuple[int, int] | None = None
+    transport: str | None = None
+    handle: Mapping[str, Any] = field(default_factory=dict)
+    status: str | None = None
+    error: str | None = None
+    code: str | None = None
+    v: int = PROTOCOL_VERSION
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        """The torch dtype of the payload (``dtype`` must be set)."""
+        return DTYPES[self.dtype]  # type: ignore[index]
+
+    @property
+    def nbytes(self) -> int:
+        """Payload size in bytes: ``rows * hidden * itemsize`` (0 without a payload)."""
+        if self.shape is None or self.dtype is None:
+            return 0
+        return self.shape[0] * self.shape[1] * DTYPES[self.dtype].itemsize
+
+
+def now_ms() -> int:
+    """Current unix epoch time in integer milliseconds."""
+    return time.time_ns() // 1_000_000
+
+
+# --- encoding -----------------------------------------------------------------
+
+
+def encode_header(h: Header) -> bytes:
+    """Pack a header into frame-0 bytes (only the fields that are set)."""
+    d: dict[str, Any] = {"v": h.v, "kind": h.kind, "id": h.id}
+    if h.deadline_ms is not None:
+        d["deadline_ms"] = h.deadline_ms
+    if h.segments:
+        d["segments"] = [[f, r] for f, r in h.segments]
+    for name in ("dtype", "transport", "status", "error", "code"):
+        val = getattr(h, name)
+        if val is not None:
+            d[name] = val
+    if h.shape is not None:
+        d["shape"] = list(h.shape)
+    if h.handle:
+        d["handle"] = dict(h.handle)
+    return msgpack.packb(d, use_bin_type=True)
+
+
+def invoke_header(
+    request_id: str | int,
+    segments: Sequence[tuple[str, int]],
+    *,
+    dtype: torch.dtype,
+    hidden: int,
+    deadline_ms: int,
+    transport: str,
+    handle: Mapping[str, Any] | None = None,
+) -> Header:
+    """Build an ``invoke`` header for ``sum(rows)`` rows of ``hidden`` columns."""
+    segs = tuple((str(f), int(r)) for f, r in segments)
+    return Header(
+        kind="invoke", id=request_id, deadline_ms=int(deadline_ms), segments=segs,
+        dtype=dtype_name(dtype), shape=(sum(r for _, r in segs), int(hidden)),
+        transport=transport, handle=dict(handle or {}),
+    )
+
+
+def reply_header(request: Header, y: torch.Tensor, *, handle: Mapping[str, Any] | None = None) -> Header:
+    """Build the ``reply`` header answering ``request`` with ``y[rows, hidden]``."""
+    return Header(
+        kind="reply", id=request.id, status="ok", dtype=dtype_name(y.dtype),
+        shape=(int(y.shape[0]), int(y.shape[1])), transport=request.transport,
+        handle=dict(handle or {}),
+    )
+
+
+def error_header(request_id: str | int | None, message: str, code: str) -> Header:
+    """Build an ``error`` header (``request_id`` None when it could not be read)."""
+    return Header(kind="error", id=request_id if request_id is not None else "", status="error",
+                  error=str(message)[:1000], code=code)
+
+
+def error_frames(err: ProtocolError | Exception, request_id: str | int | None = None) -> list[bytes]:
+    """The one-frame error reply for ``err`` (its ``code``, or ``"internal"``)."""
+    code = getattr(err, "code", "internal")
+    return [encode_header(error_header(request_id, str(err), code))]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """Wire name of a torch dtype.
+
+    Raises:
+        ProtocolError: ``bad_dtype`` when the dtype is not in :data:`DTYPES`.
+    """
+    for name, dt in DTYPES.items():
+        if dt == dtype:
+            return name
+    raise ProtocolError(f"dtype {dtype} not allowed (allowed: {sorted(DTYPES)})", "bad_dtype")
+
+
+# --- tensors <-> buffers ----------------------------------------------------------
+
+
+def tensor_buffer(t: torch.Tensor) -> memoryview:
+    """A zero-copy byte view of a contiguous CPU tensor (bf16 via a uint8 view).
+
+    The memoryview keeps ``t``'s storage alive; send it with ``copy=False``.
+    """
+    if not t.is_contiguous() or t.device.type != "cpu":
+        raise ProtocolError("tensor payloads must be contiguous CPU tensors", "bad_field")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def frame_buffer(frame: Frame) -> memoryview:
+    """The bytes of a frame: ``zmq.Frame.buffer`` (no copy) or ``memoryview(frame)``."""
+    buf = getattr(frame, "buffer", None)
+    return buf if buf is not None else memoryview(frame)
+
+
+def tensor_from_buffer(buf: memoryview, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+    """A ``[rows, hidden]`` tensor viewing ``buf`` without copying.
+
+    ``len(buf)`` must already equal ``prod(shape) * itemsize`` (checked by callers).
+    Read-only buffers give a tensor that must not be written.
+    """
+    if shape[0] * shape[1] == 0:
+        return torch.empty(shape, dtype=dtype)
+    import warnings
+
+    with warnings.catch_warnings():  # read-only zmq frames: we never write into them
+        warnings.simplefilter("ignore", UserWarning)
+        flat = torch.frombuffer(buf, dtype=torch.uint8)
+    return flat.view(dtype).view(shape)
+
+
+# --- decoding / validation --------------------------------------------------------
+
+
+def _fail(msg: str, code: str) -> ProtocolError:
+    return ProtocolError(msg, code)
+
+
+def _int(d: Mapping[str, Any], key: str, *, lo: int = 0) -> int:
+    val = d.get(key)
+    if type(val) is not int or val < lo:
+        raise _fail(f"field {key!r} must be an int >= {lo}, got {val!r:.80}", "bad_field")
+    return val
+
+
+def _str(d: Mapping[str, Any], key: str, max_len: int = 256) -> str:
+    val = d.get(key)
+    if not isinstance(val, str) or len(val) > max_len:
+        raise _fail(f"field {key!r} must be a string of <= {max_len} chars, got {val!r:.80}", "bad_field")
+    return val
+
+
+def peek_request_id(raw: Frame) -> str | int | None:
+    """Best-effort request id of a (possibly malformed) header, for error replies."""
+    try:
+        buf = frame_buffer(raw)
+        if len(buf) > MAX_HEADER_BYTES:
+            return None
+        d = msgpack.unpackb(buf, raw=False, strict_map_key=True)
+        rid = d.get("id") if isinstance(d, dict) else None
+        if (type(rid) is int) or (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS):
+            return rid
+    except Exception:  # noqa: BLE001 - anything malformed means "no id"
+        pass
+    return None
+
+
+def _handle(d: Mapping[str, Any]) -> dict[str, Any]:
+    h = d.get("handle", {})
+    if not isinstance(h, dict) or len(h) > MAX_HANDLE_ITEMS:
+        raise _fail("field 'handle' must be a map of <= 32 items", "bad_handle")
+    for k, val in h.items():
+        if not isinstance(k, str):
+            raise _fail("handle keys must be strings", "bad_handle")
+        if isinstance(val, bool) or not isinstance(val, (int, str, bytes)):
+            if not (isinstance(val, list) and len(val) <= MAX_HANDLE_ITEMS
+                    and all(isinstance(x, (int, bytes)) and not isinstance(x, bool) for x in val)):
+                raise _fail(f"handle[{k!r}] has an unsupported type", "bad_handle")
+        if isinstance(val, (str, bytes)) and len(val) > MAX_HANDLE_VALUE_BYTES:
+            raise _fail(f"handle[{k!r}] is too long", "bad_handle")
+    return h
+
+
+def decode_header(
+    raw: Frame,
+    *,
+    max_message_bytes: int,
+    now_ms_: int | None = None,
+    check_deadline: bool = True,
+) -> Header:
+    """Decode and validate frame 0. Allocates nothing proportional to the payload.
+
+    Args:
+        raw: frame 0 (bytes, memoryview or ``zmq.Frame``).
+        max_message_bytes: largest payload (``rows * hidden * itemsize``) accepted.
+        now_ms_: current epoch ms (injected for tests); default :func:`now_ms`.
+        check_deadline: reject an ``invoke`` whose ``deadline_ms`` has passed.
+
+    Raises:
+        ProtocolError: with ``code`` from :data:`ERROR_CODES`.
+    """
+    try:
+        buf = frame_buffer(raw)
+    except TypeError as e:
+        raise _fail(f"header frame is not bytes: {e}", "bad_header") from None
+    if len(buf) == 0 or len(buf) > MAX_HEADER_BYTES:
+        raise _fail(f"header frame of {len(buf)} bytes (must be 1..{MAX_HEADER_BYTES})", "bad_header")
+    try:
+        # msgpack bounds every container by the input length, so this cannot blow up.
+        d = msgpack.unpackb(buf, raw=False, strict_map_key=True)
+    except Exception as e:  # noqa: BLE001 - msgpack raises a zoo of types
+        raise _fail(f"header is not valid msgpack: {type(e).__name__}: {e}", "bad_header") from None
+    if not isinstance(d, dict):
+        raise _fail(f"header must be a map, got {type(d).__name__}", "bad_header")
+    v = d.get("v")
+    if v != PROTOCOL_VERSION or type(v) is not int:
+        raise _fail(f"protocol version {v!r:.40} not supported (expected {PROTOCOL_VERSION})", "bad_version")
+    kind = d.get("kind")
+    if kind not in KINDS:
+        raise _fail(f"unknown message kind {kind!r:.40}", "bad_kind")
+    rid = d.get("id", 0)
+    if not ((type(rid) is int) or (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS)):
+        raise _fail(f"field 'id' must be an int or a string of <= {MAX_ID_CHARS} chars", "bad_field")
+
+    if kind in ("ping", "pong", "bye"):
+        return Header(kind=kind, id=rid)
+    if kind == "error":
+        code = d.get("code", "remote_error")
+        return Header(kind=kind, id=rid, status="error", error=_str(d, "error", 4096),
+                      code=code if isinstance(code, str) else "remote_error")
+    transport = d.get("transport")
+    if transport not in TRANSPORTS:
+        raise _fail(f"unknown transport {transport!r:.40}", "bad_transport")
+    handle = _handle(d)
+    if kind in ("hello", "hello_ack"):
+        return Header(kind=kind, id=rid, transport=transport, handle=handle)
+
+    # invoke / reply: a payload is declared.
+    dtype = d.get("dtype")
+    if dtype not in DTYPES:
+        raise _fail(f"dtype {dtype!r:.40} not allowed (allowed: {sorted(DTYPES)})", "bad_dtype")
+    shape = d.get("shape")
+    if (not isinstance(shape, list) or len(shape) != 2
+            or any(type(s) is not int or s < 0 for s in shape)):
+        raise _fail(f"shape must be [rows, hidden] of ints >= 0, got {shape!r:.80}", "bad_shape")
+    rows, hidden = shape
+    nbytes = rows * hidden * DTYPES[dtype].itemsize  # python ints: no overflow
+    if nbytes > max_message_bytes:
+        raise _fail(f"declared payload of {nbytes} bytes exceeds the limit of {max_message_bytes}", "too_large")
+
+    if kind == "reply":
+        status = d.get("status", "ok")
+        if status != "ok":
+            raise _fail(f"reply status {status!r:.40} (expected 'ok')", "bad_field")
+        return Header(kind=kind, id=rid, status="ok", dtype=dtype, shape=(rows, hidden),
+                      transport=transport, handle=handle)
+
+    deadline_ms = _int(d, "deadline_ms")
+    segs_raw = d.get("segments")
+    if not isinstance(segs_raw, list) or len(segs_raw) > max(rows, 1):
+        raise _fail("field 'segments' must be a list of [function_id, rows] (at most one per row)", "bad_segments")
+    segments: list[tuple[str, int]] = []
+    total = 0
+    for seg in segs_raw:
+        if (not isinstance(seg, list) or len(seg) != 2 or not isinstance(seg[0], str)
+                or not seg[0] or len(seg[0]) > 256 or type(seg[1]) is not int or seg[1] < 0):
+            raise _fail(f"bad segment {seg!r:.80} (expected [function_id, rows >= 0])", "bad_segments")
+        segments.append((seg[0], seg[1]))
+        total += seg[1]
+    if total != rows:
+        raise _fail(f"segment rows sum to {total} but shape[0] is {rows}", "bad_segments")
+    if check_deadline:
+        now = now_ms() if now_ms_ is None else now_ms_
+        if deadline_ms <= now:
+            raise _fail(f"deadline passed {now - deadline_ms} ms ago", "deadline_exceeded")
+    return Header(kind=kind, id=rid, deadline_ms=deadline_ms, segments=tuple(segments),
+                  dtype=dtype, shape=(rows, hidden), transport=transport, handle=handle)
+
+
+def check_functions(h: Header, known_functions: Container[str]) -> None:
+    """Reject an invoke naming a function this worker does not host.
+
+    Raises:
+        ProtocolError: ``unknown_function``.
+    """
+    for fid, _ in h.segments:
+        if fid not in known_functions:
+            raise _fail(f"function {fid!r} is not hosted here", "unknown_function")
+
+
+def check_payload_frames(h: Header, frames: Sequence[Frame]) -> memoryview | None:
+    """Check the payload frames of an inline message; return the payload buffer.
+
+    Args:
+        h: decoded header (``invoke`` or ``reply``).
+        frames: the frames after frame 0.
+
+    Raises:
+        ProtocolError: ``size_mismatch`` when there is not exactly one frame of
+            ``h.nbytes`` bytes (zero frames allowed for an empty payload).
+    """
+    if h.nbytes == 0 and not frames:
+        return None
+    if len(frames) != 1:
+        raise _fail(f"expected 1 payload frame, got {len(frames)}", "size_mismatch")
+    buf = frame_buffer(frames[0])
+    if len(buf) != h.nbytes:
+        raise _fail(f"payload frame has {len(buf)} bytes, shape {list(h.shape or ())} {h.dtype} "
+                    f"needs {h.nbytes}", "size_mismatch")
+    return buf
+
+
+def raise_if_error(h: Header) -> None:
+    """Turn a decoded ``error`` reply into :class:`~eaas.errors.RemoteError`."""
+    if h.kind == "error":
+        from eaas.errors import RemoteError
+
+        raise RemoteError(f"worker error ({h.code}): {h.error}", h.code or "remote_error")
