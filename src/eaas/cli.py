@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from eaas.commands import bench, redis_cmd, registry
+from eaas.commands import bench, checkpoint, gateway, redis_cmd, registry, worker
 from eaas.commands.common import setup_logging
 
 app = typer.Typer(
@@ -35,7 +35,10 @@ def _root(
 
 app.add_typer(registry.app, name="registry")
 app.command("redis")(redis_cmd.redis)
+app.command("worker")(worker.worker)
 app.add_typer(bench.app, name="bench")
+app.command("gateway")(gateway.gateway)
+app.add_typer(checkpoint.app, name="checkpoint")
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -1,0 +1,32 @@
+"""`eaas gateway`: serve one model over HTTP (OpenAI-compatible + raw tensor API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from eaas.commands.common import cli_errors
+
+
+@cli_errors
+def gateway(
+    model: Path = typer.Option(..., "--model", help="checkpoint directory (config.json, safetensors, tokenizer)"),
+    host: str = typer.Option(None, "--host", help="bind address (default: EAAS_HOST or 127.0.0.1)"),
+    port: int = typer.Option(None, "--port", help="port (default: EAAS_PORT or 8000; 0 = any free port)"),
+    monolithic: bool = typer.Option(False, "--monolithic", help="load the plain transformers model (no expert workers)"),
+    name: str = typer.Option(None, "--name", help="model id clients use (default: the directory name)"),
+    torch_threads: int = typer.Option(None, "--torch-threads", help="torch intra-op threads (default: EAAS_TORCH_THREADS or 1)"),
+    max_batch_size: int = typer.Option(None, "--max-batch-size", help="sequences decoded together at most"),
+) -> None:
+    """Serve MODEL's completions, chat and layer API with continuous batching."""
+    import uvicorn
+
+    from eaas.gateway.serve import build_gateway
+    from eaas.settings import get_settings
+
+    settings = get_settings(host=host, port=port, torch_threads=torch_threads, max_batch_size=max_batch_size)
+    app = build_gateway(model, settings, monolithic=monolithic, name=name)
+    typer.echo(f"eaas gateway: serving {app.state.runners and next(iter(app.state.runners))} "
+               f"on http://{settings.host}:{settings.port}", err=True)
+    uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")

@@ -1,0 +1,64 @@
+"""Load a model for the gateway and build its app (used by ``eaas gateway``)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI
+
+from eaas.errors import CheckpointError, ConfigError
+from eaas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_monolithic(model_dir: Path) -> Any:
+    """The plain transformers model (every expert in this process): the baseline."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"cannot load a causal LM from {model_dir}: {exc}") from exc
+
+
+def load_attention_client(model_dir: Path, settings: Settings) -> tuple[Any, Any]:
+    """The EaaS attention client: ``eaas.platform.integration.load_model``."""
+    try:
+        from eaas.platform.integration import load_model
+    except ImportError as exc:
+        raise ConfigError(
+            f"the EaaS attention client is not available ({exc}); run with --monolithic to serve the plain model"
+        ) from exc
+    return load_model(model_dir, settings=settings)
+
+
+def build_gateway(
+    model_dir: Path, settings: Settings, *, monolithic: bool, name: str | None = None, **app_kw: Any
+) -> FastAPI:
+    """Load the model and tokenizer, wrap them in a runner, and build the app.
+
+    Args:
+        model_dir: checkpoint directory (config.json, safetensors, tokenizer).
+        settings: gateway settings (``torch_threads``, ``max_batch_size``, ...).
+        monolithic: load the plain transformers model instead of the attention client.
+        name: model id for clients (default: the directory's name).
+        **app_kw: passed to :func:`eaas.gateway.app.create_app` (readiness, function_invoker, metrics).
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from eaas.gateway.app import create_app
+    from eaas.gateway.runner import ModelRunner
+
+    model_dir = Path(model_dir)
+    if not (model_dir / "config.json").is_file():
+        raise CheckpointError(f"{model_dir} has no config.json: not a checkpoint directory")
+    torch.set_num_threads(settings.torch_threads)
+    model = load_monolithic(model_dir) if monolithic else load_attention_client(model_dir, settings)[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    runner = ModelRunner(model, tokenizer, name=name or model_dir.name, max_batch_size=settings.max_batch_size)
+    log.info("gateway: model %s loaded (%s)", runner.name, "monolithic" if monolithic else "attention client")
+    return create_app(settings, runner, **app_kw)

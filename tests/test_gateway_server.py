@@ -1,0 +1,106 @@
+"""`eaas gateway --monolithic` in a real uvicorn subprocess: serving, and client disconnects."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from gateway_ckpt import write_gateway_checkpoint
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    ckpt = write_gateway_checkpoint(tmp_path_factory.mktemp("srv") / "tiny")
+    port = _free_port()
+    env = dict(os.environ, OMP_NUM_THREADS="1", EAAS_TORCH_THREADS="1")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(ckpt), "--monolithic",
+         "--port", str(port), "--name", "tiny"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"gateway exited: {proc.stdout.read()}")
+        try:
+            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.3)
+    else:
+        proc.kill()
+        pytest.fail("gateway did not become ready")
+    yield url
+    proc.terminate()
+    try:
+        proc.wait(timeout=15)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+
+
+def _metric(url: str, name: str, **labels: str) -> float:
+    total = 0.0
+    for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text):
+        for s in fam.samples:
+            if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()):
+                total += s.value
+    return total
+
+
+def _wait_cancelled(url: str, before: float) -> None:
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        if _metric(url, "eaas_gateway_sequences_finished_total", reason="cancelled") > before:
+            return
+        time.sleep(0.05)
+    pytest.fail("generation was not cancelled after the client disconnected")
+
+
+LONG = {"model": "tiny", "prompt": "hello", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
+
+
+def test_real_server_completion(server):
+    r = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "hello", "max_tokens": 8,
+                                                     "temperature": 0}, timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["usage"]["completion_tokens"] >= 1
+    assert httpx.get(server + "/v1/models").json()["data"][0]["id"] == "tiny"
+
+
+def test_streaming_disconnect_stops_generation(server):
+    before = _metric(server, "eaas_gateway_sequences_finished_total", reason="cancelled")
+    tokens_before = _metric(server, "eaas_gateway_completion_tokens_total")
+    with httpx.Client(timeout=30) as client:
+        with client.stream("POST", server + "/v1/completions", json={**LONG, "stream": True}) as r:
+            assert r.status_code == 200
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 4:
+                    break
+    _wait_cancelled(server, before)
+    assert _metric(server, "eaas_gateway_completion_tokens_total") - tokens_before < 240
+    assert _metric(server, "eaas_gateway_running_sequences") == 0
+
+
+def test_non_streaming_disconnect_stops_generation(server):
+    before = _metric(server, "eaas_gateway_sequences_finished_total", reason="cancelled")
+    tokens_before = _metric(server, "eaas_gateway_completion_tokens_total")
+    with pytest.raises(httpx.TimeoutException):
+        httpx.post(server + "/v1/completions", json=LONG, timeout=httpx.Timeout(30, read=0.15))
+    _wait_cancelled(server, before)
+    assert _metric(server, "eaas_gateway_completion_tokens_total") - tokens_before < 240
+    ok = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
+    assert ok.status_code == 200
