@@ -226,7 +226,9 @@ def write_tiny_checkpoint(
         pad_token_id=tok.token_to_id(PAD_TOKEN),
     )
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # tiny configs trip harmless RoPE/size warnings
+    progress = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # tiny configs trip harmless size warnings
+    hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)
         model = AutoModelForCausalLM.from_config(config)
@@ -242,6 +244,8 @@ def write_tiny_checkpoint(
         fast.save_pretrained(out)
     finally:
         hf_logging.set_verbosity(verbosity)
+        if progress:
+            hf_logging.enable_progress_bar()
     target = layout or family.native_layout
     if target != family.native_layout or max_shard_size is not None:
         _rewrite(out, family, config, target, max_shard_size)
