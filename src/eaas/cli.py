@@ -37,7 +37,6 @@ app.add_typer(registry.app, name="registry")
 app.command("redis")(redis_cmd.redis)
 app.command("worker")(worker.worker)
 app.add_typer(bench.app, name="bench")
-app.add_typer(checkpoint.app, name="checkpoint")
 app.command("gateway")(gateway.gateway)
 app.add_typer(checkpoint.app, name="checkpoint")
 
