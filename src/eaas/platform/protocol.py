@@ -51,6 +51,7 @@ DTYPES: Mapping[str, torch.dtype] = {
 }
 MAX_HEADER_BYTES = 1 << 20  # segments of a few thousand experts fit easily
 MAX_ID_CHARS = 128
+MAX_SEGMENTS = 1 << 16
 MAX_HANDLE_ITEMS = 32
 MAX_HANDLE_VALUE_BYTES = 64 << 10  # NIXL agent metadata is a few KiB
 
@@ -360,8 +361,8 @@ def decode_header(
 
     deadline_ms = _int(d, "deadline_ms")
     segs_raw = d.get("segments")
-    if not isinstance(segs_raw, list) or len(segs_raw) > max(rows, 1):
-        raise _fail("field 'segments' must be a list of [function_id, rows] (at most one per row)", "bad_segments")
+    if not isinstance(segs_raw, list) or len(segs_raw) > MAX_SEGMENTS:
+        raise _fail(f"field 'segments' must be a list of <= {MAX_SEGMENTS} [function_id, rows]", "bad_segments")
     segments: list[tuple[str, int]] = []
     total = 0
     for seg in segs_raw:

@@ -1,0 +1,97 @@
+"""The data-plane interface every transport implements.
+
+One :class:`ClientChannel` per client–worker pair (client side); one
+:class:`~eaas.platform.transport.select.WorkerEndpoint` per worker, which keeps the
+per-peer state of every transport (worker side). Control messages (hello, invoke,
+reply, error) always travel over the pair's ZeroMQ socket; only where the tensor
+bytes live differs:
+
+- ``inline``: in the ZeroMQ frames (zero-copy send and receive);
+- ``shm``: in a shared-memory arena the client created, the header carries offsets;
+- ``cuda_ipc``: in a CUDA device arena the client created, opened by IPC handle;
+- ``nixl``: in registered arenas on both sides, moved by one-sided NIXL WRITEs.
+
+Client-side life of a request (legend: ``N`` rows, ``D`` hidden)::
+
+    slot = ch.alloc(N, D, dtype)          # slot.x: [N, D] view to fill (the gather target)
+    torch.index_select(x, 0, idx, out=slot.x)
+    sock.send_multipart(ch.invoke_frames(slot, request_id, segments, deadline_ms), copy=False)
+    ... header = decode_header(frames[0]); raise_if_error(header) ...
+    y = ch.decode_reply(slot, header, frames[1:])   # [N, D] view, valid until release
+    ch.release(slot)                      # or ch.abandon(slot) if the request was given up
+
+An abandoned slot stays reserved until a reply for it reaches
+:meth:`ClientChannel.reply_dropped` or the channel closes, so a late reply can never
+overwrite a slot that was handed out again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import torch
+
+from eaas.platform.protocol import Frame, Header
+
+
+@dataclass(slots=True, eq=False)
+class Slot:
+    """One request's place in a channel.
+
+    Attributes:
+        x: ``[N, D]`` tensor to fill with the request rows (arena view or fresh tensor).
+        transport: the transport that carries this slot (``inline`` when a shared
+            arena was full and the channel fell back).
+        offset: byte offset in the channel's arena (-1 for inline).
+        nbytes: payload size in bytes.
+        request_id: set by ``invoke_frames``.
+        extra: transport-private state.
+    """
+
+    x: torch.Tensor
+    transport: str
+    offset: int = -1
+    nbytes: int = 0
+    request_id: str | int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class ClientChannel(Protocol):
+    """Client side of one client–worker pair."""
+
+    name: str
+
+    def hello_header(self) -> Header | None:
+        """The ``hello`` to send once before the first invoke (None: no handshake)."""
+
+    def on_hello_ack(self, header: Header) -> None:
+        """Consume the worker's ``hello_ack`` (raises TransportError if it refused)."""
+
+    @property
+    def ready(self) -> bool:
+        """True once invokes may be sent (handshake done, or none needed)."""
+
+    def alloc(self, rows: int, hidden: int, dtype: torch.dtype) -> Slot:
+        """Reserve room for ``[rows, hidden]`` of ``dtype``; fill ``slot.x``."""
+
+    def invoke_frames(self, slot: Slot, request_id: str | int,
+                      segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
+        """Frames of the invoke carrying ``slot.x`` (send with ``copy=False``)."""
+
+    def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
+        """``y[N, D]`` from a validated ``reply`` header; a view valid until release."""
+
+    def release(self, slot: Slot) -> None:
+        """Return the slot's room (after the reply was consumed or on an error reply)."""
+
+    def abandon(self, slot: Slot) -> None:
+        """Give up on the request: reserve the room until a late reply or close."""
+
+    def reply_dropped(self, header: Header) -> None:
+        """Report a reply/error for an abandoned or unknown request id (frees its room)."""
+
+    def close(self) -> None:
+        """Free everything; the worker learns through ``bye`` or by sweeping."""

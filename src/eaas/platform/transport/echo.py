@@ -1,0 +1,160 @@
+"""An echo peer and a minimal synchronous pair client, for tests and benchmarks.
+
+``python -m eaas.platform.transport.echo --bind ipc:///tmp/x.sock`` serves a ROUTER
+socket through :class:`WorkerEndpoint` and answers every invoke with ``y = x``
+(written back through the transport, as a worker would); ``--raw`` echoes frames
+untouched (the bare ZeroMQ baseline). It prints ``READY <endpoint>`` once bound and
+exits on SIGTERM/SIGINT. :class:`PairClient` is the smallest correct client of one
+pair (one request in flight); the real client is ``eaas.platform.client``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import signal
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+import zmq
+
+from eaas.errors import ExpertTimeout, TransportError
+from eaas.platform.protocol import decode_header, encode_header, Header, now_ms, raise_if_error
+from eaas.platform.transport.base import ClientChannel
+from eaas.platform.transport.select import WorkerEndpoint, make_client_channel
+
+
+def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[str] | None = None,
+          raw: bool = False, ready_out=sys.stdout) -> None:
+    """Serve echoes on ``endpoint`` until SIGTERM/SIGINT (``tcp://127.0.0.1:0`` picks a port)."""
+    torch.set_num_threads(1)
+    stop = []
+    signal.signal(signal.SIGTERM, lambda *_: stop.append(1))
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))
+    ctx = zmq.Context()
+    sock = ctx.socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.bind(endpoint)
+    bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+    ep = None if raw else WorkerEndpoint(max_message_bytes=max_message_bytes, offered=offered)
+    print(f"READY {bound}", file=ready_out, flush=True)
+    poller = zmq.Poller()
+    poller.register(sock, zmq.POLLIN)
+    last_sweep = time.monotonic()
+    while not stop:
+        if not poller.poll(200):
+            if ep is not None and time.monotonic() - last_sweep > 1.0:
+                ep.sweep()
+                last_sweep = time.monotonic()
+            continue
+        frames = sock.recv_multipart(copy=False)
+        if ep is None:
+            sock.send_multipart(frames, copy=False)
+            continue
+        peer = frames[0].bytes
+        inc = ep.on_message(peer, frames[1:])
+        if inc.reply is not None:
+            sock.send_multipart([peer, *inc.reply])
+        if inc.x is not None and inc.header is not None:
+            try:
+                out = ep.reply_frames(peer, inc.header, inc.x)  # y = x
+            except Exception as e:  # noqa: BLE001
+                out = ep.error_reply(inc.header.id, e)
+            sock.send_multipart([peer, *out], copy=False)
+    sock.close(0)
+    ctx.term()
+
+
+class PairClient:
+    """One DEALER connected to one worker, with one channel; one request at a time.
+
+    Args:
+        endpoint: the worker's ZeroMQ endpoint.
+        transport: the pair's transport (see ``select_transport``).
+        arena_bytes: arena size for shared transports.
+        max_message_bytes: reply size limit.
+    """
+
+    def __init__(self, endpoint: str, transport: str, *, arena_bytes: int = 64 << 20,
+                 max_message_bytes: int = 1 << 30, ctx: zmq.Context | None = None) -> None:
+        self.ctx = ctx or zmq.Context.instance()
+        self.sock = self.ctx.socket(zmq.DEALER)
+        self.sock.setsockopt(zmq.LINGER, 0)
+        self.sock.connect(endpoint)
+        self.max_message_bytes = max_message_bytes
+        self.channel: ClientChannel = make_client_channel(transport, arena_bytes=arena_bytes)
+        self._ids = itertools.count(1)
+
+    def _recv(self, timeout_s: float) -> list[zmq.Frame]:
+        if not self.sock.poll(int(timeout_s * 1000)):
+            raise ExpertTimeout(f"no answer within {timeout_s} s")
+        return self.sock.recv_multipart(copy=False)
+
+    def connect(self, timeout_s: float = 30.0) -> None:
+        """Ping until the worker answers (it may still be starting), then hello."""
+        deadline = time.monotonic() + timeout_s
+        self.sock.send(encode_header(Header(kind="ping", id="ping")))
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ExpertTimeout(f"worker did not answer a ping within {timeout_s} s")
+            frames = self._recv(left)
+            if decode_header(frames[0], max_message_bytes=self.max_message_bytes).kind == "pong":
+                break
+        hello = self.channel.hello_header()
+        if hello is not None:
+            self.sock.send(encode_header(hello))
+            h = decode_header(self._recv(max(deadline - time.monotonic(), 0.001))[0],
+                              max_message_bytes=self.max_message_bytes)
+            if h.kind == "error":
+                raise TransportError(f"worker refused {self.channel.name} hello: {h.code}: {h.error}")
+            self.channel.on_hello_ack(h)
+
+    def roundtrip(self, x: torch.Tensor, segments: Sequence[tuple[str, int]] | None = None,
+                  *, timeout_s: float = 30.0, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Send ``x[N, D]`` and return a copy of ``y`` (into ``out`` if given)."""
+        slot = self.channel.alloc(x.shape[0], x.shape[1], x.dtype)
+        slot.x.copy_(x)
+        rid = next(self._ids)
+        segs = segments if segments is not None else [("echo/0/0", x.shape[0])]
+        self.sock.send_multipart(self.channel.invoke_frames(slot, rid, segs, now_ms() + int(timeout_s * 1000)),
+                                 copy=False)
+        try:
+            frames = self._recv(timeout_s)
+            h = decode_header(frames[0], max_message_bytes=self.max_message_bytes, check_deadline=False)
+            raise_if_error(h)
+            y = self.channel.decode_reply(slot, h, frames[1:])
+            if out is None:
+                out = y.clone()
+            else:
+                out.copy_(y)
+        except BaseException:
+            self.channel.abandon(slot)
+            raise
+        self.channel.release(slot)
+        return out
+
+    def close(self) -> None:
+        try:
+            self.sock.send(encode_header(Header(kind="bye", id="bye")), flags=zmq.NOBLOCK)
+        except zmq.ZMQError:
+            pass
+        self.channel.close()
+        self.sock.close(0)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--bind", required=True)
+    p.add_argument("--raw", action="store_true")
+    p.add_argument("--max-message-bytes", type=int, default=1 << 30)
+    p.add_argument("--transports", default=None, help="comma-separated offered transports")
+    a = p.parse_args(argv)
+    serve(a.bind, max_message_bytes=a.max_message_bytes, raw=a.raw,
+          offered=a.transports.split(",") if a.transports else None)
+
+
+if __name__ == "__main__":
+    main()

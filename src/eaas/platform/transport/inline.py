@@ -1,0 +1,123 @@
+"""``inline`` transport: tensor bytes as zero-copy ZeroMQ frames.
+
+Works anywhere ZeroMQ does (tcp across hosts, ipc locally). Sending hands ZeroMQ a
+memoryview of the tensor (``copy=False``: no Python-side copy for frames above
+pyzmq's copy threshold); receiving views the ``zmq.Frame`` buffer with
+``torch.frombuffer`` (no copy). Received views are read-only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from eaas.errors import ProtocolError
+from eaas.platform.protocol import (
+    Frame,
+    Header,
+    check_payload_frames,
+    encode_header,
+    invoke_header,
+    reply_header,
+    tensor_buffer,
+    tensor_from_buffer,
+)
+from eaas.platform.transport.base import Slot
+
+
+def payload_frames(t: torch.Tensor) -> list[Frame]:
+    """The payload frames for ``t`` (none for an empty tensor)."""
+    return [tensor_buffer(t)] if t.numel() else []
+
+
+def check_reply_matches(slot: Slot, header: Header) -> None:
+    """Raise ``size_mismatch`` unless the reply's shape/dtype equal the request's.
+
+    Raises:
+        ProtocolError: ``size_mismatch``.
+    """
+    if header.shape != tuple(slot.x.shape) or header.torch_dtype != slot.x.dtype:
+        raise ProtocolError(
+            f"reply {header.id!r} is {list(header.shape or ())} {header.dtype}, request was "
+            f"{list(slot.x.shape)} {slot.x.dtype}", "size_mismatch")
+
+
+def open_inline(header: Header, frames: Sequence[Frame]) -> torch.Tensor:
+    """``[N, D]`` read-only view of an inline payload (validated against the header).
+
+    Raises:
+        ProtocolError: ``size_mismatch``.
+    """
+    buf = check_payload_frames(header, frames)
+    if buf is None:
+        return torch.empty(header.shape, dtype=header.torch_dtype)  # type: ignore[arg-type]
+    return tensor_from_buffer(buf, header.torch_dtype, header.shape)  # type: ignore[arg-type]
+
+
+class InlineClientChannel:
+    """Client side of the ``inline`` transport (no handshake, no shared state)."""
+
+    name = "inline"
+
+    def hello_header(self) -> Header | None:
+        return None
+
+    def on_hello_ack(self, header: Header) -> None:  # pragma: no cover - no handshake
+        return None
+
+    @property
+    def ready(self) -> bool:
+        return True
+
+    def alloc(self, rows: int, hidden: int, dtype: torch.dtype) -> Slot:
+        x = torch.empty((rows, hidden), dtype=dtype)
+        return Slot(x=x, transport="inline", nbytes=x.numel() * x.element_size())
+
+    def invoke_frames(self, slot: Slot, request_id: str | int,
+                      segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
+        slot.request_id = request_id
+        h = invoke_header(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
+                          deadline_ms=deadline_ms, transport="inline")
+        return [encode_header(h), *payload_frames(slot.x)]
+
+    def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
+        check_reply_matches(slot, header)
+        return open_inline(header, frames)
+
+    def release(self, slot: Slot) -> None:
+        slot.extra.clear()
+
+    def abandon(self, slot: Slot) -> None:
+        slot.extra.clear()
+
+    def reply_dropped(self, header: Header) -> None:
+        return None
+
+    def close(self) -> None:
+        return None
+
+
+class InlineWorkerSide:
+    """Worker side of ``inline``: payloads in frames, replies in frames."""
+
+    name = "inline"
+
+    def on_hello(self, peer: Hashable, header: Header) -> dict:
+        return {}
+
+    def open_request(self, peer: Hashable, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
+        return open_inline(header, frames)
+
+    def reply_view(self, peer: Hashable, header: Header) -> torch.Tensor:
+        return torch.empty(header.shape, dtype=header.torch_dtype)  # type: ignore[arg-type]
+
+    def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
+        y = y.contiguous()
+        return [encode_header(reply_header(header, y)), *payload_frames(y)]
+
+    def drop_peer(self, peer: Hashable) -> None:
+        return None
+
+    def sweep(self) -> int:
+        return 0

@@ -1,0 +1,390 @@
+"""``shm`` transport: a shared-memory arena per client–worker pair (same host).
+
+The client creates the arena (``/dev/shm/eaas-{pid}-{random}``, mode 0600) and
+announces it in a ``hello``; the worker maps it and **unlinks it at once**, so from
+then on the segment has no name and the kernel frees it when the last of the two
+processes unmaps it or dies — nothing can leak in ``/dev/shm``. Before the worker
+has mapped it, the client owns the name: it unlinks on ``hello_ack``, on
+:meth:`ShmClientChannel.close`, at interpreter exit (atexit), and
+:func:`sweep_stale_arenas` removes names whose creator pid is dead (a client
+SIGKILLed before any worker mapped its arena).
+
+A request's rows are written by the caller straight into an arena view
+(``slot.x``); the header carries ``{"arena", "offset", "nbytes"}``; the worker views
+the same bytes and writes ``y`` (same shape and dtype) back into the **same
+region**; the client reads ``y`` as a view until it releases the slot. When the
+arena is full (or a request is bigger than it) :meth:`ShmClientChannel.alloc`
+falls back to an inline slot for that request.
+"""
+
+from __future__ import annotations
+
+import atexit
+import bisect
+import logging
+import mmap
+import os
+import re
+import secrets
+import threading
+from collections.abc import Hashable, Sequence
+
+import torch
+
+from eaas.errors import ProtocolError, TransportError
+from eaas.platform.protocol import Frame, Header, encode_header, invoke_header, reply_header
+from eaas.platform.transport.base import Slot
+from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
+
+log = logging.getLogger(__name__)
+
+SHM_DIR = "/dev/shm"
+ARENA_PREFIX = "eaas-"
+ARENA_NAME_RE = re.compile(r"^eaas-(\d{1,10})-([0-9a-f]{16})$")
+ALIGN_BYTES = 64
+
+_owned_lock = threading.Lock()
+_owned_names: set[str] = set()  # arenas this process created and has not unlinked yet
+_atexit_registered = False
+
+
+def _unlink(name: str) -> bool:
+    try:
+        os.unlink(os.path.join(SHM_DIR, name))
+        return True
+    except FileNotFoundError:
+        return False
+    finally:
+        with _owned_lock:
+            _owned_names.discard(name)
+
+
+def _unlink_owned_at_exit() -> None:
+    for name in list(_owned_names):
+        _unlink(name)
+
+
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists (in our pid namespace)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def sweep_stale_arenas(shm_dir: str = SHM_DIR) -> list[str]:
+    """Unlink ``eaas-{pid}-*`` segments whose creator pid is dead; return their names."""
+    removed = []
+    try:
+        names = os.listdir(shm_dir)
+    except OSError:
+        return removed
+    for name in names:
+        m = ARENA_NAME_RE.match(name)
+        if m and not pid_alive(int(m.group(1))):
+            try:
+                os.unlink(os.path.join(shm_dir, name))
+                removed.append(name)
+                log.info("shm arena %s: creator pid %s is dead, unlinked", name, m.group(1))
+            except OSError:
+                pass
+    return removed
+
+
+class Allocator:
+    """First-fit allocator of ``ALIGN_BYTES``-aligned byte ranges in ``[0, size)``.
+
+    Not thread-safe; callers hold a lock.
+    """
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._free: list[tuple[int, int]] = [(0, size)] if size > 0 else []  # sorted (offset, length)
+        self._used: dict[int, int] = {}
+
+    @property
+    def used_bytes(self) -> int:
+        return sum(self._used.values())
+
+    def alloc(self, nbytes: int) -> int | None:
+        """Offset of a free range of at least ``nbytes`` (rounded up), or None."""
+        need = max(ALIGN_BYTES, -(-nbytes // ALIGN_BYTES) * ALIGN_BYTES)
+        for i, (off, length) in enumerate(self._free):
+            if length >= need:
+                if length == need:
+                    del self._free[i]
+                else:
+                    self._free[i] = (off + need, length - need)
+                self._used[off] = need
+                return off
+        return None
+
+    def free(self, offset: int) -> None:
+        """Return a range from :meth:`alloc` (unknown offsets are ignored)."""
+        length = self._used.pop(offset, None)
+        if length is None:
+            return
+        i = bisect.bisect_left(self._free, (offset, 0))
+        self._free.insert(i, (offset, length))
+        if i + 1 < len(self._free) and offset + length == self._free[i + 1][0]:  # merge right
+            self._free[i] = (offset, length + self._free[i + 1][1])
+            del self._free[i + 1]
+        if i > 0 and self._free[i - 1][0] + self._free[i - 1][1] == offset:  # merge left
+            self._free[i - 1] = (self._free[i - 1][0], self._free[i - 1][1] + self._free[i][1])
+            del self._free[i]
+
+
+class ShmArena:
+    """A mapped shared-memory segment with a uint8 torch view over it."""
+
+    def __init__(self, name: str, size: int, mm: mmap.mmap) -> None:
+        self.name = name
+        self.size = size
+        self._mm: mmap.mmap | None = mm
+        self.u8 = torch.frombuffer(mm, dtype=torch.uint8)  # [size] writable, no copy
+
+    @classmethod
+    def create(cls, size: int) -> ShmArena:
+        """Create and map a new arena named ``eaas-{pid}-{random}`` (owned by us)."""
+        global _atexit_registered
+        name = f"{ARENA_PREFIX}{os.getpid()}-{secrets.token_hex(8)}"
+        path = os.path.join(SHM_DIR, name)
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR | os.O_NOFOLLOW, 0o600)
+        with _owned_lock:
+            _owned_names.add(name)
+            if not _atexit_registered:
+                atexit.register(_unlink_owned_at_exit)
+                _atexit_registered = True
+        try:
+            os.ftruncate(fd, size)
+            mm = mmap.mmap(fd, size)
+        except OSError as e:
+            _unlink(name)
+            raise TransportError(f"shm arena {name}: cannot create {size} bytes: {e}") from e
+        finally:
+            os.close(fd)
+        return cls(name, size, mm)
+
+    @classmethod
+    def attach(cls, name: str, size: int) -> ShmArena:
+        """Map an existing arena; the caller validated ``name`` and ``size``.
+
+        Raises:
+            ProtocolError: ``unknown_arena`` (no such segment), ``bad_handle`` (size differs).
+        """
+        try:
+            fd = os.open(os.path.join(SHM_DIR, name), os.O_RDWR | os.O_NOFOLLOW)
+        except OSError as e:
+            raise ProtocolError(f"shm arena {name}: cannot open: {e.strerror}", "unknown_arena") from None
+        try:
+            actual = os.fstat(fd).st_size
+            if actual != size:
+                raise ProtocolError(f"shm arena {name}: size {actual} != announced {size}", "bad_handle")
+            mm = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        return cls(name, size, mm)
+
+    def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+        """``shape`` tensor of ``dtype`` over ``[offset, offset + nbytes)``, no copy."""
+        return self.u8[offset:offset + nbytes].view(dtype).view(shape)
+
+    def unlink(self) -> bool:
+        return _unlink(self.name)
+
+    def close(self) -> None:
+        """Unmap (when no tensor views remain; otherwise the GC unmaps later)."""
+        self.u8 = torch.empty(0, dtype=torch.uint8)
+        mm, self._mm = self._mm, None
+        if mm is not None:
+            try:
+                mm.close()
+            except BufferError:  # views still alive somewhere; unmapped when they die
+                pass
+
+
+class ShmClientChannel:
+    """Client side of ``shm``: owns the pair's arena and allocates slots in it.
+
+    Args:
+        arena_bytes: arena size (``Settings.shm_arena_bytes``).
+
+    Invokes may be sent right after the ``hello`` (ZeroMQ keeps order on one
+    connection); ``ready`` turns true on ``hello_ack``.
+    """
+
+    name = "shm"
+
+    def __init__(self, arena_bytes: int) -> None:
+        sweep_stale_arenas()
+        self.arena = ShmArena.create(arena_bytes)
+        self._alloc = Allocator(arena_bytes)
+        self._lock = threading.Lock()
+        self._abandoned: dict[str | int, Slot] = {}
+        self._inline = InlineClientChannel()
+        self._acked = False
+
+    def hello_header(self) -> Header | None:
+        return Header(kind="hello", id=self.arena.name, transport="shm",
+                      handle={"arena": self.arena.name, "size": self.arena.size, "pid": os.getpid()})
+
+    def on_hello_ack(self, header: Header) -> None:
+        if header.kind != "hello_ack" or header.handle.get("arena") != self.arena.name:
+            raise TransportError(f"shm arena {self.arena.name}: worker did not map it ({header.error or header})")
+        self.arena.unlink()  # the worker unlinked it already; this is belt and braces
+        self._acked = True
+
+    @property
+    def ready(self) -> bool:
+        return self._acked
+
+    @property
+    def used_bytes(self) -> int:
+        with self._lock:
+            return self._alloc.used_bytes
+
+    def alloc(self, rows: int, hidden: int, dtype: torch.dtype) -> Slot:
+        nbytes = rows * hidden * dtype.itemsize
+        off = None
+        if nbytes:
+            with self._lock:
+                off = self._alloc.alloc(nbytes)
+        if off is None:
+            if nbytes:
+                log.debug("shm arena %s: no room for %d bytes, request goes inline", self.arena.name, nbytes)
+            return self._inline.alloc(rows, hidden, dtype)
+        return Slot(x=self.arena.view(off, nbytes, dtype, (rows, hidden)), transport="shm",
+                    offset=off, nbytes=nbytes)
+
+    def invoke_frames(self, slot: Slot, request_id: str | int,
+                      segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
+        if slot.transport != "shm":
+            return self._inline.invoke_frames(slot, request_id, segments, deadline_ms)
+        slot.request_id = request_id
+        h = invoke_header(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
+                          deadline_ms=deadline_ms, transport="shm",
+                          handle={"arena": self.arena.name, "offset": slot.offset, "nbytes": slot.nbytes})
+        return [encode_header(h)]
+
+    def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
+        if slot.transport != "shm":
+            return self._inline.decode_reply(slot, header, frames)
+        check_reply_matches(slot, header)
+        hd = header.handle
+        if (header.transport != "shm" or hd.get("arena") != self.arena.name
+                or hd.get("offset") != slot.offset or hd.get("nbytes") != slot.nbytes or frames):
+            raise ProtocolError(f"reply {header.id!r} does not match its shm slot", "bad_handle")
+        return slot.x
+
+    def release(self, slot: Slot) -> None:
+        if slot.transport == "shm" and slot.offset >= 0:
+            with self._lock:
+                self._alloc.free(slot.offset)
+            slot.offset = -1
+
+    def abandon(self, slot: Slot) -> None:
+        if slot.transport == "shm" and slot.offset >= 0 and slot.request_id is not None:
+            with self._lock:
+                self._abandoned[slot.request_id] = slot
+        else:
+            self.release(slot)
+
+    def reply_dropped(self, header: Header) -> None:
+        with self._lock:
+            slot = self._abandoned.pop(header.id, None)
+        if slot is not None:
+            self.release(slot)
+
+    def close(self) -> None:
+        self.arena.unlink()
+        self.arena.close()
+
+
+class ShmWorkerSide:
+    """Worker side of ``shm``: maps (then unlinks) each peer's arena and views slots.
+
+    Args:
+        max_arena_bytes: largest arena a peer may announce.
+    """
+
+    name = "shm"
+
+    def __init__(self, max_arena_bytes: int) -> None:
+        self.max_arena_bytes = max_arena_bytes
+        self._peers: dict[Hashable, dict[str, tuple[ShmArena, int]]] = {}  # peer -> name -> (arena, pid)
+
+    @property
+    def num_arenas(self) -> int:
+        return sum(len(a) for a in self._peers.values())
+
+    def on_hello(self, peer: Hashable, header: Header) -> dict:
+        hd = header.handle
+        name, size, pid = hd.get("arena"), hd.get("size"), hd.get("pid")
+        if not isinstance(name, str) or not ARENA_NAME_RE.match(name):
+            raise ProtocolError(f"shm hello: bad arena name {name!r:.80}", "bad_handle")
+        if type(size) is not int or not 0 < size <= self.max_arena_bytes:
+            raise ProtocolError(f"shm hello: arena size {size!r:.40} not in 1..{self.max_arena_bytes}", "too_large")
+        if type(pid) is not int or pid <= 0:
+            raise ProtocolError("shm hello: bad pid", "bad_handle")
+        arenas = self._peers.setdefault(peer, {})
+        if name not in arenas:
+            arena = ShmArena.attach(name, size)
+            arena.unlink()  # both sides mapped it (the client before sending hello)
+            arenas[name] = (arena, pid)
+            log.debug("shm arena %s: mapped %d bytes for peer pid %d", name, size, pid)
+        return {"arena": name}
+
+    def _region(self, peer: Hashable, header: Header) -> torch.Tensor:
+        hd = header.handle
+        name = hd.get("arena")
+        entry = self._peers.get(peer, {}).get(name) if isinstance(name, str) else None
+        if entry is None:
+            raise ProtocolError(f"shm arena {name!r:.80} was not announced by this peer", "unknown_arena")
+        arena = entry[0]
+        off, nbytes = hd.get("offset"), hd.get("nbytes")
+        if type(off) is not int or type(nbytes) is not int:
+            raise ProtocolError("shm handle needs int 'offset' and 'nbytes'", "bad_handle")
+        if nbytes != header.nbytes:
+            raise ProtocolError(f"shm handle nbytes {nbytes} != shape {list(header.shape or ())} "
+                                f"{header.dtype} = {header.nbytes}", "size_mismatch")
+        if off < 0 or off + nbytes > arena.size or off % header.torch_dtype.itemsize:
+            raise ProtocolError(f"shm range [{off}, {off + nbytes}) is outside arena {name} "
+                                f"of {arena.size} bytes (or misaligned)", "bad_handle")
+        return arena.view(off, nbytes, header.torch_dtype, header.shape)  # type: ignore[arg-type]
+
+    def open_request(self, peer: Hashable, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
+        if frames:
+            raise ProtocolError("shm invoke must not carry payload frames", "size_mismatch")
+        return self._region(peer, header)
+
+    def reply_view(self, peer: Hashable, header: Header) -> torch.Tensor:
+        return self._region(peer, header)
+
+    def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
+        out = self._region(peer, header)
+        if tuple(y.shape) != tuple(out.shape) or y.dtype != out.dtype:
+            raise ProtocolError(f"y is {list(y.shape)} {y.dtype}, request was {list(out.shape)} {out.dtype}",
+                                "internal")
+        if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
+            out.copy_(y)
+        return [encode_header(reply_header(header, y, handle=header.handle))]
+
+    def drop_peer(self, peer: Hashable) -> None:
+        for arena, _ in self._peers.pop(peer, {}).values():
+            arena.close()
+
+    def sweep(self) -> int:
+        """Unmap arenas whose client pid is dead; return how many."""
+        dropped = 0
+        for peer, arenas in list(self._peers.items()):
+            for name, (arena, pid) in list(arenas.items()):
+                if not pid_alive(pid):
+                    arena.close()
+                    del arenas[name]
+                    dropped += 1
+            if not arenas:
+                del self._peers[peer]
+        return dropped
