@@ -104,3 +104,21 @@ def test_non_streaming_disconnect_stops_generation(server):
     assert _metric(server, "eaas_gateway_completion_tokens_total") - tokens_before < 240
     ok = httpx.post(server + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
     assert ok.status_code == 200
+
+
+def test_bench_serve_json_against_running_gateway(server):
+    import json
+
+    r = subprocess.run(
+        [sys.executable, "-m", "eaas.cli", "bench", "serve", "--url", server, "--concurrency", "1,4",
+         "--requests-per-client", "1", "--max-tokens", "6", "--json"],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    result = json.loads(r.stdout)
+    assert result["benchmark"] == "serve" and result["config"]["model"] == "tiny"
+    keys = {"concurrency", "requests_per_s", "output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms",
+            "itl_p50_ms", "itl_p99_ms", "failed_requests"}
+    assert [row["concurrency"] for row in result["rows"]] == [1, 4]
+    for row in result["rows"]:
+        assert keys <= set(row) and row["failed_requests"] == 0 and row["output_tokens_per_s"] > 0

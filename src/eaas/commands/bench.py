@@ -59,3 +59,50 @@ def autoscale(
         Console().print(summary_table(result))
         if png:
             Console().print(f"plot: {png}")
+
+
+@app.command("serve")
+def serve(
+    url: str = typer.Option(None, "--url", help="a running gateway (e.g. http://127.0.0.1:8000)"),
+    model_dir: str = typer.Option(None, "--model", help="start a gateway on this checkpoint instead (loopback, free port)"),
+    monolithic: bool = typer.Option(False, "--monolithic", help="with --model: serve the plain transformers model"),
+    concurrency: str = typer.Option("1,8,32", "--concurrency", help="comma-separated concurrency levels"),
+    requests_per_client: int = typer.Option(4, "--requests-per-client", help="requests per client and level"),
+    max_tokens: int = typer.Option(32, "--max-tokens", help="output tokens per request"),
+    prompt_words: int = typer.Option(16, "--prompt-words", help="words per synthetic prompt"),
+    torch_threads: int = typer.Option(1, "--torch-threads", help="with --model: the gateway's torch threads"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    png: str = typer.Option(None, "--png", help="write throughput and latency vs concurrency to this PNG"),
+) -> None:
+    """Closed-loop load on a gateway: requests/s, output tokens/s, TTFT and ITL p50/p99 per concurrency."""
+    import contextlib
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from eaas.errors import EaaSError
+    from eaas.gateway import bench_serve as bs
+
+    if (url is None) == (model_dir is None):
+        typer.echo("eaas bench serve: give exactly one of --url or --model", err=True)
+        raise typer.Exit(2)
+    try:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+        cfg = bs.ServeBenchConfig(concurrencies=levels, requests_per_client=requests_per_client,
+                                  max_tokens=max_tokens, prompt_words=prompt_words)
+        ctx = (bs.local_gateway(Path(model_dir), monolithic=monolithic, torch_threads=torch_threads)
+               if model_dir else contextlib.nullcontext(url.rstrip("/")))
+        with ctx as target:
+            result = bs.run_benchmark(target, cfg)
+    except (EaaSError, ValueError) as exc:
+        typer.echo(f"eaas bench serve: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if png:
+        bs.plot(result, Path(png))
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print(bs.summary_table(result))
+        if png:
+            Console().print(f"plot: {png}")
