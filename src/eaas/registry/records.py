@@ -53,6 +53,7 @@ class WorkerRecord:
         tokens_served: rows computed since start.
         requests_served: requests answered since start.
         batches: forward batches run since start.
+        cross_client_batches: batches that mixed requests of several clients.
         busy_fraction: share of wall time spent computing over the last heartbeat period.
         function_tokens: rows computed per function id since start.
         started_at_s: unix time of start.
@@ -75,6 +76,7 @@ class WorkerRecord:
     tokens_served: int = 0
     requests_served: int = 0
     batches: int = 0
+    cross_client_batches: int = 0
     busy_fraction: float = 0.0
     function_tokens: dict[str, int] = field(default_factory=dict)
     started_at_s: float = 0.0
@@ -135,6 +137,7 @@ class WorkerRecord:
             tokens_served=num("tokens_served", int),
             requests_served=num("requests_served", int),
             batches=num("batches", int),
+            cross_client_batches=num("cross_client_batches", int),
             busy_fraction=num("busy_fraction", float, 0.0),
             function_tokens=js("function_tokens", {}),
             started_at_s=num("started_at_s", float, 0.0),
@@ -154,6 +157,7 @@ class WorkerStats:
     batches: int = 0
     busy_fraction: float = 0.0
     function_tokens: dict[str, int] = field(default_factory=dict)
+    cross_client_batches: int = 0
 
     def to_hash(self, now_s: float) -> dict[str, str]:
         return {
@@ -162,6 +166,7 @@ class WorkerStats:
             "tokens_served": str(self.tokens_served),
             "requests_served": str(self.requests_served),
             "batches": str(self.batches),
+            "cross_client_batches": str(self.cross_client_batches),
             "busy_fraction": f"{self.busy_fraction:.4f}",
             "function_tokens": json.dumps(self.function_tokens, sort_keys=True),
             "heartbeat_at_s": f"{now_s:.6f}",

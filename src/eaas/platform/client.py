@@ -1,0 +1,525 @@
+"""The attention client's side of EaaS: dispatch, failover and combine.
+
+:class:`ExpertClient` turns one MoE layer call ``(x[T, D], top_k_index[T, K],
+top_k_weights[T, K])`` into requests to expert workers and back into
+``out[T, D]`` (DESIGN.md, "One MoE layer, end to end"):
+
+1. **Dispatch.** Rows are grouped by expert in transformers' eager order
+   (:func:`~eaas.platform.dispatch.plan_layer`); each expert gets a replica
+   (least outstanding tokens, power-of-two choices when many); the experts
+   bound for one worker travel in one request of segments, the rows gathered
+   straight into the pair's transport slot (a shared-memory arena on one host).
+2. Requests to different workers are in flight at once; the call is
+   synchronous (transformers calls experts synchronously).
+3. **Failover.** A request that misses its per-attempt deadline, whose worker's
+   connection drops or lease disappears, or that gets a retryable error, is
+   re-sent to another replica; late replies are dropped by request id. With no
+   replica left the call waits for one until the call deadline, then raises
+   :class:`~eaas.errors.NoReplicaAvailable`.
+4. **Combine** in the eager loop's order and dtype (:func:`~eaas.platform.dispatch.combine`).
+
+The routing table (function -> ready replicas) is re-read from the registry
+when a membership event arrives and every ``routing_refresh_s``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import zmq
+
+from eaas.errors import EaaSError, ExpertTimeout, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
+from eaas.platform.dispatch import ExpertRows, choose_replica, combine, plan_layer
+from eaas.platform.protocol import decode_header, encode_header, now_ms
+from eaas.platform.transport.select import local_capabilities, make_client_channel, select_transport
+from eaas.registry.records import WorkerRecord
+from eaas.registry.store import Registry
+from eaas.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+#: error codes after which the same rows may succeed on another replica
+RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena", "bad_handle"})
+_HELLO_TIMEOUT_S = 2.0
+
+
+@dataclass(slots=True)
+class _Conn:
+    """One client–worker pair: a DEALER socket, its monitor and the transport channel."""
+
+    worker: WorkerRecord
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    channel: Any
+    transport: str
+
+
+@dataclass(slots=True)
+class _Item:
+    """One expert's rows in a call: where they come from and where their output goes."""
+
+    fid: str
+    rows: torch.Tensor  # [n] indices into the source x
+    out_row: int  # first row of its output in the call's y buffer
+    tried: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class _InFlight:
+    wid: str
+    slot: Any
+    items: list[_Item]
+    deadline_s: float
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters of one client (read by the gateway's metrics)."""
+
+    calls: int = 0
+    requests: int = 0
+    rows: int = 0
+    failovers: int = 0
+    late_replies: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+class ExpertClient:
+    """Calls the routed experts of one registered model on EaaS workers.
+
+    Args:
+        registry: the deployment's registry.
+        model: registered model name.
+        settings: timeouts, transport override, arena size (default: from the environment).
+        transport: force a transport for every pair (``"inline"``, ``"shm"``, ...);
+            default ``settings.transport`` (``auto``: chosen per pair).
+        seed: seed of the replica-choice random source.
+
+    Not thread-safe for concurrent calls: calls are serialised by a lock (the
+    gateway's model runner owns one client). Close it when done.
+
+    Raises:
+        NotFound: the model is not registered.
+    """
+
+    def __init__(
+        self,
+        registry: Registry,
+        model: str,
+        settings: Settings | None = None,
+        *,
+        transport: str | None = None,
+        seed: int | None = None,
+    ) -> None:
+        self.settings = settings or get_settings()
+        self.registry = registry
+        self.model = model
+        spec = registry.model(model)
+        self.num_experts = int(spec["num_experts"])
+        self.hidden_size = int(spec["hidden_size"])
+        self.transport = transport or self.settings.transport
+        self.caps = local_capabilities("cpu")
+        self.stats = ClientStats()
+        self._rng = random.Random(seed)
+        self._ctx = zmq.Context.instance()
+        self._conns: dict[str, _Conn] = {}
+        self._table: dict[str, list[WorkerRecord]] = {}
+        self._live: set[str] = set()
+        self._table_lock = threading.Lock()
+        self._call_lock = threading.Lock()
+        self._refresh_now = threading.Event()
+        self._stop = threading.Event()
+        self._ids = itertools.count()
+        self._id_prefix = f"{os.getpid():x}.{random.getrandbits(24):06x}."
+        self._fid_cache: dict[tuple[int, int], str] = {}
+        self.refresh()
+        self._thread = threading.Thread(target=self._watch, name=f"eaas-routing-{model}", daemon=True)
+        self._thread.start()
+
+    # --- routing table -----------------------------------------------------------
+
+    def refresh(self) -> None:
+        """Re-read the routing table from the registry (2 round trips)."""
+        table = self.registry.routing_table(self.model)
+        live = {w.id for reps in table.values() for w in reps}
+        with self._table_lock:
+            self._table = table
+            self._live = live
+
+    def _watch(self) -> None:
+        """Background: refresh on membership events and periodically; reap expired leases."""
+        last_full = time.monotonic()
+        while not self._stop.is_set():
+            try:
+                for ev in self.registry.events(timeout_s=0.1, stop=self._stop):
+                    now = time.monotonic()
+                    due = now - last_full >= self.settings.routing_refresh_s
+                    if ev is not None or due or self._refresh_now.is_set():
+                        self._refresh_now.clear()
+                        if due:
+                            self.registry.reap_expired()
+                            last_full = now
+                        self.refresh()
+            except EaaSError as e:
+                log.warning("client %s: routing watch failed (%s); retrying", self.model, e)
+                self._stop.wait(0.5)
+
+    def ready_replicas(self, fid: str) -> list[WorkerRecord]:
+        """Ready replicas of a function in the current routing table."""
+        with self._table_lock:
+            return list(self._table.get(fid, ()))
+
+    def missing_functions(self) -> list[str]:
+        """Functions of the model with no ready replica right now."""
+        with self._table_lock:
+            return [f for f, reps in self._table.items() if not reps]
+
+    # --- connections --------------------------------------------------------------
+
+    def _conn(self, worker: WorkerRecord) -> _Conn:
+        c = self._conns.get(worker.id)
+        if c is not None and c.worker.endpoint == worker.endpoint:
+            return c
+        if c is not None:
+            self._drop_conn(worker.id)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+        sock.connect(worker.endpoint)
+        name = "inline"
+        try:
+            name = select_transport(self.caps, worker.capabilities, self.transport)
+        except TransportError as e:
+            log.warning("client %s: %s; using inline with worker %s", self.model, e, worker.id)
+        channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes)
+        c = _Conn(worker, sock, monitor, channel, name)
+        hello = channel.hello_header()
+        if hello is not None and not self._handshake(c, hello):
+            channel.close()
+            c.channel, c.transport = make_client_channel("inline"), "inline"
+        self._conns[worker.id] = c
+        log.info("client %s: connected to worker %s at %s via %s", self.model, worker.id, worker.endpoint, c.transport)
+        return c
+
+    def _handshake(self, c: _Conn, hello: Any) -> bool:
+        c.sock.send(encode_header(hello))
+        deadline = time.monotonic() + _HELLO_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not c.sock.poll(50):
+                continue
+            frames = c.sock.recv_multipart(copy=False)
+            try:
+                h = decode_header(frames[0], max_message_bytes=self.settings.max_message_bytes, check_deadline=False)
+            except ProtocolError:
+                continue
+            if h.kind == "hello_ack" and h.id == hello.id:
+                try:
+                    c.channel.on_hello_ack(h)
+                    return True
+                except EaaSError as e:
+                    log.warning("client %s: worker %s refused %s: %s", self.model, c.worker.id, c.transport, e)
+                    return False
+            if h.kind == "error" and h.id == hello.id:
+                log.warning("client %s: worker %s refused %s: %s", self.model, c.worker.id, c.transport, h.error)
+                return False
+        log.warning("client %s: no hello_ack from %s within %.1fs", self.model, c.worker.id, _HELLO_TIMEOUT_S)
+        return False
+
+    def _drop_conn(self, wid: str) -> None:
+        c = self._conns.pop(wid, None)
+        if c is None:
+            return
+        try:
+            c.channel.close()
+        except Exception:  # noqa: BLE001 - closing a broken channel
+            pass
+        c.sock.disable_monitor()
+        c.monitor.close(linger=0)
+        c.sock.close(linger=0)
+
+    # --- calls --------------------------------------------------------------------
+
+    def function_id(self, layer: int, expert: int) -> str:
+        key = (layer, expert)
+        fid = self._fid_cache.get(key)
+        if fid is None:
+            fid = self._fid_cache[key] = f"{self.model}/{layer}/{expert}"
+        return fid
+
+    def forward(
+        self,
+        layer: int,
+        hidden_states: torch.Tensor,
+        top_k_index: torch.Tensor,
+        top_k_weights: torch.Tensor,
+    ) -> torch.Tensor:
+        """One MoE layer's routed experts: ``out[t] = sum_k w[t,k] * f_{e[t,k]}(x[t])``.
+
+        Args:
+            layer: decoder layer index.
+            hidden_states: ``[T, D]`` (fp32/bf16/fp16, CPU).
+            top_k_index: ``[T, K]`` expert ids from the model's router.
+            top_k_weights: ``[T, K]`` routing weights.
+
+        Returns:
+            ``[T, D]`` in ``hidden_states.dtype``, combined in transformers' eager order.
+
+        Raises:
+            NoReplicaAvailable: some expert had no ready replica until the call deadline.
+            ExpertTimeout: the call deadline passed with requests still unanswered.
+            RemoteError: a worker rejected the request for a non-retryable reason.
+        """
+        if hidden_states.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != hidden_states.shape[0]:
+            raise EaaSError(
+                f"layer {layer}: expected x[T, D], top_k_index[T, K], top_k_weights[T, K]; got "
+                f"{list(hidden_states.shape)}, {list(top_k_index.shape)}, {list(top_k_weights.shape)}"
+            )
+        plan = plan_layer(top_k_index, self.num_experts)
+        x = hidden_states.detach().contiguous()
+        if not plan:
+            return torch.zeros_like(hidden_states)
+        items, row = [], 0
+        for rows in plan:
+            items.append(_Item(self.function_id(layer, rows.expert), rows.token_idx, row))
+            row += rows.token_idx.numel()
+        y = self._run(x, items, row)
+        return combine(hidden_states, plan, y, top_k_weights)
+
+    def invoke(self, function_id: str, x: torch.Tensor) -> torch.Tensor:
+        """Compute one function on ``x[N, D]`` remotely: ``y[N, D] = f(x)``.
+
+        Raises:
+            NoReplicaAvailable, ExpertTimeout, RemoteError: as :meth:`forward`.
+        """
+        x = x.detach().contiguous()
+        n = x.shape[0]
+        if n == 0:
+            return torch.empty_like(x)
+        return self._run(x, [_Item(function_id, torch.arange(n), 0)], n)
+
+    def _run(self, x: torch.Tensor, items: list[_Item], total_rows: int) -> torch.Tensor:
+        with self._call_lock:
+            self.stats.calls += 1
+            return self._run_locked(x, items, total_rows)
+
+    def _run_locked(self, x: torch.Tensor, items: list[_Item], total_rows: int) -> torch.Tensor:
+        y = torch.empty((total_rows, x.shape[1]), dtype=x.dtype)
+        call_deadline = time.monotonic() + self.settings.call_deadline_ms / 1000
+        attempt_s = self.settings.request_timeout_ms / 1000
+        pending: list[_Item] = list(items)
+        inflight: dict[str, _InFlight] = {}
+        waiting_since: float | None = None
+        load: Counter[str] = Counter()
+        while pending or inflight:
+            now = time.monotonic()
+            if pending:
+                unplaced = self._dispatch(x, pending, inflight, load, min(now + attempt_s, call_deadline), call_deadline)
+                if unplaced and not inflight:
+                    if now >= call_deadline:
+                        raise NoReplicaAvailable(sorted({i.fid for i in unplaced}),
+                                                 f"waited {self.settings.call_deadline_ms} ms")
+                    if waiting_since is None:
+                        waiting_since = now
+                        log.warning("client %s: no ready replica for %d function(s); waiting", self.model, len(unplaced))
+                    for it in unplaced:
+                        it.tried.clear()  # a replica that failed earlier may be back
+                    self._refresh_now.set()
+                    self._wait_for_routing(min(0.05, max(0.0, call_deadline - now)))
+                    self.refresh()
+                pending = unplaced
+                if not inflight:
+                    continue
+            self._collect(y, inflight, pending, load)
+            now = time.monotonic()
+            with self._table_lock:
+                live = set(self._live)
+            for rid, fl in list(inflight.items()):
+                gone = fl.wid not in live
+                if now >= fl.deadline_s or gone:
+                    reason = "lease/readiness lost" if gone else f"no reply within {attempt_s * 1000:.0f} ms"
+                    self._fail(rid, inflight, pending, load, reason)
+            if (pending or inflight) and now >= call_deadline and not inflight:
+                if pending:
+                    raise NoReplicaAvailable(sorted({i.fid for i in pending}), "call deadline passed")
+        return y
+
+    def _wait_for_routing(self, timeout_s: float) -> None:
+        self._stop.wait(timeout_s)
+
+    def _dispatch(
+        self, x: torch.Tensor, pending: list[_Item], inflight: dict[str, _InFlight],
+        load: Counter[str], attempt_deadline_s: float, call_deadline_s: float,
+    ) -> list[_Item]:
+        """Place pending items on replicas and send one request per worker. Returns the unplaced."""
+        by_worker: dict[str, list[_Item]] = {}
+        workers: dict[str, WorkerRecord] = {}
+        unplaced: list[_Item] = []
+        with self._table_lock:
+            table = self._table
+        for it in pending:
+            reps = table.get(it.fid, [])
+            base = {w.id: load[w.id] + w.queue_tokens for w in reps}
+            wid = choose_replica([w.id for w in reps], base, self._rng, it.tried)
+            if wid is None:
+                unplaced.append(it)
+                continue
+            load[wid] += it.rows.numel()
+            by_worker.setdefault(wid, []).append(it)
+            workers[wid] = next(w for w in reps if w.id == wid)
+        for wid, its in by_worker.items():
+            try:
+                self._send(x, workers[wid], its, inflight, attempt_deadline_s, call_deadline_s)
+            except (zmq.ZMQError, EaaSError) as e:
+                log.warning("client %s: sending to worker %s failed: %s", self.model, wid, e)
+                self._drop_conn(wid)
+                for it in its:
+                    it.tried.add(wid)
+                    load[wid] -= it.rows.numel()
+                unplaced.extend(its)
+        return unplaced
+
+    def _send(
+        self, x: torch.Tensor, worker: WorkerRecord, its: list[_Item], inflight: dict[str, _InFlight],
+        attempt_deadline_s: float, call_deadline_s: float,
+    ) -> None:
+        c = self._conn(worker)
+        n = sum(it.rows.numel() for it in its)
+        slot = c.channel.alloc(n, x.shape[1], x.dtype)
+        idx = its[0].rows if len(its) == 1 else torch.cat([it.rows for it in its])
+        torch.index_select(x, 0, idx, out=slot.x)
+        rid = f"{self._id_prefix}{next(self._ids)}"
+        deadline_ms = now_ms() + int(max(0.0, call_deadline_s - time.monotonic()) * 1000)
+        frames = c.channel.invoke_frames(slot, rid, [(it.fid, it.rows.numel()) for it in its], deadline_ms)
+        c.sock.send_multipart(frames, copy=False)
+        inflight[rid] = _InFlight(worker.id, slot, its, attempt_deadline_s)
+        self.stats.requests += 1
+        self.stats.rows += n
+
+    def _collect(self, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
+        """Wait (until the earliest attempt deadline, in short polls) for replies and disconnects."""
+        poller = zmq.Poller()
+        conns = {fl.wid: self._conns[fl.wid] for fl in inflight.values() if fl.wid in self._conns}
+        for c in conns.values():
+            poller.register(c.sock, zmq.POLLIN)
+            poller.register(c.monitor, zmq.POLLIN)
+        earliest = min(fl.deadline_s for fl in inflight.values())
+        timeout_ms = max(0, min(50, int((earliest - time.monotonic()) * 1000) + 1))
+        events = dict(poller.poll(timeout_ms))
+        for wid, c in conns.items():
+            if c.monitor in events:
+                self._on_monitor(wid, c, inflight, pending, load)
+            if c.sock in events:
+                self._on_replies(wid, c, y, inflight, pending, load)
+
+    def _on_monitor(self, wid: str, c: _Conn, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
+        disconnected = False
+        while True:
+            try:
+                msg = c.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            event = int.from_bytes(msg[0][:2], "little")
+            if event & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED):
+                disconnected = True
+        if disconnected:
+            for rid in [r for r, fl in inflight.items() if fl.wid == wid]:
+                self._fail(rid, inflight, pending, load, "connection dropped")
+            self._drop_conn(wid)
+
+    def _on_replies(self, wid: str, c: _Conn, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
+        while True:
+            try:
+                frames = c.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            except zmq.ZMQError:
+                return
+            try:
+                h = decode_header(frames[0], max_message_bytes=self.settings.max_message_bytes, check_deadline=False)
+            except ProtocolError as e:
+                log.warning("client %s: malformed reply from %s: %s", self.model, wid, e)
+                continue
+            fl = inflight.get(str(h.id)) if h.id is not None else None
+            if fl is None or fl.wid != wid:
+                self.stats.late_replies += 1
+                c.channel.reply_dropped(h)  # a late duplicate (its request was re-sent): drop it
+                continue
+            rid = str(h.id)
+            if h.kind == "error":
+                self.stats.errors[h.code or "error"] += 1
+                if (h.code or "") in RETRYABLE_CODES:
+                    c.channel.release(fl.slot)
+                    inflight.pop(rid)
+                    self._requeue(fl, pending, load, f"error {h.code}: {h.error}")
+                    continue
+                c.channel.release(fl.slot)
+                inflight.pop(rid)
+                raise RemoteError(f"worker {wid} rejected request {rid}: {h.error}", h.code or "remote_error")
+            try:
+                out = c.channel.decode_reply(fl.slot, h, frames[1:])
+            except ProtocolError as e:
+                c.channel.release(fl.slot)
+                inflight.pop(rid)
+                self._requeue(fl, pending, load, f"bad reply: {e}")
+                continue
+            row = 0
+            for it in fl.items:
+                n = it.rows.numel()
+                y[it.out_row : it.out_row + n].copy_(out[row : row + n])
+                row += n
+                load[wid] -= n
+            c.channel.release(fl.slot)
+            inflight.pop(rid)
+
+    def _requeue(self, fl: _InFlight, pending: list[_Item], load: Counter[str], reason: str) -> None:
+        self.stats.failovers += 1
+        log.warning("client %s: failing over %d function(s) from worker %s: %s", self.model, len(fl.items), fl.wid, reason)
+        for it in fl.items:
+            it.tried.add(fl.wid)
+            load[fl.wid] -= it.rows.numel()
+            pending.append(it)
+
+    def _fail(self, rid: str, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str], reason: str) -> None:
+        fl = inflight.pop(rid)
+        c = self._conns.get(fl.wid)
+        if c is not None:
+            try:
+                c.channel.abandon(fl.slot)
+            except Exception:  # noqa: BLE001 - the channel may be gone already
+                pass
+        self._requeue(fl, pending, load, reason)
+
+    def close(self) -> None:
+        """Stop the routing thread and close every connection (frees shared arenas)."""
+        self._stop.set()
+        self._thread.join(timeout=2)
+        for wid in list(self._conns):
+            try:
+                bye = self._conns[wid].channel
+                self._conns[wid].sock.send(encode_header(_bye()), zmq.NOBLOCK)
+            except Exception:  # noqa: BLE001
+                pass
+            self._drop_conn(wid)
+
+    def __enter__(self) -> "ExpertClient":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _bye() -> Any:
+    from eaas.platform.protocol import Header
+
+    return Header(kind="bye", id="bye")

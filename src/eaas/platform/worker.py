@@ -1,0 +1,323 @@
+"""The expert worker: a warm, stateless server of one shard's expert functions.
+
+Life (DESIGN.md, "Worker"): load the shard (before registering: warm pool) ->
+bind a ZeroMQ ROUTER socket (loopback unless told otherwise) -> register under
+a lease -> serve -> on SIGTERM or an admin ``drain``: state ``draining``, finish
+everything queued, deregister, exit 0. A heartbeat thread renews the lease and
+reports queue depth, tokens served and busy fraction; torch releases the GIL
+while computing, so a long batch cannot starve it. ``kill -9`` leaves a lease
+that expires within its TTL.
+
+Serving loop (continuous batching across clients): take every message waiting
+on the socket, answer control messages and bad input at once (a bad message
+never kills the worker), then run the waiting invokes together, up to
+``max_batch_tokens`` rows: rows of all requests are grouped by expert and each
+expert runs once (:meth:`eaas.functions.ExpertShard.forward`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import zmq
+
+from eaas.errors import EaaSError, ProtocolError
+from eaas.platform.protocol import Header, now_ms
+from eaas.platform.transport.select import WorkerEndpoint
+from eaas.registry.records import WorkerRecord, WorkerState, WorkerStats
+from eaas.registry.store import Registry
+from eaas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Pending:
+    peer: bytes
+    header: Header
+    x: torch.Tensor
+    received_s: float
+
+
+def default_worker_id() -> str:
+    """``{hostname}-{pid}-{random}``, or the pod name on Kubernetes (``POD_NAME``)."""
+    pod = os.environ.get("POD_NAME")
+    if pod:
+        return pod
+    host = socket.gethostname().split(".")[0][:40] or "host"
+    return f"{host}-{os.getpid()}-{uuid.uuid4().hex[:4]}"
+
+
+class ExpertWorker:
+    """Serve one shard of one model.
+
+    Args:
+        settings: the settings object (lease TTL, heartbeat period, limits, bind address).
+        registry: the deployment's registry.
+        model: registered model name.
+        shard: the loaded :class:`~eaas.functions.ExpertShard`.
+        worker_id: id in the registry (default :func:`default_worker_id`).
+        shard_name: shard group name (for the autoscaler).
+        bind: ZeroMQ address to bind, e.g. ``tcp://127.0.0.1:0`` (0 = a free port).
+        advertise_host: host put in the advertised endpoint (default: the bound one).
+        transports: transports to offer (default: every one available here).
+
+    Raises:
+        RegistryError: registration refused (e.g. the model was removed).
+    """
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: Registry,
+        model: str,
+        shard: Any,
+        *,
+        worker_id: str | None = None,
+        shard_name: str = "",
+        bind: str | None = None,
+        advertise_host: str | None = None,
+        transports: list[str] | None = None,
+    ) -> None:
+        from eaas.functions.spec import function_id
+
+        self.settings = settings
+        self.registry = registry
+        self.model = model
+        self.shard = shard
+        self.id = worker_id or default_worker_id()
+        self.shard_name = shard_name
+        self._fid_to_pair = {function_id(model, l, e): (l, e) for l, e in shard.functions}
+        self.endpoint_io = WorkerEndpoint(
+            max_message_bytes=settings.max_message_bytes,
+            max_arena_bytes=max(settings.shm_arena_bytes, settings.max_message_bytes),
+            known_functions=self._fid_to_pair,
+            offered=transports,
+            device=str(shard.device),
+        )
+        self._ctx = zmq.Context.instance()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.LINGER, 1000)
+        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        addr = bind or f"tcp://{settings.bind_host}:0"
+        if addr.startswith("tcp://") and addr.endswith(":0"):
+            port = self._sock.bind_to_random_port(addr[: -len(":0")])
+            bound = f"{addr[: -len(':0')]}:{port}"
+        else:
+            self._sock.bind(addr)
+            bound = self._sock.getsockopt_string(zmq.LAST_ENDPOINT)
+        adv = advertise_host or settings.advertise_host
+        if adv and bound.startswith("tcp://"):
+            bound = f"tcp://{adv}:{bound.rsplit(':', 1)[1]}"
+        self.endpoint = bound
+        self._draining = threading.Event()
+        self._stopped = threading.Event()
+        self._pending: list[_Pending] = []
+        self._lock = threading.Lock()
+        # counters (read by the heartbeat thread)
+        self.tokens_served = 0
+        self.requests_served = 0
+        self.batches = 0
+        self.cross_client_batches = 0
+        self.function_tokens: Counter[str] = Counter()
+        self._busy_s = 0.0
+        self._busy_mark = (time.monotonic(), 0.0)
+        self.started_at_s = time.time()
+
+    # --- registry ------------------------------------------------------------
+
+    def record(self, state: WorkerState) -> WorkerRecord:
+        """This worker's registry record in ``state``."""
+        return WorkerRecord(
+            id=self.id, model=self.model, endpoint=self.endpoint, shard=tuple(sorted(self._fid_to_pair)),
+            state=state, host_id=str(self.endpoint_io.capabilities.get("host_id", "")),
+            device=str(self.shard.device), capabilities=dict(self.endpoint_io.capabilities),
+            pid=os.getpid(), shard_name=self.shard_name, started_at_s=self.started_at_s,
+            heartbeat_at_s=time.time(), lease_ttl_s=self.settings.lease_ttl_s,
+        )  # fmt: skip
+
+    def stats(self) -> WorkerStats:
+        """A heartbeat's snapshot of queue depth and counters."""
+        with self._lock:
+            q_tokens = sum(p.x.shape[0] for p in self._pending)
+            q_reqs = len(self._pending)
+        now = time.monotonic()
+        last_t, last_busy = self._busy_mark
+        busy = self._busy_s
+        self._busy_mark = (now, busy)
+        frac = min(1.0, (busy - last_busy) / max(1e-6, now - last_t))
+        return WorkerStats(
+            queue_tokens=q_tokens, queue_requests=q_reqs, tokens_served=self.tokens_served,
+            requests_served=self.requests_served, batches=self.batches, busy_fraction=frac,
+            function_tokens=dict(self.function_tokens), cross_client_batches=self.cross_client_batches,
+        )  # fmt: skip
+
+    def _heartbeat_loop(self) -> None:
+        interval = self.settings.heartbeat_interval_s
+        while not self._stopped.wait(interval):
+            try:
+                state = self.registry.heartbeat(self.id, self.settings.lease_ttl_s, self.stats())
+                if state is None and not self._draining.is_set():
+                    log.warning("worker %s: lease lost, registering again", self.id)
+                    self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
+                elif state is WorkerState.DRAINING and not self._draining.is_set():
+                    log.info("worker %s: drain requested through the registry", self.id)
+                    self._draining.set()
+            except EaaSError as e:  # Redis blip: keep serving, try again next tick
+                log.warning("worker %s: heartbeat failed: %s", self.id, e)
+
+    # --- serving ---------------------------------------------------------------
+
+    def request_drain(self, *_: Any) -> None:
+        """Begin draining (signal-handler safe)."""
+        self._draining.set()
+
+    def _receive(self, timeout_ms: int) -> bool:
+        """Move every waiting message off the socket; answer control/bad ones. True if any came."""
+        if not self._sock.poll(timeout_ms):
+            return False
+        got = False
+        budget = 4096
+        while budget > 0:
+            budget -= 1
+            try:
+                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                break
+            got = True
+            if len(frames) < 2:
+                continue
+            peer = frames[0].bytes
+            inc = self.endpoint_io.on_message(peer, frames[1:])
+            if inc.reply is not None:
+                self._sock.send_multipart([peer, *inc.reply], copy=False)
+            elif inc.x is not None and inc.header is not None:
+                with self._lock:
+                    self._pending.append(_Pending(peer, inc.header, inc.x, time.monotonic()))
+        return got
+
+    def _take_batch(self) -> list[_Pending]:
+        """Pop waiting invokes up to ``max_batch_tokens`` rows (at least one request)."""
+        cap = self.settings.max_batch_tokens
+        with self._lock:
+            batch, rows = [], 0
+            while self._pending and (not batch or rows + self._pending[0].x.shape[0] <= cap):
+                p = self._pending.pop(0)
+                batch.append(p)
+                rows += p.x.shape[0]
+        return batch
+
+    def _run_batch(self, batch: list[_Pending]) -> None:
+        now = now_ms()
+        live: list[_Pending] = []
+        for p in batch:
+            if p.header.deadline_ms is not None and p.header.deadline_ms < now:
+                self._reply_error(p, ProtocolError(f"request {p.header.id!r} expired in the queue", "deadline_exceeded"))
+            else:
+                live.append(p)
+        if not live:
+            return
+        segments = [(self._fid_to_pair[f], r) for p in live for f, r in p.header.segments]
+        t0 = time.monotonic()
+        try:
+            with torch.inference_mode():
+                x = live[0].x if len(live) == 1 else torch.cat([p.x for p in live])
+                y = self.shard.forward(x, segments)
+        except Exception as e:  # noqa: BLE001 - a failed batch answers errors, the worker lives
+            log.exception("worker %s: batch of %d requests failed", self.id, len(live))
+            for p in live:
+                self._reply_error(p, ProtocolError(f"expert computation failed: {e}", "internal"))
+            return
+        finally:
+            self._busy_s += time.monotonic() - t0
+        self.batches += 1
+        if len({p.peer for p in live}) > 1:
+            self.cross_client_batches += 1
+        row = 0
+        for p in live:
+            n = p.x.shape[0]
+            try:
+                frames = self.endpoint_io.reply_frames(p.peer, p.header, y[row : row + n])
+                self._sock.send_multipart([p.peer, *frames], copy=False)
+            except ProtocolError as e:
+                self._reply_error(p, e)
+            row += n
+            self.requests_served += 1
+            self.tokens_served += n
+            for f, r in p.header.segments:
+                self.function_tokens[f] += r
+
+    def _reply_error(self, p: _Pending, err: Exception) -> None:
+        try:
+            self._sock.send_multipart([p.peer, *self.endpoint_io.error_reply(p.header.id, err)], copy=False)
+        except zmq.ZMQError:
+            pass
+
+    def serve(self, install_signal_handlers: bool = True) -> int:
+        """Register, serve until drained, deregister. Returns the exit code (0).
+
+        Raises:
+            RegistryError / RegistryUnavailable: the first registration failed.
+        """
+        if install_signal_handlers:
+            signal.signal(signal.SIGTERM, self.request_drain)
+            signal.signal(signal.SIGINT, self.request_drain)
+        self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
+        hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.id}", daemon=True)
+        hb.start()
+        log.info("worker %s: serving %d functions at %s", self.id, len(self._fid_to_pair), self.endpoint)
+        idle_since: float | None = None
+        grace_s = max(0.5, 2 * self.settings.heartbeat_interval_s)
+        announced = False
+        last_sweep = time.monotonic()
+        try:
+            while True:
+                got = self._receive(timeout_ms=0 if self._pending else 50)
+                batch = self._take_batch()
+                if batch:
+                    self._run_batch(batch)
+                if time.monotonic() - last_sweep > 5.0:
+                    self.endpoint_io.sweep()
+                    last_sweep = time.monotonic()
+                if not self._draining.is_set():
+                    continue
+                if not announced:
+                    announced = True
+                    log.info("worker %s: draining", self.id)
+                    try:
+                        self.registry.set_worker_state(self.id, WorkerState.DRAINING)
+                    except EaaSError as e:
+                        log.warning("worker %s: could not announce drain: %s", self.id, e)
+                if got or batch or self._pending:
+                    idle_since = None
+                elif idle_since is None:
+                    idle_since = time.monotonic()
+                elif time.monotonic() - idle_since >= grace_s:
+                    break
+        finally:
+            self._stopped.set()
+            hb.join(timeout=5)
+            try:
+                self.registry.deregister_worker(self.id)
+            except EaaSError as e:
+                log.warning("worker %s: deregistration failed (%s); its lease will expire", self.id, e)
+            self.close()
+        log.info("worker %s: drained (%d requests, %d tokens served)", self.id, self.requests_served, self.tokens_served)
+        return 0
+
+    def close(self) -> None:
+        """Close the socket and drop every peer's per-pair state (shared arenas)."""
+        for peer in list(getattr(self.endpoint_io, "_peers", [])):
+            self.endpoint_io.drop_peer(peer)
+        self.endpoint_io.sweep()
+        self._sock.close(linger=500)
