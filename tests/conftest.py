@@ -58,3 +58,33 @@ def eaas_env(redis_url: str, prefix: str, tmp_path, monkeypatch) -> dict[str, st
         COLUMNS="200",
     )
     return env
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):  # type: ignore[no-untyped-def]
+    """Factory: ``tiny_checkpoint(arch, **kw) -> Path`` of a seeded tiny checkpoint, cached per session."""
+    from eaas.functions import write_tiny_checkpoint
+
+    cache: dict = {}
+
+    def make(arch: str = "mixtral", **kw):  # type: ignore[no-untyped-def]
+        key = (arch, tuple(sorted(kw.items())))
+        if key not in cache:
+            name = f"tiny-{arch.replace('_', '-')}" + ("-" + "-".join(f"{k}{v}" for k, v in sorted(kw.items())) if kw else "")
+            cache[key] = write_tiny_checkpoint(arch, tmp_path_factory.mktemp("ckpt") / name, **kw)
+        return cache[key]
+
+    return make
+
+
+@pytest.fixture
+def registered(registry, tiny_checkpoint):  # type: ignore[no-untyped-def]
+    """Factory: register a tiny checkpoint in this test's registry; returns the model name."""
+    from eaas.functions import inspect_checkpoint
+
+    def reg(arch: str = "mixtral", **kw) -> str:  # type: ignore[no-untyped-def]
+        spec, fns = inspect_checkpoint(tiny_checkpoint(arch, **kw))
+        registry.register_model(spec.to_dict(), [f.to_dict() for f in fns])
+        return spec.name
+
+    return reg

@@ -1,0 +1,180 @@
+"""Expert workers as real processes on real sockets, against a real Redis."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import msgpack
+import pytest
+import torch
+import zmq
+
+from eaas.functions import load_shard
+from eaas.platform.protocol import encode_header, invoke_header, now_ms, tensor_buffer
+from eaas.registry import Registry
+from eaas.testing import start_worker, wait_for, wait_workers_ready
+
+
+def _dealer(endpoint: str) -> zmq.Socket:
+    s = zmq.Context.instance().socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    return s
+
+
+def _recv_header(sock: zmq.Socket, timeout_ms: int = 10_000) -> tuple[dict, list[bytes]]:
+    assert sock.poll(timeout_ms), "no reply from the worker"
+    frames = sock.recv_multipart()
+    return msgpack.unpackb(frames[0], raw=False), frames[1:]
+
+
+def _invoke(fid: str, x: torch.Tensor, rid: str, deadline_ms: int | None = None) -> list:
+    h = invoke_header(rid, [(fid, x.shape[0])], dtype=x.dtype, hidden=x.shape[1],
+                      deadline_ms=deadline_ms or now_ms() + 10_000, transport="inline")
+    return [encode_header(h), tensor_buffer(x)]
+
+
+@pytest.fixture
+def one_worker(registry: Registry, registered, eaas_env, tmp_path):  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    proc = start_worker(eaas_env, model, "all", log_path=str(tmp_path / "worker.log"))
+    try:
+        (w,) = wait_workers_ready(registry, model, 1)
+        yield model, w, proc
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+
+
+_CLIENT = r"""
+import sys, torch
+torch.set_num_threads(1)
+from eaas.registry import Registry
+from eaas.platform.client import ExpertClient
+from eaas.functions import load_shard
+url, prefix, model, ckpt, seed = sys.argv[1:6]
+reg = Registry.from_url(url, prefix)
+ref = load_shard(ckpt, [(l, e) for l in (0, 1) for e in range(8)])
+client = ExpertClient(reg, model, transport=sys.argv[6])
+g = torch.Generator().manual_seed(int(seed))
+for i in range(150):
+    T = 1 + (i * 7) % 48
+    x = torch.randn(T, 64, generator=g)
+    idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(T)])
+    w = torch.rand(T, 2, generator=g)
+    out = client.forward(i % 2, x, idx, w)
+    expect = torch.zeros_like(x)
+    for k in range(2):
+        for t in range(T):
+            expect[t] += w[t, k] * ref.forward(x[t:t+1], [((i % 2, int(idx[t, k])), 1)])[0]
+    err = (out - expect).abs().max().item()
+    assert err <= 1e-5 * max(1.0, expect.abs().max().item()), (i, err)
+client.close()
+print("OK", client.stats.requests)
+"""
+
+
+@pytest.mark.parametrize("transport", ["shm", "inline"])
+def test_two_clients_interleaved_are_correct_and_batched_together(one_worker, registry, redis_url, tiny_checkpoint, transport) -> None:  # type: ignore[no-untyped-def]
+    model, w, _ = one_worker
+    ckpt = str(tiny_checkpoint("mixtral"))
+    procs = [subprocess.Popen([sys.executable, "-c", _CLIENT, redis_url, registry.prefix, model, ckpt, str(s), transport],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for s in (1, 2)]
+    for p in procs:
+        out, err = p.communicate(timeout=240)
+        assert p.returncode == 0, err[-2000:]
+        assert out.startswith("OK")
+    rec = wait_for(lambda: (r := registry.worker(w.id)).requests_served >= 300 and r, 10, what="heartbeat counters")
+    assert rec.tokens_served > 0 and rec.batches <= rec.requests_served
+    assert rec.cross_client_batches >= 1, "the worker never batched requests of both clients together"
+
+
+def test_malformed_inputs_get_errors_and_the_worker_keeps_serving(one_worker, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    model, w, proc = one_worker
+    sock = _dealer(w.endpoint)
+    fid = f"{model}/0/3"
+    x = torch.randn(4, 64)
+    good = _invoke(fid, x, "good")
+    hdr = msgpack.unpackb(good[0], raw=False)
+
+    def variant(**changes: object) -> bytes:
+        return msgpack.packb({**hdr, **changes}, use_bin_type=True)
+
+    cases = {
+        "truncated header": ([good[0][: len(good[0]) // 2], good[1]], None),
+        "garbage bytes": ([os.urandom(64)], None),
+        "wrong dtype": ([variant(id="d", dtype="int64"), good[1]], "bad_dtype"),
+        "shape/bytes mismatch": ([variant(id="s", shape=[5, 64], segments=[[fid, 5]]), good[1]], "size_mismatch"),
+        "unknown function": ([variant(id="u", segments=[[f"{model}/0/99", 4]]), good[1]], "unknown_function"),
+        "100 GB declared": ([variant(id="b", shape=[400_000_000, 64], segments=[[fid, 400_000_000]]), good[1]], "too_large"),
+        "expired deadline": ([variant(id="e", deadline_ms=now_ms() - 1000), good[1]], "deadline_exceeded"),
+    }
+    ref = load_shard(tiny_checkpoint("mixtral"), [(0, 3)])
+    for name, (frames, code) in cases.items():
+        sock.send_multipart(frames)
+        reply, _ = _recv_header(sock)
+        assert reply["kind"] == "error", name
+        if code is not None:
+            assert reply["code"] == code, (name, reply)
+        # a valid request right after still succeeds, with the right answer
+        sock.send_multipart(_invoke(fid, x, f"ok-{name}"))
+        reply, payload = _recv_header(sock)
+        assert reply["kind"] == "reply" and reply["id"] == f"ok-{name}", (name, reply)
+        y = torch.frombuffer(bytearray(payload[0]), dtype=torch.float32).view(4, 64)
+        torch.testing.assert_close(y, ref.forward(x, [((0, 3), 4)]), rtol=0, atol=1e-6)
+    assert proc.poll() is None
+    sock.close()
+
+
+def _shm_entries() -> set[str]:
+    try:
+        return {n for n in os.listdir("/dev/shm") if "eaas" in n}
+    except FileNotFoundError:
+        return set()
+
+
+def test_sigterm_answers_everything_queued_then_exits_clean(registry, registered, eaas_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    before = _shm_entries()
+    proc = start_worker(eaas_env, model, "all", log_path=str(tmp_path / "w.log"))
+    (w,) = wait_workers_ready(registry, model, 1)
+    # a shm client too, so there is an arena to clean up
+    from eaas.platform.client import ExpertClient
+
+    client = ExpertClient(registry, model, transport="shm")
+    client.forward(0, torch.randn(3, 64), torch.tensor([[0, 1]] * 3), torch.ones(3, 2))
+    sock = _dealer(w.endpoint)
+    n = 40
+    for i in range(n):
+        sock.send_multipart(_invoke(f"{model}/1/{i % 8}", torch.randn(64, 64), f"q{i}"))
+    proc.send_signal(signal.SIGTERM)
+    got = set()
+    for _ in range(n):
+        reply, _ = _recv_header(sock, 30_000)
+        assert reply["kind"] == "reply", reply
+        got.add(reply["id"])
+    assert got == {f"q{i}" for i in range(n)}
+    assert proc.wait(30) == 0
+    assert w.id not in registry.worker_ids()
+    client.close()
+    wait_for(lambda: _shm_entries() <= before, 10, what="shared-memory segments cleaned up")
+    sock.close()
+
+
+def test_kill_9_lease_expires_within_ttl(registry, registered, eaas_env) -> None:  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    env = dict(eaas_env, EAAS_LEASE_TTL_S="1.5", EAAS_HEARTBEAT_INTERVAL_S="0.3")
+    proc = start_worker(env, model, "*:0-3")
+    (w,) = wait_workers_ready(registry, model, 1)
+    proc.kill()
+    proc.wait(10)
+    t0 = time.monotonic()
+    wait_for(lambda: w.id in registry.reap_expired() or w.id not in registry.worker_ids(), 1.5 + 1.0,
+             what="lease expiry after kill -9")
+    assert time.monotonic() - t0 <= 2.5
+    assert registry.function(f"{model}/0/0")["replicas"] == []
