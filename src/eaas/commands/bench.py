@@ -106,3 +106,42 @@ def serve(
         Console().print(bs.summary_table(result))
         if png:
             Console().print(f"plot: {png}")
+
+
+@app.command("transport")
+def transport(
+    sizes: str = typer.Option("64K,256K,1M,4M,16M", "--sizes", help="comma-separated payload sizes (K/M suffixes)"),
+    transports: str = typer.Option("inline_ipc,inline_tcp,shm,nixl", "--transports",
+                                   help="inline_ipc, inline_tcp, shm, nixl (nixl skipped when not installed)"),
+    iters: int = typer.Option(100, "--iters", min=1, help="timed round trips per transport and size"),
+    hidden: int = typer.Option(1024, "--hidden", min=1, help="row width D of the float32 payload"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    png: str = typer.Option(None, "--png", help="write round trip and ratio vs payload to this PNG"),
+) -> None:
+    """Round trip p50/p99 and bandwidth per transport vs two in-process copies and bare ZeroMQ."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from eaas.platform import bench_transport as bt
+
+    try:
+        cfg = bt.TransportBenchConfig(payload_bytes=tuple(bt.parse_size(s) for s in sizes.split(",") if s.strip()),
+                                      transports=tuple(t.strip() for t in transports.split(",") if t.strip()),
+                                      iters=iters, hidden=hidden)
+    except ValueError as exc:
+        typer.echo(f"eaas bench transport: {exc}", err=True)
+        raise typer.Exit(2) from None
+    err = Console(stderr=True)
+    with err.status("starting echo peers") as status:
+        result = bt.run_benchmark(cfg, progress=lambda msg: status.update(msg))
+    if png:
+        bt.plot(result, Path(png))
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print(bt.summary_table(result))
+        Console().print(result["checks"])
+        if png:
+            Console().print(f"plot: {png}")

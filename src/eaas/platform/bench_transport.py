@@ -1,0 +1,229 @@
+"""`eaas bench transport`: round trips per transport against an echo worker process.
+
+For each payload size (``P`` bytes, a float32 ``[P / 4 / D, D]`` tensor) and each
+transport, a client does what the real client does per request — gather the rows
+into ``slot.x`` (copy 1), send, wait for the reply, read ``y`` into its output
+(copy 2), release — against an echo peer (``eaas.platform.transport.echo``) in a
+separate process over real loopback sockets. In the same run it measures two
+baselines:
+
+- ``copy_x2``: the same two copies in one process (``src -> mid -> dst``); every
+  row's ``ratio_vs_copy`` = copy_x2 p50 / the row's round-trip p50;
+- ``zmq_bare``: a bare ZeroMQ DEALER/ROUTER ping-pong of ``P`` bytes over ipc.
+
+``bandwidth_gbps`` = ``2 * P * 8 / rtt_p50`` (Gbit/s, bytes moved there and back).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import zmq
+
+DEFAULT_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
+
+
+@dataclass(frozen=True, slots=True)
+class TransportBenchConfig:
+    """What to measure. ``transports`` may hold inline_ipc, inline_tcp, shm, nixl."""
+
+    payload_bytes: tuple[int, ...] = DEFAULT_SIZES
+    transports: tuple[str, ...] = ("inline_ipc", "inline_tcp", "shm", "nixl")
+    iters: int = 100
+    warmup: int = 5
+    hidden: int = 1024
+    torch_threads: int = 1
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_size(text: str) -> int:
+    """``"64K"``/``"4M"``/``"1048576"`` -> bytes."""
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(t[-1:], 1)
+    return int(float(t[:-1] if t[-1:] in "KMG" else t) * mult)
+
+
+def _stats(samples_s: list[float]) -> tuple[float, float]:
+    a = np.asarray(samples_s) * 1e6
+    return float(np.percentile(a, 50)), float(np.percentile(a, 99))
+
+
+def _time(fn: Callable[[], Any], iters: int, warmup: int) -> tuple[float, float]:
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return _stats(out)
+
+
+def _start_peer(bind: str, *extra: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, "-m", "eaas.platform.transport.echo", "--bind", bind, *extra],
+                            stdout=subprocess.PIPE, text=True, env={**os.environ, "NIXL_LOG_LEVEL": "WARN"})
+    return proc, bind
+
+
+def _wait_ready(proc: subprocess.Popen, timeout_s: float = 60.0) -> str:
+    import selectors
+
+    sel = selectors.DefaultSelector()
+    sel.register(proc.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if sel.select(max(deadline - time.monotonic(), 0.01)):
+            line = proc.stdout.readline()
+            if not line:
+                break
+            if line.startswith("READY "):
+                return line.split()[1]
+    raise RuntimeError(f"echo peer {proc.pid} did not become ready")
+
+
+def run_benchmark(cfg: TransportBenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Run the benchmark; return ``{"benchmark": "transport", "config", "rows", "checks"}``."""
+    from eaas.platform.transport.echo import PairClient
+    from eaas.platform.transport.nixl import nixl_available
+
+    torch.set_num_threads(cfg.torch_threads)
+    transports = [t for t in cfg.transports if t != "nixl" or nixl_available()]
+    skipped = sorted(set(cfg.transports) - set(transports))
+    tmp = tempfile.mkdtemp(prefix="eaas-bench-")
+    peers = {
+        "ipc": _start_peer(f"ipc://{tmp}/echo.sock"),
+        "tcp": _start_peer("tcp://127.0.0.1:0"),
+        "raw": _start_peer(f"ipc://{tmp}/raw.sock", "--raw"),
+    }
+    endpoints = {k: _wait_ready(p) for k, (p, _) in peers.items()}
+    ctx = zmq.Context()
+    rows: list[dict[str, Any]] = []
+    max_p = max(cfg.payload_bytes)
+    try:
+        clients: dict[str, PairClient] = {}
+        for t in transports:
+            ep = endpoints["tcp"] if t == "inline_tcp" else endpoints["ipc"]
+            c = PairClient(ep, "inline" if t.startswith("inline") else t,
+                           arena_bytes=max(2 * max_p, 1 << 20), ctx=ctx)
+            c.connect(timeout_s=60)
+            clients[t] = c
+        raw = ctx.socket(zmq.DEALER)
+        raw.setsockopt(zmq.LINGER, 0)
+        raw.connect(endpoints["raw"])
+        for p in cfg.payload_bytes:
+            rows_n = max(1, p // (4 * cfg.hidden))
+            src = torch.randn(rows_n, cfg.hidden)
+            mid, dst = torch.empty_like(src), torch.empty_like(src)
+            nbytes = src.numel() * 4
+            iters = cfg.iters if nbytes <= (4 << 20) else max(10, cfg.iters // 2)
+
+            def copy2() -> None:
+                mid.copy_(src)
+                dst.copy_(mid)
+
+            if progress:
+                progress(f"{nbytes >> 10} KiB: copy baseline")
+            copy_p50, copy_p99 = _time(copy2, iters, cfg.warmup)
+            results = [("copy_x2", copy_p50, copy_p99)]
+
+            payload = memoryview(np.random.bytes(nbytes))
+
+            def bare() -> None:
+                raw.send(payload, copy=False)
+                raw.recv(copy=False)
+
+            if progress:
+                progress(f"{nbytes >> 10} KiB: bare zmq")
+            results.append(("zmq_bare_ipc", *_time(bare, iters, cfg.warmup)))
+            for t, c in clients.items():
+                if progress:
+                    progress(f"{nbytes >> 10} KiB: {t}")
+                results.append((t, *_time(lambda c=c: c.roundtrip(src, out=dst), iters, cfg.warmup)))
+                if not torch.equal(dst, src):
+                    raise RuntimeError(f"transport {t} returned different bytes")
+            for name, p50, p99 in results:
+                rows.append({
+                    "transport": name, "payload_bytes": nbytes, "rtt_p50_us": round(p50, 1),
+                    "rtt_p99_us": round(p99, 1), "bandwidth_gbps": round(2 * nbytes * 8 / (p50 * 1e3), 3),
+                    "ratio_vs_copy": round(copy_p50 / p50, 3),
+                })
+        raw.close(0)
+        for c in clients.values():
+            c.close()
+    finally:
+        for proc, _ in peers.values():
+            proc.terminate()
+        for proc, _ in peers.values():
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        ctx.term()
+    config = {**asdict(cfg), "transports": transports, "skipped": skipped, "dtype": "float32",
+              "cpus": os.cpu_count(), "peer": "echo subprocess (eaas.platform.transport.echo)"}
+    return {"benchmark": "transport", "config": config, "rows": rows, "checks": _checks(rows)}
+
+
+def _checks(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """The issue's done-when targets, evaluated on this run."""
+    by = {(r["transport"], r["payload_bytes"]): r for r in rows}
+    shm_big = [r for r in rows if r["transport"] == "shm" and r["payload_bytes"] >= (4 << 20)]
+    small = min((r["payload_bytes"] for r in rows), default=0)
+    inline_small = by.get(("inline_ipc", small))
+    bare_small = by.get(("zmq_bare_ipc", small))
+    return {
+        "shm_ratio_vs_copy_ge_0.6_at_4MiB_plus": bool(shm_big) and all(r["ratio_vs_copy"] >= 0.6 for r in shm_big),
+        "inline_smallest_within_2x_bare_zmq": (inline_small is not None and bare_small is not None
+                                               and inline_small["rtt_p50_us"] <= 2 * bare_small["rtt_p50_us"]),
+        "smallest_payload_bytes": small,
+    }
+
+
+def summary_table(result: dict[str, Any]) -> Any:
+    """A rich table of the rows."""
+    from rich.table import Table
+
+    t = Table(title="eaas bench transport (round trip through an echo process)")
+    for col in ("transport", "payload", "rtt p50 µs", "rtt p99 µs", "Gbit/s", "ratio vs copy"):
+        t.add_column(col, justify="left" if col == "transport" else "right")
+    for r in result["rows"]:
+        t.add_row(r["transport"], f"{r['payload_bytes'] >> 10} KiB", f"{r['rtt_p50_us']:.0f}",
+                  f"{r['rtt_p99_us']:.0f}", f"{r['bandwidth_gbps']:.2f}", f"{r['ratio_vs_copy']:.2f}")
+    return t
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Round-trip p50 and ratio_vs_copy vs payload, one line per transport (PNG)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    names = list(dict.fromkeys(r["transport"] for r in result["rows"]))
+    for n in names:
+        rs = [r for r in result["rows"] if r["transport"] == n]
+        xs = [r["payload_bytes"] / 1024 for r in rs]
+        ax1.plot(xs, [r["rtt_p50_us"] for r in rs], marker="o", label=n)
+        ax2.plot(xs, [r["ratio_vs_copy"] for r in rs], marker="o", label=n)
+    for ax, title in ((ax1, "round trip p50 (µs)"), (ax2, "ratio vs two in-process copies")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("payload (KiB)")
+        ax.set_title(title)
+        ax.grid(True, alpha=0.3)
+    ax1.set_yscale("log")
+    ax2.axhline(0.6, color="grey", ls="--", lw=1)
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
