@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from eaas.commands import bench, checkpoint, gateway, redis_cmd, registry, worker
+from eaas.commands import autoscaler, bench, checkpoint, gateway, redis_cmd, registry, worker
 from eaas.commands.common import setup_logging
 
 app = typer.Typer(
@@ -36,6 +36,7 @@ def _root(
 app.add_typer(registry.app, name="registry")
 app.command("redis")(redis_cmd.redis)
 app.command("worker")(worker.worker)
+app.command("autoscaler")(autoscaler.autoscaler)
 app.add_typer(bench.app, name="bench")
 app.command("gateway")(gateway.gateway)
 app.add_typer(checkpoint.app, name="checkpoint")

@@ -60,6 +60,11 @@ def _spawner() -> concurrent.futures.ThreadPoolExecutor:
         return _SPAWNER
 
 
+def _own_group() -> None:  # pragma: no cover - runs in the child
+    """preexec_fn: own process group (Ctrl-C reaches workers only through the pool's orderly stop)."""
+    os.setpgrp()
+
+
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
     """preexec_fn: SIGTERM (= drain) when the spawning thread's process dies; own process group."""
     try:
@@ -139,6 +144,8 @@ class LocalPool:
         log_dir: directory for per-worker log files (default: a fresh temp dir).
         torch_threads: torch intra-op threads per worker.
         python: interpreter to run (default: this one).
+        die_with_parent: children drain when this process dies (``False``: they
+            outlive it, and a restarted autoscaler adopts them from the registry).
     """
 
     def __init__(
@@ -150,8 +157,10 @@ class LocalPool:
         log_dir: str | Path | None = None,
         torch_threads: int = 1,
         python: str | None = None,
+        die_with_parent: bool = True,
     ) -> None:
         self.registry = registry
+        self._preexec = _die_with_parent if die_with_parent else _own_group
         self._env = dict(os.environ)
         self._env.update(env or {})
         url = redis_url or self._env.get("EAAS_REDIS_URL")
@@ -192,7 +201,7 @@ class LocalPool:
 
         def launch() -> subprocess.Popen[bytes]:
             return subprocess.Popen(cmd, env=self._env, stdin=subprocess.DEVNULL, stdout=out,
-                                    stderr=subprocess.STDOUT, preexec_fn=_die_with_parent)  # fmt: skip
+                                    stderr=subprocess.STDOUT, preexec_fn=self._preexec)  # fmt: skip
 
         try:
             proc = _spawner().submit(launch).result()
@@ -354,13 +363,20 @@ class LocalPool:
             raise NotFound(f"worker {worker_id!r} has no pid on record")
         os.kill(rec.pid, sig)
 
-    def stop_all(self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, model: str | None = None) -> dict[str, int | None]:
-        """Drain every member (own children and adopted workers) in parallel and reap children.
+    def stop_all(
+        self, timeout_s: float = DEFAULT_DRAIN_TIMEOUT_S, model: str | None = None, *, adopted: bool = True
+    ) -> dict[str, int | None]:
+        """Drain every member in parallel and reap children.
+
+        Args:
+            timeout_s: total wait; children still alive then are SIGKILLed.
+            model: only this model's workers (default: every model).
+            adopted: also drain workers this object did not start (through the registry).
 
         Returns:
             ``{worker_id: exit code}`` (``None`` for workers this object did not start).
         """
-        members = [m for m in self.workers(model) if m.state is not WorkerState.DRAINING or m.local]
+        members = [m for m in self.workers(model) if (m.local or adopted) and (m.local or m.state is not WorkerState.DRAINING)]
         for m in members:
             try:
                 self.drain(m.worker_id, wait=False)
@@ -380,8 +396,8 @@ class LocalPool:
                 proc.kill()
                 proc.wait()
             out[m.worker_id] = proc.returncode
-        adopted = [m.worker_id for m in members if m.worker_id not in self._procs]
-        while adopted and time.monotonic() < deadline and set(adopted) & set(self.registry.worker_ids()):
+        others = [m.worker_id for m in members if m.worker_id not in self._procs]
+        while others and time.monotonic() < deadline and set(others) & set(self.registry.worker_ids()):
             time.sleep(0.05)
         self.reap()
         return out
