@@ -27,7 +27,7 @@ from eaas.platform.transport.select import WorkerEndpoint, make_client_channel
 
 
 def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[str] | None = None,
-          raw: bool = False, ready_out=sys.stdout) -> None:
+          raw: bool = False, device: str = "cpu", ready_out=sys.stdout) -> None:
     """Serve echoes on ``endpoint`` until SIGTERM/SIGINT (``tcp://127.0.0.1:0`` picks a port)."""
     torch.set_num_threads(1)
     stop = []
@@ -38,7 +38,7 @@ def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
     bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    ep = None if raw else WorkerEndpoint(max_message_bytes=max_message_bytes, offered=offered)
+    ep = None if raw else WorkerEndpoint(max_message_bytes=max_message_bytes, offered=offered, device=device)
     print(f"READY {bound}", file=ready_out, flush=True)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
@@ -78,13 +78,14 @@ class PairClient:
     """
 
     def __init__(self, endpoint: str, transport: str, *, arena_bytes: int = 64 << 20,
-                 max_message_bytes: int = 1 << 30, ctx: zmq.Context | None = None) -> None:
+                 max_message_bytes: int = 1 << 30, ctx: zmq.Context | None = None,
+                 device: str = "cpu") -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.max_message_bytes = max_message_bytes
-        self.channel: ClientChannel = make_client_channel(transport, arena_bytes=arena_bytes)
+        self.channel: ClientChannel = make_client_channel(transport, arena_bytes=arena_bytes, device=device)
         self._ids = itertools.count(1)
 
     def _recv(self, timeout_s: float) -> list[zmq.Frame]:
@@ -151,9 +152,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--raw", action="store_true")
     p.add_argument("--max-message-bytes", type=int, default=1 << 30)
     p.add_argument("--transports", default=None, help="comma-separated offered transports")
+    p.add_argument("--device", default="cpu", help="torch device of the worker side (cuda:N for cuda_ipc)")
     a = p.parse_args(argv)
     serve(a.bind, max_message_bytes=a.max_message_bytes, raw=a.raw,
-          offered=a.transports.split(",") if a.transports else None)
+          offered=a.transports.split(",") if a.transports else None, device=a.device)
 
 
 if __name__ == "__main__":
