@@ -28,20 +28,18 @@ def autoscale(
     slo_ms: float = typer.Option(250.0, "--slo-ms", help="target latency per request"),
 ) -> None:
     """Autoscaled pool vs a static pool sized for the peak: worker-seconds, latency, SLO, failures."""
-    import json
-    from pathlib import Path
-
-    from rich.console import Console
-
     from eaas.errors import EaaSError
     from eaas.platform.autoscale import AutoscalerConfig, SimConfig, TraceSpec, make_trace, run_benchmark
-    from eaas.platform.autoscale.report import plot_timeline, summary_table
     from eaas.platform.autoscale.simulate import default_peak_tokens_per_s
 
-    if not simulate:
-        typer.echo("eaas bench autoscale: live mode needs the worker pool (not wired yet); use --simulate", err=True)
-        raise typer.Exit(2)
     try:
+        if not simulate:
+            from eaas.platform.autoscale.live import run_live
+
+            live_s = 45.0 if duration_s == 3600.0 else duration_s  # live: a short trace unless told
+            result = run_live(trace, duration_s=live_s, seed=seed, zipf_s=zipf_s, max_replicas=min(max_replicas, 2), slo_ms=slo_ms)
+            _emit(result, json_out, png)
+            return
         config = AutoscalerConfig(max_replicas=max_replicas)
         sim = SimConfig(capacity_tokens_per_s=capacity_tokens_per_s, startup_s=startup_s, slo_ms=slo_ms)
         probe = TraceSpec(kind=trace, duration_s=duration_s, num_shards=num_shards, num_functions=8 * num_shards, zipf_s=zipf_s, seed=seed)
@@ -51,6 +49,18 @@ def autoscale(
     except EaaSError as exc:
         typer.echo(f"eaas bench autoscale: {exc}", err=True)
         raise typer.Exit(2) from None
+    _emit(result, json_out, png)
+
+
+def _emit(result: dict, json_out: bool, png: str | None) -> None:
+    """Print an autoscale result as JSON or a table; write the PNG if asked."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from eaas.platform.autoscale.report import plot_timeline, summary_table
+
     if png:
         plot_timeline(result, Path(png))
     if json_out:
