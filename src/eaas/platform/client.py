@@ -38,7 +38,7 @@ from typing import Any
 import torch
 import zmq
 
-from eaas.errors import EaaSError, ExpertTimeout, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
+from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.platform.dispatch import ExpertRows, choose_replica, combine, plan_layer
 from eaas.platform.protocol import decode_header, encode_header, now_ms
 from eaas.platform.transport.select import local_capabilities, make_client_channel, select_transport
@@ -51,6 +51,7 @@ log = logging.getLogger(__name__)
 #: error codes after which the same rows may succeed on another replica
 RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena", "bad_handle"})
 _HELLO_TIMEOUT_S = 2.0
+_CONNECT_TIMEOUT_MS = 250
 
 
 @dataclass(slots=True)
@@ -142,6 +143,7 @@ class ExpertClient:
         self._ids = itertools.count()
         self._id_prefix = f"{os.getpid():x}.{random.getrandbits(24):06x}."
         self._fid_cache: dict[tuple[int, int], str] = {}
+        self._suspect_until: dict[str, float] = {}  # worker id -> monotonic time
         self.refresh()
         self._thread = threading.Thread(target=self._watch, name=f"eaas-routing-{model}", daemon=True)
         self._thread.start()
@@ -213,7 +215,9 @@ class ExpertClient:
         return c
 
     def _handshake(self, c: _Conn, hello: Any) -> bool:
-        c.sock.send(encode_header(hello))
+        if not c.sock.poll(_CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+            raise TransportError(f"worker {c.worker.id} at {c.worker.endpoint} is not reachable")
+        c.sock.send(encode_header(hello), zmq.NOBLOCK)
         deadline = time.monotonic() + _HELLO_TIMEOUT_S
         while time.monotonic() < deadline:
             if not c.sock.poll(50):
@@ -277,7 +281,6 @@ class ExpertClient:
 
         Raises:
             NoReplicaAvailable: some expert had no ready replica until the call deadline.
-            ExpertTimeout: the call deadline passed with requests still unanswered.
             RemoteError: a worker rejected the request for a non-retryable reason.
         """
         if hidden_states.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.shape[0] != hidden_states.shape[0]:
@@ -370,7 +373,10 @@ class ExpertClient:
         for it in pending:
             reps = table.get(it.fid, [])
             base = {w.id: load[w.id] + w.queue_tokens for w in reps}
-            wid = choose_replica([w.id for w in reps], base, self._rng, it.tried)
+            ids = [w.id for w in reps]
+            now = time.monotonic()
+            healthy = [w for w in ids if self._suspect_until.get(w, 0.0) <= now]
+            wid = choose_replica(healthy, base, self._rng, it.tried) or choose_replica(ids, base, self._rng, it.tried)
             if wid is None:
                 unplaced.append(it)
                 continue
@@ -383,6 +389,7 @@ class ExpertClient:
             except (zmq.ZMQError, EaaSError) as e:
                 log.warning("client %s: sending to worker %s failed: %s", self.model, wid, e)
                 self._drop_conn(wid)
+                self._suspect_until[wid] = time.monotonic() + self.settings.lease_ttl_s + 1.0
                 for it in its:
                     it.tried.add(wid)
                     load[wid] -= it.rows.numel()
@@ -401,7 +408,10 @@ class ExpertClient:
         rid = f"{self._id_prefix}{next(self._ids)}"
         deadline_ms = now_ms() + int(max(0.0, call_deadline_s - time.monotonic()) * 1000)
         frames = c.channel.invoke_frames(slot, rid, [(it.fid, it.rows.numel()) for it in its], deadline_ms)
-        c.sock.send_multipart(frames, copy=False)
+        if not c.sock.poll(_CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+            c.channel.release(slot)
+            raise TransportError(f"worker {worker.id} at {worker.endpoint} is not reachable")
+        c.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
         inflight[rid] = _InFlight(worker.id, slot, its, attempt_deadline_s)
         self.stats.requests += 1
         self.stats.rows += n
@@ -484,6 +494,7 @@ class ExpertClient:
 
     def _requeue(self, fl: _InFlight, pending: list[_Item], load: Counter[str], reason: str) -> None:
         self.stats.failovers += 1
+        self._suspect_until[fl.wid] = time.monotonic() + self.settings.lease_ttl_s + 1.0
         log.warning("client %s: failing over %d function(s) from worker %s: %s", self.model, len(fl.items), fl.wid, reason)
         for it in fl.items:
             it.tried.add(fl.wid)

@@ -1,0 +1,172 @@
+"""ExpertClient and experts_implementation="eaas": parity with transformers, failover, no-replica."""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+
+import pytest
+import torch
+
+from eaas.errors import NoReplicaAvailable
+from eaas.platform.client import ExpertClient
+from eaas.platform.integration import load_model
+from eaas.registry import Registry
+from eaas.settings import get_settings
+from eaas.testing import start_worker, wait_for, wait_workers_ready
+
+FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
+
+
+@pytest.fixture
+def workers(registry: Registry, eaas_env, tmp_path):  # type: ignore[no-untyped-def]
+    """Factory: start workers ``[(model, shard), ...]``; all killed at teardown."""
+    procs = []
+
+    def start(model: str, shards: list[str], env: dict | None = None) -> list:
+        for i, shard in enumerate(shards):
+            procs.append(start_worker(env or eaas_env, model, shard, log_path=str(tmp_path / f"w{len(procs)}.log")))
+        return procs[-len(shards):]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)
+
+
+def _settings(registry: Registry, **kw):  # type: ignore[no-untyped-def]
+    return get_settings(redis_url="unused", prefix=registry.prefix, **kw)
+
+
+@pytest.mark.parametrize("arch", FAMILIES)
+def test_logits_and_greedy_tokens_equal_monolithic_transformers(arch, registry, registered, tiny_checkpoint, workers) -> None:  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    model = registered(arch)
+    ckpt = tiny_checkpoint(arch)
+    workers(model, ["all", "all"])  # 2 workers: every expert on 2 replicas
+    wait_workers_ready(registry, model, 2)
+    torch.manual_seed(0)
+    ref = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    eaas_model, client = load_model(model, settings=_settings(registry), registry=registry)
+    try:
+        ids = torch.randint(0, ref.config.vocab_size, (2, 12))
+        with torch.no_grad():
+            want = ref(ids).logits
+            got = eaas_model(ids).logits
+        scale = want.abs().max().item()
+        assert (got - want).abs().max().item() <= 1e-5 * max(1.0, scale)
+        prompt = ids[:1, :6]
+        want_tokens = ref.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+        got_tokens = eaas_model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
+        assert torch.equal(got_tokens, want_tokens)
+        assert client.stats.requests > 0 and client.stats.failovers == 0
+        # both replicas served: dispatch spreads load
+        served = {w.id: w.tokens_served for w in wait_for(lambda: [w for w in registry.workers(model) if w.tokens_served], 10)}
+        assert served
+    finally:
+        client.close()
+
+
+def test_client_process_does_not_materialise_expert_weights(registry, registered, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    eaas_model, client = load_model(model, settings=_settings(registry), registry=registry)
+    try:
+        from eaas.functions import experts_modules
+
+        for layer, module in experts_modules(eaas_model).items():
+            assert list(module.parameters(recurse=False)) == [], f"layer {layer} holds expert weights"
+            assert not hasattr(module, "gate_up_proj")
+    finally:
+        client.close()
+
+
+def _layer_reference(ckpt, layer: int):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    ref = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+    return ref.model.layers[layer].mlp.experts
+
+
+def _stream_calls(client: ExpertClient, ref, n: int, on_call=None) -> list[float]:  # type: ignore[no-untyped-def]
+    g = torch.Generator().manual_seed(7)
+    errors = []
+    for i in range(n):
+        x = torch.randn(24, 64, generator=g)
+        idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(24)])
+        w = torch.rand(24, 2, generator=g)
+        if on_call:
+            on_call(i)
+        out = client.forward(1, x, idx, w)
+        with torch.no_grad():
+            errors.append((out - ref(x, idx, w)).abs().max().item())
+    return errors
+
+
+def test_sigkill_of_a_worker_during_200_calls_loses_nothing(registry, registered, tiny_checkpoint, workers) -> None:  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    # two shard groups of two workers each: the killed worker hosts half of all replicas
+    procs = workers(model, ["*:0-3", "*:4-7", "*:0-3", "*:4-7"])
+    wait_workers_ready(registry, model, 4)
+    ref = _layer_reference(tiny_checkpoint("mixtral"), 1)
+    client = ExpertClient(registry, model, _settings(registry, request_timeout_ms=3000))
+    victim = procs[0]
+
+    def kill(i: int) -> None:
+        if i == 60:
+            victim.send_signal(signal.SIGKILL)
+
+    try:
+        errors = _stream_calls(client, ref, 200, kill)
+    finally:
+        client.close()
+    assert victim.wait(10) == -signal.SIGKILL
+    assert len(errors) == 200 and max(errors) <= 1e-5
+
+
+def test_stalled_worker_is_routed_around_and_its_late_replies_ignored(registry, registered, tiny_checkpoint, workers) -> None:  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    procs = workers(model, ["all", "all"])
+    wait_workers_ready(registry, model, 2)
+    ref = _layer_reference(tiny_checkpoint("mixtral"), 1)
+    client = ExpertClient(registry, model, _settings(registry, request_timeout_ms=400, call_deadline_ms=20_000))
+    try:
+        _stream_calls(client, ref, 5)
+        procs[0].send_signal(signal.SIGSTOP)
+        errors = _stream_calls(client, ref, 30)
+        assert max(errors) <= 1e-5
+        assert client.stats.failovers >= 1
+        procs[0].send_signal(signal.SIGCONT)
+        # its late replies arrive and are dropped by request id; outputs stay exact
+        errors = wait_for(lambda: (e := _stream_calls(client, ref, 5)) and client.stats.late_replies >= 1 and e, 20,
+                          what="late replies from the resumed worker")
+        assert max(errors) <= 1e-5
+    finally:
+        if procs[0].poll() is None:
+            procs[0].send_signal(signal.SIGCONT)
+        client.close()
+
+
+def test_no_replica_then_recovery(registry, registered, tiny_checkpoint, workers, eaas_env) -> None:  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    (p,) = workers(model, ["all"])
+    wait_workers_ready(registry, model, 1)
+    client = ExpertClient(registry, model, _settings(registry, call_deadline_ms=1500, request_timeout_ms=500))
+    x, idx, w = torch.randn(4, 64), torch.tensor([[0, 5]] * 4), torch.ones(4, 2)
+    try:
+        client.forward(0, x, idx, w)
+        p.terminate()
+        assert p.wait(30) == 0
+        with pytest.raises(NoReplicaAvailable) as err:
+            client.forward(0, x, idx, w)
+        assert f"{model}/0/0" in str(err.value) and f"{model}/0/5" in err.value.functions
+        # a worker for the functions registers again: the next call succeeds
+        workers(model, ["0:0,5"])
+        wait_workers_ready(registry, model, 1)
+        ref = _layer_reference(tiny_checkpoint("mixtral"), 0)
+        out = client.forward(0, x, idx, w)
+        assert (out - ref(x, idx, w)).abs().max().item() <= 1e-5
+    finally:
+        client.close()
