@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from eaas.commands import autoscaler, bench, checkpoint, gateway, redis_cmd, registry, worker
+from eaas.commands import autoscaler, bench, checkpoint, gateway, redis_cmd, registry, up, worker
 from eaas.commands.common import setup_logging
 
 app = typer.Typer(
@@ -33,6 +33,7 @@ def _root(
     setup_logging(log_level)
 
 
+app.command("up")(up.up)
 app.add_typer(registry.app, name="registry")
 app.command("redis")(redis_cmd.redis)
 app.command("worker")(worker.worker)

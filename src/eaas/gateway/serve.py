@@ -35,6 +35,31 @@ def load_attention_client(model_dir: Path, settings: Settings) -> tuple[Any, Any
     return load_model(model_dir, settings=settings)
 
 
+def eaas_hooks(client: Any) -> dict[str, Any]:
+    """``create_app`` hooks wired to an :class:`~eaas.platform.client.ExpertClient`.
+
+    Readiness = every function of the model has a ready replica; the function
+    invoke endpoint calls the client; expert calls and failovers feed the metrics.
+    """
+    from eaas.gateway.metrics import GatewayMetrics
+
+    metrics = GatewayMetrics()
+    client.metrics = metrics
+
+    def readiness() -> tuple[bool, dict[str, Any]]:
+        missing = client.missing_functions()
+        return (not missing, {"model": client.model, "functions_without_replica": len(missing), "examples": missing[:5]})
+
+    def invoke(function_id: str, x: Any) -> Any:
+        if not function_id.startswith(client.model + "/"):
+            from eaas.errors import NotFound
+
+            raise NotFound(f"unknown function {function_id!r}")
+        return client.invoke(function_id, x)
+
+    return {"readiness": readiness, "function_invoker": invoke, "metrics": metrics}
+
+
 def build_gateway(
     model_dir: Path, settings: Settings, *, monolithic: bool, name: str | None = None, **app_kw: Any
 ) -> FastAPI:
@@ -57,7 +82,11 @@ def build_gateway(
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json: not a checkpoint directory")
     torch.set_num_threads(settings.torch_threads)
-    model = load_monolithic(model_dir) if monolithic else load_attention_client(model_dir, settings)[0]
+    if monolithic:
+        model = load_monolithic(model_dir)
+    else:
+        model, client = load_attention_client(model_dir, settings)
+        app_kw = {**eaas_hooks(client), **app_kw}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     runner = ModelRunner(model, tokenizer, name=name or model_dir.name, max_batch_size=settings.max_batch_size)
     log.info("gateway: model %s loaded (%s)", runner.name, "monolithic" if monolithic else "attention client")

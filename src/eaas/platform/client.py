@@ -131,6 +131,7 @@ class ExpertClient:
         self.transport = transport or self.settings.transport
         self.caps = local_capabilities("cpu")
         self.stats = ClientStats()
+        self.metrics: Any = None  # optional: record_expert_call(n, function), record_failover(n, function)
         self._rng = random.Random(seed)
         self._ctx = zmq.Context.instance()
         self._conns: dict[str, _Conn] = {}
@@ -415,6 +416,8 @@ class ExpertClient:
         inflight[rid] = _InFlight(worker.id, slot, its, attempt_deadline_s)
         self.stats.requests += 1
         self.stats.rows += n
+        if self.metrics is not None:
+            self.metrics.record_expert_call(len(its))
 
     def _collect(self, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
         """Wait (until the earliest attempt deadline, in short polls) for replies and disconnects."""
@@ -494,6 +497,8 @@ class ExpertClient:
 
     def _requeue(self, fl: _InFlight, pending: list[_Item], load: Counter[str], reason: str) -> None:
         self.stats.failovers += 1
+        if self.metrics is not None:
+            self.metrics.record_failover(len(fl.items))
         self._suspect_until[fl.wid] = time.monotonic() + self.settings.lease_ttl_s + 1.0
         log.warning("client %s: failing over %d function(s) from worker %s: %s", self.model, len(fl.items), fl.wid, reason)
         for it in fl.items:

@@ -1,0 +1,216 @@
+"""The whole system on one machine: what ``eaas up`` starts and stops.
+
+In order (DESIGN.md, "The main job"): a private Redis unless ``EAAS_REDIS_URL``
+is set; the model registered (``--model DIR``, default a tiny Mixtral created on
+first use under the cache directory); a warm pool of expert workers with every
+expert on at least ``replicas`` replicas; the autoscaler; the gateway with an
+attention client. :meth:`LocalDeployment.stop` undoes it all in reverse order:
+no orphan process, no leaked shared memory, state file removed.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eaas.errors import ConfigError, EaaSError
+from eaas.registry.deployment import clear_state, write_state
+from eaas.registry.server import RedisServer
+from eaas.registry.store import Registry
+from eaas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+TINY_MODEL_NAME = "tiny-mixtral"
+
+Progress = Callable[[str, int, int], None]
+"""``progress(step, done, total)``: a hook for the CLI's progress display."""
+
+
+def default_model_dir(settings: Settings) -> Path:
+    """The tiny Mixtral checkpoint under the cache directory, written on first use."""
+    from eaas.functions import write_tiny_checkpoint
+
+    path = Path(settings.cache_dir) / "models" / TINY_MODEL_NAME
+    if not (path / "config.json").is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".partial")
+        write_tiny_checkpoint("mixtral", tmp)
+        tmp.replace(path)
+    return path
+
+
+@dataclass
+class UpConfig:
+    """What ``eaas up`` starts.
+
+    Attributes:
+        model_dir: checkpoint directory (None: the tiny Mixtral).
+        name: model name (default: the directory name).
+        workers: expert worker processes at start.
+        replicas: replicas of every expert (>= 2 gives failover).
+        autoscale: run the autoscaler on the local pool.
+        max_replicas: autoscaler upper bound per shard group.
+    """
+
+    model_dir: Path | None = None
+    name: str | None = None
+    workers: int = 2
+    replicas: int = 2
+    autoscale: bool = True
+    max_replicas: int = 4
+    autoscaler_overrides: dict[str, Any] = field(default_factory=dict)
+
+
+class LocalDeployment:
+    """Redis + registry + worker pool + autoscaler + gateway app, on this machine.
+
+    Args:
+        settings: the settings object (host/port of the gateway, Redis URL, prefix, ...).
+        config: what to start.
+        progress: optional progress hook.
+
+    Raises (from :meth:`start`):
+        RegistryUnavailable, CheckpointError, UnsupportedArchitecture, PoolError, ConfigError.
+    """
+
+    def __init__(self, settings: Settings, config: UpConfig, progress: Progress | None = None) -> None:
+        if config.workers < config.replicas:
+            raise ConfigError(f"--workers {config.workers} cannot give every expert {config.replicas} replicas")
+        self.settings = settings
+        self.config = config
+        self.progress = progress or (lambda step, done, total: None)
+        self.redis: RedisServer | None = None
+        self.redis_url = settings.redis_url or ""
+        self.registry: Registry | None = None
+        self.pool: Any = None
+        self.autoscaler: Any = None
+        self._autoscaler_stop = threading.Event()
+        self._autoscaler_thread: threading.Thread | None = None
+        self.client: Any = None
+        self.app: Any = None
+        self.model_name = ""
+        self.model_dir: Path | None = None
+
+    def start(self) -> Any:
+        """Bring everything up; returns the gateway's FastAPI app (serve it with uvicorn)."""
+        from eaas.functions import inspect_checkpoint
+        from eaas.platform.pool import LocalPool
+        from eaas.platform.shards import plan_pool
+
+        self.progress("redis", 0, 1)
+        if not self.redis_url:
+            self.redis = RedisServer().start()
+            self.redis_url = self.redis.url
+        self.registry = Registry.from_url(self.redis_url, self.settings.prefix, self.settings.redis_timeout_s)
+        self.registry.ping()
+        self.progress("redis", 1, 1)
+
+        self.progress("model", 0, 1)
+        self.model_dir = Path(self.config.model_dir) if self.config.model_dir else default_model_dir(self.settings)
+        spec, fns = inspect_checkpoint(self.model_dir, name=self.config.name)
+        self.model_name = spec.name
+        self.registry.register_model(spec.to_dict(), [f.to_dict() for f in fns])
+        self.progress("model", 1, 1)
+
+        plans = plan_pool(spec.num_experts, self.config.workers, self.config.replicas)
+        log_dir = Path(self.settings.state_dir) / "logs"
+        self.pool = LocalPool(self.registry, redis_url=self.redis_url, log_dir=log_dir,
+                              torch_threads=self.settings.torch_threads)
+        handles = [self.pool.start(p.shard_name, p.spec, spec.name) for p in plans]
+        self._wait_workers(handles)
+
+        if self.config.autoscale:
+            self._start_autoscaler(plans)
+
+        self.progress("gateway", 0, 1)
+        self.app = self._build_gateway()
+        self.progress("gateway", 1, 1)
+        return self.app
+
+    def _wait_workers(self, handles: list[Any], timeout_s: float = 300.0) -> None:
+        """Wait for every worker to be ready, reporting progress; fail fast if one exits."""
+        import time
+
+        from eaas.platform.pool import PoolError
+
+        total, deadline = len(handles), time.monotonic() + timeout_s
+        while True:
+            left = [h for h in handles if not self._is_ready(h.worker_id)]
+            self.progress("workers", total - len(left), total)
+            if not left:
+                return
+            try:
+                self.pool.wait_ready(left[:1], timeout_s=0.25)
+            except PoolError as e:
+                if "before ready" in str(e) or time.monotonic() > deadline:
+                    raise
+
+    def _is_ready(self, worker_id: str) -> bool:
+        from eaas.errors import NotFound
+        from eaas.registry.records import WorkerState
+
+        try:
+            return self.registry.worker(worker_id).state is WorkerState.READY  # type: ignore[union-attr]
+        except NotFound:
+            return False
+
+    def _start_autoscaler(self, plans: list[Any]) -> None:
+        from eaas.platform.autoscale import AutoscalerConfig
+        from eaas.platform.autoscale.mechanism import Autoscaler
+
+        shards = {p.shard_name: p.spec for p in plans}
+        per_shard = min(sum(1 for p in plans if p.shard_name == s) for s in shards)
+        knobs: dict[str, Any] = {"min_replicas": max(self.config.replicas, per_shard),
+                                 "max_replicas": max(self.config.max_replicas, per_shard)}
+        knobs.update(self.config.autoscaler_overrides)
+        cfg = AutoscalerConfig.from_mapping(knobs)
+        self.autoscaler = Autoscaler(self.registry, self.model_name, cfg, pool=self.pool, shards=shards)  # type: ignore[arg-type]
+        self._autoscaler_thread = threading.Thread(target=self.autoscaler.run, args=(self._autoscaler_stop,),
+                                                   name="eaas-autoscaler", daemon=True)
+        self._autoscaler_thread.start()
+
+    def _build_gateway(self) -> Any:
+        import torch
+        from transformers import AutoTokenizer
+
+        from eaas.gateway.app import create_app
+        from eaas.gateway.runner import ModelRunner
+        from eaas.gateway.serve import eaas_hooks
+        from eaas.platform.integration import load_model
+
+        torch.set_num_threads(self.settings.torch_threads)
+        model, self.client = load_model(self.model_name, settings=self.settings, registry=self.registry)
+        tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        runner = ModelRunner(model, tokenizer, name=self.model_name, max_batch_size=self.settings.max_batch_size)
+        return create_app(self.settings, runner, **eaas_hooks(self.client))
+
+    def record_state(self, gateway_url: str) -> None:
+        """Write the state file so admin commands in other shells find this deployment."""
+        write_state(self.settings.model_copy(update={"redis_url": self.redis_url}), self.redis_url, gateway_url)
+
+    def stop(self) -> None:
+        """Stop everything in reverse order (idempotent): autoscaler, client, workers (drained), Redis."""
+        self._autoscaler_stop.set()
+        if self._autoscaler_thread is not None:
+            self._autoscaler_thread.join(timeout=10)
+            self._autoscaler_thread = None
+        if self.client is not None:
+            self.client.close()
+            self.client = None
+        if self.pool is not None:
+            try:
+                self.pool.stop_all(timeout_s=30)
+            except EaaSError as e:
+                log.warning("up: stopping workers: %s", e)
+            self.pool = None
+        if self.registry is not None:
+            self.registry.close()
+        clear_state(self.settings)
+        if self.redis is not None:
+            self.redis.stop()
+            self.redis = None
