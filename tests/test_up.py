@@ -1,0 +1,197 @@
+"""The main job end to end: `eaas up` in a subprocess, real HTTP requests, workers killed under it."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+import torch
+from prometheus_client.parser import text_string_to_metric_families
+
+from eaas.registry import Registry
+from eaas.registry.server import free_port
+from eaas.testing import wait_for
+
+PROMPT = "The expert said"
+
+
+class Up:
+    def __init__(self, proc: subprocess.Popen, url: str, env: dict, cache: Path) -> None:
+        self.proc, self.url, self.env, self.cache = proc, url, env, cache
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.cache / "models" / "tiny-mixtral"
+
+    def registry(self) -> Registry:
+        state = json.loads((Path(self.env["EAAS_STATE_DIR"]) / "deployment.json").read_text())
+        return Registry.from_url(state["redis_url"], state["prefix"])
+
+
+@pytest.fixture(scope="module")
+def up(tmp_path_factory) -> Iterator[Up]:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("up")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("EAAS_")}
+    env.update(EAAS_STATE_DIR=str(tmp / "state"), EAAS_CACHE_DIR=str(tmp / "cache"), EAAS_PREFIX="e2e",
+               OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200",
+               EAAS_REQUEST_TIMEOUT_MS="3000")  # embedded default: no EAAS_REDIS_URL -> a private Redis
+    port = free_port()
+    log = open(tmp / "up.log", "wb")  # noqa: SIM115
+    proc = subprocess.Popen([sys.executable, "-m", "eaas.cli", "up", "--port", str(port), "--workers", "3",
+                             "--no-autoscale"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+
+    def ready() -> bool:
+        assert proc.poll() is None, (tmp / "up.log").read_text()[-3000:]
+        try:
+            return httpx.get(f"{url}/readyz", timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    try:
+        wait_for(ready, 180, interval_s=0.2, what="eaas up /readyz")
+        yield Up(proc, url, env, tmp / "cache")
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        log.close()
+
+
+@pytest.fixture(scope="module")
+def reference(up: Up):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(up.checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(up.checkpoint).eval()
+
+    def generate(prompt: str, n: int) -> list[int]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+        return out[0, ids.shape[1]:].tolist()
+
+    return generate
+
+
+def _complete(up: Up, **body: object) -> dict:
+    r = httpx.post(f"{up.url}/v1/completions", json={"model": "tiny-mixtral", **body}, timeout=120)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_greedy_completion_equals_transformers_generate(up: Up, reference) -> None:  # type: ignore[no-untyped-def]
+    out = _complete(up, prompt=PROMPT, max_tokens=24, temperature=0, ignore_eos=True)
+    assert out["choices"][0]["token_ids"] == reference(PROMPT, 24)
+    assert out["usage"]["completion_tokens"] == 24
+
+
+def test_streamed_completion_gives_the_same_tokens(up: Up, reference) -> None:  # type: ignore[no-untyped-def]
+    tokens, done = [], False
+    with httpx.stream("POST", f"{up.url}/v1/completions", timeout=120,
+                      json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                            "stream": True, "ignore_eos": True}) as r:
+        assert r.status_code == 200
+        for line in r.iter_lines():
+            if not line.startswith("data: "):
+                continue
+            if line == "data: [DONE]":
+                done = True
+                break
+            tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
+    assert done and tokens == reference(PROMPT, 24)
+
+
+def test_models_and_metrics_parse(up: Up) -> None:
+    models = httpx.get(f"{up.url}/v1/models", timeout=10).json()
+    assert [m["id"] for m in models["data"]] == ["tiny-mixtral"]
+    text = httpx.get(f"{up.url}/metrics", timeout=10).text
+    names = {f.name for f in text_string_to_metric_families(text)}
+    assert any("expert_calls" in n for n in names), names
+
+
+def test_eight_concurrent_completions_share_forward_passes(up: Up, reference) -> None:  # type: ignore[no-untyped-def]
+    prompts = [f"{PROMPT} {i}" for i in range(8)]
+    results: dict[int, dict] = {}
+
+    def one(i: int) -> None:
+        results[i] = _complete(up, prompt=prompts[i], max_tokens=16, temperature=0, ignore_eos=True)
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(180)
+    assert sorted(results) == list(range(8))
+    for i in range(8):
+        assert results[i]["choices"][0]["token_ids"] == reference(prompts[i], 16)
+    text = httpx.get(f"{up.url}/metrics", timeout=10).text
+    batched = 0.0
+    for fam in text_string_to_metric_families(text):
+        if fam.name == "eaas_gateway_batch_size":
+            for s in fam.samples:
+                if s.name.endswith("_bucket") and s.labels.get("le") == "1.0":
+                    ones = s.value
+                if s.name.endswith("_count"):
+                    count = s.value
+            batched = count - ones
+    assert batched >= 1, "no decode step ever batched more than one sequence"
+
+
+def test_worker_sigkill_during_a_completion(up: Up, reference) -> None:  # type: ignore[no-untyped-def]
+    reg = up.registry()
+    victims = [w for w in reg.workers("tiny-mixtral")]
+    assert len(victims) == 3
+    tokens, killed = [], False
+    with httpx.stream("POST", f"{up.url}/v1/completions", timeout=180,
+                      json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": 48, "temperature": 0,
+                            "stream": True, "ignore_eos": True}) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            tokens += json.loads(line[6:])["choices"][0].get("token_ids") or []
+            if len(tokens) >= 4 and not killed:
+                os.kill(victims[0].pid, signal.SIGKILL)
+                killed = True
+    assert killed and tokens == reference(PROMPT, 48)
+    # the pool keeps serving on the survivors
+    out = _complete(up, prompt="again", max_tokens=8, temperature=0, ignore_eos=True)
+    assert out["choices"][0]["token_ids"] == reference("again", 8)
+
+
+def test_bad_input_gets_4xx_and_the_gateway_keeps_serving(up: Up) -> None:
+    post = lambda **kw: httpx.post(f"{up.url}/v1/completions", timeout=30, **kw)  # noqa: E731
+    assert post(content=b"{not json", headers={"content-type": "application/json"}).status_code in (400, 422)
+    assert post(json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": "many"}).status_code in (400, 422)
+    assert post(json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": 10**7}).status_code == 400
+    assert post(json={"model": "nope", "prompt": PROMPT}).status_code == 404
+    assert _complete(up, prompt=PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
+
+
+def test_sigterm_stops_everything_cleanly(up: Up) -> None:
+    reg = up.registry()
+    pids = [w.pid for w in reg.workers()]
+    assert pids
+    up.proc.send_signal(signal.SIGTERM)
+    assert up.proc.wait(90) == 0
+
+    def gone(pid: int) -> bool:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+
+    wait_for(lambda: all(gone(p) for p in pids), 30, what="workers exited")
+    assert not (Path(up.env["EAAS_STATE_DIR"]) / "deployment.json").exists()
