@@ -155,3 +155,68 @@ def transport(
         Console().print(result["checks"])
         if png:
             Console().print(f"plot: {png}")
+
+
+@app.command("layer")
+def layer(
+    tokens: str = typer.Option("16,128,512,2048", "--tokens", help="comma-separated tokens per layer call (T)"),
+    workers: int = typer.Option(2, "--workers", min=1, help="expert worker processes (W)"),
+    hidden: int = typer.Option(1024, "--hidden", min=1, help="hidden size D"),
+    intermediate: int = typer.Option(2816, "--intermediate", min=1, help="expert intermediate size I"),
+    experts: int = typer.Option(8, "--experts", min=1, help="routed experts per layer"),
+    top_k: int = typer.Option(2, "--top-k", min=1, help="experts per token"),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="replicas per expert (W // replicas shard groups)"),
+    worker_threads: int = typer.Option(1, "--worker-threads", min=1,
+                                       help="torch threads per worker; the monolithic run gets W x this"),
+    repeats: int = typer.Option(5, "--repeats", min=1, help="timed calls per side and T (median reported)"),
+    warmup: int = typer.Option(2, "--warmup", min=0, help="untimed calls per side and T first"),
+    transport: str = typer.Option("auto", "--transport", help="data-plane transport: auto, inline, shm, cuda_ipc, nixl"),
+    seed: int = typer.Option(0, "--seed", help="seed of the checkpoint and the inputs"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    png: str = typer.Option(None, "--png", help="write tokens/s vs T for both to this PNG"),
+) -> None:
+    """One MoE layer: EaaS (W workers) vs the same transformers block monolithically, same thread budget."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from eaas.errors import EaaSError
+    from eaas.platform import bench_layer as bl
+
+    try:
+        ts = [int(t) for t in tokens.split(",") if t.strip()]
+        if transport not in ("auto", "inline", "shm", "cuda_ipc", "nixl"):
+            raise ValueError(f"unknown transport {transport!r}")
+        if top_k > experts:
+            raise ValueError(f"--top-k {top_k} > --experts {experts}")
+    except ValueError as exc:
+        typer.echo(f"eaas bench layer: {exc}", err=True)
+        raise typer.Exit(2) from None
+    err = Console(stderr=True)
+    try:
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+                      transient=True) as prog:  # fmt: skip
+            task = prog.add_task("starting", total=1.0)
+            result = bl.run_layer_bench(
+                ts, workers=workers, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k,
+                replicas=replicas, worker_threads=worker_threads, repeats=repeats, warmup=warmup,
+                transport=transport, seed=seed,
+                progress=lambda msg, frac: prog.update(task, description=msg, completed=frac),
+            )  # fmt: skip
+    except (EaaSError, ValueError) as exc:
+        typer.echo(f"eaas bench layer: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if png:
+        bl.plot(result, Path(png))
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print(bl.summary_table(result))
+        if png:
+            Console().print(f"plot: {png}")
+    if not result["config"]["exact"]:
+        typer.echo(f"eaas bench layer: EaaS output differs from monolithic (max rel err "
+                   f"{result['config']['max_rel_err']:.2e})", err=True)
+        raise typer.Exit(1)

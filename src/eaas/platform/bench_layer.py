@@ -1,0 +1,324 @@
+"""`eaas bench layer`: one MoE layer through EaaS vs the same block run monolithically.
+
+Both sides run **the same transformers sparse MoE block** (for Mixtral
+``model.model.layers[L].mlp``: router + top-k + experts) on the same
+``x[1, T, D]``:
+
+- ``monolithic``: the checkpoint loaded with plain ``AutoModelForCausalLM.from_pretrained``
+  (transformers' default experts implementation), computed in this process with
+  ``monolithic_threads`` torch threads;
+- ``eaas``: the checkpoint loaded as an attention client
+  (:func:`~eaas.platform.integration.load_client_model`, no routed-expert
+  weights) whose experts module is bound to an :class:`~eaas.platform.client.ExpertClient`;
+  the router runs here, the routed experts on ``W`` ``eaas worker`` processes
+  with ``worker_threads`` torch threads each (dispatch -> workers -> combine).
+
+Same total thread budget: ``monolithic_threads = W * worker_threads`` (the
+client runs the router and the combine on ``client_threads`` = 1 thread and
+otherwise waits on its sockets). Everything runs in one invocation: a private
+Redis, a seeded Mixtral-shaped checkpoint, the pool. Per ``T``: warm-up calls
+of both, then ``repeats`` timed calls that alternate monolithic and EaaS (so a
+noisy neighbour hits both alike); tokens/s = ``T / median(seconds)``. The first
+EaaS output is compared with the monolithic one (max abs error relative to the
+output scale, must be <= 1e-5); the worst error is reported in ``config``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+DEFAULT_TOKENS = (16, 128, 512, 2048)
+EXACT_RTOL = 1e-5
+
+
+def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    scale = float(ref.abs().max()) or 1.0
+    return float((out.float() - ref.float()).abs().max()) / scale
+
+
+def _moe_block(model: Any, layer: int) -> torch.nn.Module:
+    """The sparse MoE block (router + experts) of decoder layer ``layer``."""
+    dec = model.model.layers[layer]
+    for name in ("mlp", "block_sparse_moe"):
+        blk = getattr(dec, name, None)
+        if blk is not None and hasattr(blk, "experts"):
+            return blk
+    raise RuntimeError(f"decoder layer {layer} has no sparse MoE block")
+
+
+@contextlib.contextmanager
+def _quiet_transformers() -> Iterator[None]:
+    """No loading progress bars or sharding notes from transformers while loading (stdout stays JSON)."""
+    from transformers.utils import logging as tlog
+
+    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
+    tlog.set_verbosity_error()
+    tlog.disable_progress_bar()
+    try:
+        yield
+    finally:
+        tlog.set_verbosity(level)
+        if bars:
+            tlog.enable_progress_bar()
+
+
+def _call(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = block(x)
+    return out[0] if isinstance(out, tuple) else out
+
+
+def run_layer_bench(
+    tokens: Sequence[int] = DEFAULT_TOKENS,
+    *,
+    workers: int = 2,
+    hidden: int = 1024,
+    intermediate: int = 2816,
+    experts: int = 8,
+    top_k: int = 2,
+    replicas: int = 1,
+    worker_threads: int = 1,
+    repeats: int = 5,
+    warmup: int = 2,
+    transport: str = "auto",
+    seed: int = 0,
+    progress: Callable[[str, float], None] | None = None,
+) -> dict[str, Any]:
+    """Measure one MoE layer's tokens/s through EaaS and monolithically, per ``T``.
+
+    Args:
+        tokens: token counts ``T`` to measure.
+        workers: expert worker processes ``W``.
+        hidden, intermediate, experts, top_k: the Mixtral-shaped layer.
+        replicas: replicas per expert (``W`` workers split the experts into ``W // replicas`` groups).
+        worker_threads: torch threads per worker; the monolithic run gets ``W * worker_threads``.
+        repeats: timed calls per side and ``T`` (median reported).
+        warmup: untimed calls per side and ``T`` first.
+        transport: data-plane transport (``auto``, ``inline``, ``shm``, ...).
+        seed: seed of the checkpoint and the inputs.
+        progress: ``progress(message, fraction_done)`` callback.
+
+    Returns:
+        ``{"benchmark": "layer", "config": {...}, "rows": [{tokens, eaas_tokens_per_s,
+        monolithic_tokens_per_s, ratio, ...}, ...]}``.
+
+    Raises:
+        EaaSError: the registry, the pool or a layer call failed.
+    """
+    from transformers import AutoModelForCausalLM
+
+    from eaas.functions import inspect_checkpoint, write_tiny_checkpoint
+    from eaas.platform.client import ExpertClient
+    from eaas.platform.integration import bind_experts, load_client_model
+    from eaas.platform.pool import LocalPool
+    from eaas.platform.shards import plan_pool
+    from eaas.registry.server import RedisServer
+    from eaas.registry.store import Registry
+    from eaas.settings import get_settings
+
+    tokens = [int(t) for t in tokens]
+    if not tokens or min(tokens) < 1:
+        raise ValueError(f"tokens must be positive, got {tokens}")
+    if repeats < 1 or warmup < 0 or workers < 1 or worker_threads < 1:
+        raise ValueError("repeats, workers and worker_threads must be >= 1, warmup >= 0")
+    report = progress or (lambda _msg, _frac: None)
+    budget = workers * worker_threads
+    layer = 0
+    saved_threads = torch.get_num_threads()
+    steps = len(tokens) * 2 * (warmup + repeats)
+    load_before = _load_avg()
+    done = 0
+
+    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="eaas-bench-layer-") as tmp:
+        report("writing the checkpoint", 0.0)
+        prefix = f"benchlayer{uuid.uuid4().hex[:6]}"
+        registry = Registry.from_url(server.url, prefix)
+        ckpt = write_tiny_checkpoint("mixtral", Path(tmp) / "mixtral-layer", layers=1, hidden=hidden,
+                                     intermediate=intermediate, experts=experts, top_k=top_k,
+                                     dtype="float32", seed=seed)  # fmt: skip
+        spec, fns = inspect_checkpoint(ckpt)
+        registry.register_model(spec.to_dict(), [f.to_dict() for f in fns])
+        model = spec.name
+        settings = get_settings(redis_url=server.url, prefix=prefix, transport=transport)
+        pool = LocalPool(registry, redis_url=server.url, log_dir=Path(tmp) / "logs", torch_threads=worker_threads,
+                         env={"EAAS_TRANSPORT": transport})  # fmt: skip
+        client = None
+        try:
+            report(f"starting {workers} workers", 0.0)
+            plan = plan_pool(experts, workers, replicas)
+            handles = [pool.start(p.shard_name, p.spec, model) for p in plan]
+            with _quiet_transformers():
+                mono_model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+                eaas_model = load_client_model(ckpt)
+            mono = _moe_block(mono_model, layer)
+            mono_impl = str(getattr(mono_model.config, "_experts_implementation", None) or "eager")
+            eaas = _moe_block(eaas_model, layer)
+            pool.wait_ready(handles, timeout_s=180)
+            client = ExpertClient(registry, model, settings, seed=seed)
+            bind_experts(eaas_model, client, model)
+
+            rows: list[dict[str, Any]] = []
+            worst_err = 0.0
+            gen = torch.Generator().manual_seed(seed + 1)
+            for t in tokens:
+                x = torch.randn(1, t, hidden, generator=gen)
+                mono_s: list[float] = []
+                eaas_s: list[float] = []
+                err = None
+                with torch.inference_mode():
+                    for i in range(warmup + repeats):
+                        timed = i >= warmup
+                        torch.set_num_threads(budget)
+                        t0 = time.perf_counter()
+                        ref = _call(mono, x)
+                        dt = time.perf_counter() - t0
+                        if timed:
+                            mono_s.append(dt)
+                        done += 1
+                        torch.set_num_threads(1)
+                        t0 = time.perf_counter()
+                        out = _call(eaas, x)
+                        dt = time.perf_counter() - t0
+                        if timed:
+                            eaas_s.append(dt)
+                        if err is None:  # the first EaaS call of this T vs the monolithic output
+                            err = _rel_err(out, ref)
+                        done += 1
+                        report(f"T={t}: {'timed' if timed else 'warm-up'} call {i + 1}/{warmup + repeats}", done / steps)
+                assert err is not None
+                worst_err = max(worst_err, err)
+                m, e = statistics.median(mono_s), statistics.median(eaas_s)
+                rows.append({
+                    "tokens": t,
+                    "eaas_tokens_per_s": t / e,
+                    "monolithic_tokens_per_s": t / m,
+                    "ratio": m / e,
+                    "eaas_ms": e * 1000,
+                    "monolithic_ms": m * 1000,
+                    "max_rel_err": err,
+                })  # fmt: skip
+            stats = client.stats
+            config = {
+                "arch": "mixtral",
+                "hidden": hidden,
+                "intermediate": intermediate,
+                "experts": experts,
+                "top_k": top_k,
+                "dtype": "float32",
+                "layer": layer,
+                "workers": workers,
+                "replicas": replicas,
+                "shards": [p.spec for p in plan],
+                "transport": transport,
+                "transports_used": sorted({c.transport for c in client._conns.values()}),
+                "thread_budget": {
+                    "total": budget,
+                    "monolithic_threads": budget,
+                    "worker_threads": worker_threads,
+                    "client_threads": 1,
+                    "note": "the client runs router + combine on 1 thread and otherwise waits on sockets",
+                },
+                "cpu_count": _cpu_count(),
+                "load_avg_1m": {"before": load_before, "after": _load_avg()},
+                "monolithic": f"transformers {type(mono).__name__} (router + experts), experts_implementation={mono_impl}",
+                "eaas": f"same {type(eaas).__name__}, experts_implementation=eaas (ExpertClient -> {workers} workers, eager experts)",
+                "repeats": repeats,
+                "warmup": warmup,
+                "statistic": "median",
+                "seed": seed,
+                "exact": worst_err <= EXACT_RTOL,
+                "max_rel_err": worst_err,
+                "exact_tolerance": EXACT_RTOL,
+                "client_requests": stats.requests,
+                "client_failovers": stats.failovers,
+                "versions": _versions(),
+            }  # fmt: skip
+            report("done", 1.0)
+            return {"benchmark": "layer", "config": config, "rows": rows}
+        finally:
+            torch.set_num_threads(saved_threads)
+            if client is not None:
+                client.close()
+            pool.stop_all(timeout_s=20)
+
+
+def _cpu_count() -> int:
+    import os
+
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+def _load_avg() -> float | None:
+    """1-minute load average (a busy neighbour on a small machine skews the monolithic side most)."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover
+        return None
+
+
+def _versions() -> dict[str, str]:
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__}
+
+
+def summary_table(result: dict[str, Any]) -> Any:
+    """A rich table of the rows."""
+    from rich.table import Table
+
+    cfg = result["config"]
+    tb = cfg["thread_budget"]
+    title = (f"MoE layer D={cfg['hidden']} I={cfg['intermediate']} E={cfg['experts']} top-{cfg['top_k']}: "
+             f"EaaS ({cfg['workers']} workers x {tb['worker_threads']} thread) vs monolithic ({tb['monolithic_threads']} threads)")
+    table = Table(title=title)
+    for col in ("T", "EaaS tok/s", "monolithic tok/s", "ratio", "EaaS ms", "mono ms", "max rel err"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(str(r["tokens"]), f"{r['eaas_tokens_per_s']:,.0f}", f"{r['monolithic_tokens_per_s']:,.0f}",
+                      f"{r['ratio']:.2f}x", f"{r['eaas_ms']:.1f}", f"{r['monolithic_ms']:.1f}", f"{r['max_rel_err']:.1e}")
+    table.caption = (f"exact: {cfg['exact']} (max rel err {cfg['max_rel_err']:.1e} <= {cfg['exact_tolerance']:g}); "
+                     f"transport {', '.join(cfg['transports_used']) or cfg['transport']}; median of {cfg['repeats']}")
+    return table
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """tokens/s vs T for EaaS and monolithic (log-log), with the ratio annotated."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = result["rows"]
+    cfg = result["config"]
+    ts = [r["tokens"] for r in rows]
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    ax.plot(ts, [r["eaas_tokens_per_s"] for r in rows], "o-", label=f"EaaS ({cfg['workers']} workers)")
+    ax.plot(ts, [r["monolithic_tokens_per_s"] for r in rows], "s--",
+            label=f"monolithic ({cfg['thread_budget']['monolithic_threads']} threads)")
+    for r in rows:
+        ax.annotate(f"{r['ratio']:.2f}x", (r["tokens"], r["eaas_tokens_per_s"]), textcoords="offset points",
+                    xytext=(0, 8), ha="center", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    ax.set_xlabel("tokens per layer call (T)")
+    ax.set_ylabel("tokens/s")
+    ax.set_title(f"MoE layer D={cfg['hidden']} I={cfg['intermediate']} E={cfg['experts']} top-{cfg['top_k']}")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

@@ -1,0 +1,51 @@
+"""`eaas bench layer` end to end on a tiny layer: JSON shape, PNG, exactness held."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from eaas.platform.bench_layer import run_layer_bench
+
+
+def test_bench_layer_cli_json_and_png(tmp_path):
+    png = tmp_path / "layer.png"
+    p = subprocess.run(
+        [sys.executable, "-m", "eaas.cli", "bench", "layer", "--tokens", "4,16", "--workers", "2", "--hidden", "64",
+         "--intermediate", "128", "--experts", "4", "--top-k", "2", "--repeats", "1", "--warmup", "1",
+         "--transport", "shm", "--json", "--png", str(png)],
+        capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout)
+    assert out["benchmark"] == "layer"
+    cfg = out["config"]
+    assert cfg["exact"] is True and cfg["max_rel_err"] <= 1e-5
+    assert cfg["hidden"] == 64 and cfg["intermediate"] == 128 and cfg["experts"] == 4 and cfg["top_k"] == 2
+    assert cfg["workers"] == 2 and cfg["transports_used"] == ["shm"]
+    assert cfg["thread_budget"]["monolithic_threads"] == cfg["thread_budget"]["total"] == 2
+    assert cfg["client_failovers"] == 0
+    assert [r["tokens"] for r in out["rows"]] == [4, 16]
+    for r in out["rows"]:
+        assert {"tokens", "eaas_tokens_per_s", "monolithic_tokens_per_s", "ratio"} <= set(r)
+        assert r["eaas_tokens_per_s"] > 0 and r["monolithic_tokens_per_s"] > 0
+        assert r["ratio"] == pytest.approx(r["eaas_tokens_per_s"] / r["monolithic_tokens_per_s"], rel=1e-9)
+        assert r["max_rel_err"] <= 1e-5
+    assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_bench_layer_inline_transport_every_expert_on_both_workers():
+    out = run_layer_bench([8], workers=2, replicas=2, hidden=32, intermediate=64, experts=4, top_k=2,
+                          repeats=1, warmup=0, transport="inline")  # fmt: skip
+    assert out["config"]["exact"] is True
+    assert out["config"]["shards"] == ["*:0-3", "*:0-3"]
+    assert out["config"]["transports_used"] == ["inline"]
+    assert len(out["rows"]) == 1 and out["rows"][0]["tokens"] == 8
+
+
+def test_bench_layer_rejects_bad_arguments():
+    with pytest.raises(ValueError):
+        run_layer_bench([0])
