@@ -17,33 +17,11 @@ from typing import Any, Optional
 import typer
 
 from eaas.commands.common import cli_errors, err_console
+from eaas.platform.autoscale.config import ENV_PREFIX, config_from_env  # noqa: F401 - ENV_PREFIX re-exported
 from eaas.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-ENV_PREFIX = "EAAS_AUTOSCALER_"
-
-
-def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
-    """``EAAS_AUTOSCALER_<FIELD>`` variables as typed config values.
-
-    Raises:
-        ConfigError: a value does not parse as its field's type.
-    """
-    from eaas.platform.autoscale import AutoscalerConfig
-
-    env = os.environ if environ is None else environ
-    out: dict[str, Any] = {}
-    for f in dataclasses.fields(AutoscalerConfig):
-        raw = env.get(ENV_PREFIX + f.name.upper())
-        if raw is None or raw == "":
-            continue
-        typ = int if f.type in (int, "int") else float
-        try:
-            out[f.name] = typ(raw)
-        except ValueError:
-            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {typ.__name__}") from None
-    return out
 
 
 def plan_shards(num_experts: int, num_shards: int, replicas: int) -> dict[str, str]:

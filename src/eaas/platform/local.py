@@ -161,12 +161,14 @@ class LocalDeployment:
 
     def _start_autoscaler(self, plans: list[Any]) -> None:
         from eaas.platform.autoscale import AutoscalerConfig
+        from eaas.platform.autoscale.config import config_from_env
         from eaas.platform.autoscale.mechanism import Autoscaler
 
         shards = {p.shard_name: p.spec for p in plans}
         per_shard = min(sum(1 for p in plans if p.shard_name == s) for s in shards)
         knobs: dict[str, Any] = {"min_replicas": max(self.config.replicas, per_shard),
                                  "max_replicas": max(self.config.max_replicas, per_shard)}
+        knobs.update(config_from_env())  # EAAS_AUTOSCALER_<FIELD>
         knobs.update(self.config.autoscaler_overrides)
         cfg = AutoscalerConfig.from_mapping(knobs)
         self.autoscaler = Autoscaler(self.registry, self.model_name, cfg, pool=self.pool, shards=shards)  # type: ignore[arg-type]

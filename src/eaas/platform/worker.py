@@ -316,8 +316,6 @@ class ExpertWorker:
         return 0
 
     def close(self) -> None:
-        """Close the socket and drop every peer's per-pair state (shared arenas)."""
-        for peer in list(getattr(self.endpoint_io, "_peers", [])):
-            self.endpoint_io.drop_peer(peer)
+        """Close the socket and release the mappings of peers that are gone."""
         self.endpoint_io.sweep()
         self._sock.close(linger=500)

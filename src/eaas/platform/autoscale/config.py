@@ -17,6 +17,7 @@ the utilisation signal (Kubernetes HPA style), the second Ray Serve's
 from __future__ import annotations
 
 import dataclasses
+import os
 import math
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -110,3 +111,26 @@ class AutoscalerConfig:
         if unknown:
             raise ConfigError(f"unknown autoscaler setting(s) {unknown}; known: {sorted(names)}")
         return cls(**{k: v for k, v in values.items() if v is not None})
+
+
+ENV_PREFIX = "EAAS_AUTOSCALER_"
+
+
+def config_from_env(environ: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """``EAAS_AUTOSCALER_<FIELD>`` variables as typed config values.
+
+    Raises:
+        ConfigError: a value does not parse as its field's type.
+    """
+    env = os.environ if environ is None else environ
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(AutoscalerConfig):
+        raw = env.get(ENV_PREFIX + f.name.upper())
+        if raw is None or raw == "":
+            continue
+        typ = int if f.type in (int, "int") else float
+        try:
+            out[f.name] = typ(raw)
+        except ValueError:
+            raise ConfigError(f"{ENV_PREFIX}{f.name.upper()}={raw!r} is not a valid {typ.__name__}") from None
+    return out
