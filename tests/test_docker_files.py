@@ -411,7 +411,7 @@ def _eaas(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "eaas.cli", *args], env=env, capture_output=True, text=True, timeout=60)
 
 
-def _probe(env: dict[str, str], fname: str, kind: str) -> list[str]:  # noqa: ARG001 - env/fname document the call site
+def _worker_hook(kind: str) -> list[str]:
     """The worker manifest's readiness or preStop exec command."""
     c = next(c for c in _deployment("eaas-worker-shard-0")["spec"]["template"]["spec"]["containers"] if c["name"] == "worker")
     return c["readinessProbe"]["exec"]["command"] if kind == "readiness" else c["lifecycle"]["preStop"]["exec"]["command"]
@@ -435,13 +435,13 @@ def test_worker_binds_one_address_and_advertises_another(registry, registered, e
         assert rec.endpoint == f"tcp://127.0.0.4:{port}"
         assert _connectable("127.0.0.3", port) and not _connectable("127.0.0.4", port)
         # the readiness probe of the manifests: exit 0 while registered
-        probe = _probe(env, "workers.yaml", "readiness")
+        probe = _worker_hook("readiness")
         assert subprocess.run(probe, env=env, timeout=60).returncode == 0
     finally:
         w1.send_signal(signal.SIGTERM)  # graceful: drains, deregisters, exits 0
         assert w1.wait(30) == 0, (tmp_path / "w1.log").read_text()
     assert registry.workers(model) == []
-    assert subprocess.run(_probe(env, "workers.yaml", "readiness"), env=env, timeout=60).returncode == 1
+    assert subprocess.run(_worker_hook("readiness"), env=env, timeout=60).returncode == 1
     assert _eaas(env, "registry", "describe", "no-such-worker").returncode == 1
 
     # 2. the Kubernetes way: advertised host from EAAS_ADVERTISE_HOST (downward API), bound elsewhere
@@ -462,7 +462,7 @@ def test_worker_binds_one_address_and_advertises_another(registry, registered, e
             expected = ref.forward(x, [((1, 2), 5)])
         assert torch.allclose(y, expected, atol=1e-5), (y - expected).abs().max()
         # the preStop hook: drain through the registry and wait until deregistered; the worker exits 0
-        res = subprocess.run(_probe(env2, "workers.yaml", "prestop"), env=env2, capture_output=True, text=True, timeout=90)
+        res = subprocess.run(_worker_hook("prestop"), env=env2, capture_output=True, text=True, timeout=90)
         assert res.returncode == 0 and "gone" in res.stdout, res.stdout + res.stderr
         assert w2.wait(30) == 0, (tmp_path / "w2.log").read_text()
     finally:
