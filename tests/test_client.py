@@ -63,9 +63,9 @@ def test_logits_and_greedy_tokens_equal_monolithic_transformers(arch, registry, 
         got_tokens = eaas_model.generate(prompt, max_new_tokens=32, do_sample=False, min_new_tokens=32)
         assert torch.equal(got_tokens, want_tokens)
         assert client.stats.requests > 0 and client.stats.failovers == 0
-        # both replicas served: dispatch spreads load
-        served = {w.id: w.tokens_served for w in wait_for(lambda: [w for w in registry.workers(model) if w.tokens_served], 10)}
-        assert served
+        # both replicas served: dispatch spreads the load over them
+        wait_for(lambda: len([w for w in registry.workers(model) if w.tokens_served]) == 2, 10,
+                 what="both workers reporting tokens served")
     finally:
         client.close()
 
