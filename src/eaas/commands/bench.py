@@ -172,6 +172,9 @@ def layer(
     warmup: int = typer.Option(2, "--warmup", min=0, help="untimed calls per side and T first"),
     transport: str = typer.Option("auto", "--transport", help="data-plane transport: auto, inline, shm, cuda_ipc, nixl"),
     seed: int = typer.Option(0, "--seed", help="seed of the checkpoint and the inputs"),
+    monolithic_impl: str = typer.Option(None, "--monolithic-impl",
+                                        help="experts implementation of the monolithic block (eager, grouped_mm, ...;"
+                                             " default: transformers' default)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     png: str = typer.Option(None, "--png", help="write tokens/s vs T for both to this PNG"),
 ) -> None:
@@ -202,7 +205,7 @@ def layer(
             result = bl.run_layer_bench(
                 ts, workers=workers, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k,
                 replicas=replicas, worker_threads=worker_threads, repeats=repeats, warmup=warmup,
-                transport=transport, seed=seed,
+                transport=transport, seed=seed, monolithic_impl=monolithic_impl,
                 progress=lambda msg, frac: prog.update(task, description=msg, completed=frac),
             )  # fmt: skip
     except (EaaSError, ValueError) as exc:

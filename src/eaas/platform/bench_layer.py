@@ -92,6 +92,7 @@ def run_layer_bench(
     warmup: int = 2,
     transport: str = "auto",
     seed: int = 0,
+    monolithic_impl: str | None = None,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, Any]:
     """Measure one MoE layer's tokens/s through EaaS and monolithically, per ``T``.
@@ -106,6 +107,8 @@ def run_layer_bench(
         warmup: untimed calls per side and ``T`` first.
         transport: data-plane transport (``auto``, ``inline``, ``shm``, ...).
         seed: seed of the checkpoint and the inputs.
+        monolithic_impl: experts implementation of the monolithic block (``eager``,
+            ``grouped_mm``, ...; default: transformers' default).
         progress: ``progress(message, fraction_done)`` callback.
 
     Returns:
@@ -158,7 +161,8 @@ def run_layer_bench(
             plan = plan_pool(experts, workers, replicas)
             handles = [pool.start(p.shard_name, p.spec, model) for p in plan]
             with _quiet_transformers():
-                mono_model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+                kw = {"experts_implementation": monolithic_impl} if monolithic_impl else {}
+                mono_model = AutoModelForCausalLM.from_pretrained(ckpt, **kw).eval()
                 eaas_model = load_client_model(ckpt)
             mono = _moe_block(mono_model, layer)
             mono_impl = str(getattr(mono_model.config, "_experts_implementation", None) or "eager")
