@@ -223,3 +223,47 @@ def layer(
         typer.echo(f"eaas bench layer: EaaS output differs from monolithic (max rel err "
                    f"{result['config']['max_rel_err']:.2e})", err=True)
         raise typer.Exit(1)
+
+
+@app.command("failover")
+def failover(
+    duration_s: float = typer.Option(40.0, "--duration-s", min=5.0, help="length of each phase (s)"),
+    kill_interval_s: float = typer.Option(10.0, "--kill-interval-s", min=1.0, help="time between SIGKILLs (s)"),
+    max_kills: int = typer.Option(3, "--kills", min=1, help="SIGKILLs in the kill phase at most"),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="closed-loop clients"),
+    max_tokens: int = typer.Option(16, "--max-tokens", min=1, help="output tokens per request"),
+    workers: int = typer.Option(3, "--workers", min=2, help="expert workers of the deployment"),
+    replicas: int = typer.Option(2, "--replicas", min=2, help="replicas of every expert (>= 2)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the victim choice"),
+    workdir: str = typer.Option(None, "--workdir", help="state/cache/log directory of the deployment (default: a temp dir)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    png: str = typer.Option(None, "--png", help="write tokens/s and p99 over time, kills marked, to this PNG"),
+) -> None:
+    """Same closed-loop load with and without periodic worker SIGKILLs: throughput loss, failures, p99."""
+    import json
+    from pathlib import Path
+
+    from rich.console import Console
+
+    from eaas.errors import EaaSError
+    from eaas.platform import bench_failover as bf
+
+    cfg = bf.FailoverBenchConfig(duration_s=duration_s, kill_interval_s=kill_interval_s, max_kills=max_kills,
+                                 concurrency=concurrency, max_tokens=max_tokens, workers=workers, replicas=replicas,
+                                 seed=seed)  # fmt: skip
+    err = Console(stderr=True)
+    try:
+        with err.status("starting") as status:
+            result = bf.run_failover_bench(cfg, workdir=Path(workdir) if workdir else None,
+                                           progress=lambda msg: status.update(msg))  # fmt: skip
+    except EaaSError as exc:
+        typer.echo(f"eaas bench failover: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if png:
+        bf.plot(result, Path(png))
+    if json_out:
+        typer.echo(json.dumps(result))
+    else:
+        Console().print(bf.summary_table(result))
+        if png:
+            Console().print(f"plot: {png}")

@@ -1,0 +1,479 @@
+"""``eaas bench failover``: throughput under periodic worker kills vs the same load without.
+
+One fresh ``eaas up`` (private Redis, tiny Mixtral, autoscaler on, every expert on
+``>= 2`` replicas) serves a constant closed-loop load — ``concurrency`` clients
+each sending the same completion (``max_tokens`` tokens, ``ignore_eos``) back to
+back — for ``duration_s`` twice: a *baseline* phase, and a *kills* phase during
+which a :class:`FaultInjector` SIGKILLs a random ready worker every
+``kill_interval_s`` (bounded count, and only while the pool is at full size, so
+every expert keeps a replica). The autoscaler replaces each killed worker (its
+shard drops below ``min_replicas``); the pool is back to its size before the
+next phase or kill. Reported: output tokens/s in both, the relative loss, failed
+requests, p99 latency. The EaaS paper reports < 2 % loss under failures.
+
+The same :class:`FaultInjector` drives ``loadtest/faults.py`` and
+:class:`UpProcess` starts the deployment for ``loadtest/run.py``.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from eaas.errors import EaaSError
+from eaas.registry.records import WorkerState
+from eaas.registry.store import Registry
+
+log = logging.getLogger(__name__)
+
+PROMPT = "The expert said"
+
+
+class FailoverBenchError(EaaSError):
+    """The benchmark's deployment did not start, or did not recover in time."""
+
+
+# --- the deployment -----------------------------------------------------------------
+
+
+class UpProcess:
+    """A fresh ``eaas up`` in a subprocess: isolated state/cache dirs, a private Redis, a free port.
+
+    Args:
+        workdir: directory for ``state/``, ``cache/`` (the tiny model is written once here) and ``up.log``.
+        workers: ``--workers``.
+        replicas: ``--replicas``.
+        autoscale: run the autoscaler (it replaces killed workers).
+        port: gateway port (0: a free one).
+        extra_env: more environment for ``eaas up`` (e.g. ``EAAS_API_KEYS``).
+        ready_timeout_s: how long to wait for ``/readyz``.
+    """
+
+    def __init__(self, workdir: Path, *, workers: int = 3, replicas: int = 2, autoscale: bool = True, port: int = 0,
+                 extra_env: dict[str, str] | None = None, ready_timeout_s: float = 240.0) -> None:  # fmt: skip
+        from eaas.registry.server import free_port
+
+        self.workdir = Path(workdir)
+        self.workers, self.replicas, self.autoscale = workers, replicas, autoscale
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.ready_timeout_s = ready_timeout_s
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EAAS_")}
+        self.env.update(EAAS_STATE_DIR=str(self.workdir / "state"), EAAS_CACHE_DIR=str(self.workdir / "cache"),
+                        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200", **(extra_env or {}))  # fmt: skip
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = self.workdir / "up.log"
+        self._registry: Registry | None = None
+
+    def start(self) -> "UpProcess":
+        """Launch and wait for ``/readyz`` (raises :class:`FailoverBenchError` with the log tail on failure)."""
+        import httpx
+
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, "-m", "eaas.cli", "up", "--port", str(self.port), "--workers", str(self.workers),
+               "--replicas", str(self.replicas), "--autoscale" if self.autoscale else "--no-autoscale"]  # fmt: skip
+        with open(self.log_path, "ab") as out:
+            self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL)  # fmt: skip
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise FailoverBenchError(f"eaas up exited with {self.proc.returncode}:\n{self.log_tail()}")
+            try:
+                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.25)
+        self.stop()
+        raise FailoverBenchError(f"eaas up not ready after {self.ready_timeout_s:g}s:\n{self.log_tail()}")
+
+    def log_tail(self, max_bytes: int = 3000) -> str:
+        try:
+            return self.log_path.read_bytes()[-max_bytes:].decode(errors="replace")
+        except OSError:
+            return ""
+
+    @property
+    def state(self) -> dict[str, Any]:
+        return json.loads((self.workdir / "state" / "deployment.json").read_text())
+
+    def registry(self) -> Registry:
+        """The deployment's registry (from its state file; one connection, reused)."""
+        if self._registry is None:
+            st = self.state
+            self._registry = Registry.from_url(st["redis_url"], st["prefix"])
+        return self._registry
+
+    def stop(self, timeout_s: float = 90.0) -> int | None:
+        """SIGTERM (workers drain, state file removed); SIGKILL after ``timeout_s``. Returns the exit code."""
+        if self._registry is not None:
+            self._registry.close()
+            self._registry = None
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                log.warning("eaas up: still alive %gs after SIGTERM, SIGKILL", timeout_s)
+                self.proc.kill()
+                self.proc.wait()
+        return self.proc.returncode
+
+    def __enter__(self) -> "UpProcess":
+        return self.start()
+
+    def __exit__(self, *_: object) -> None:
+        self.stop()
+
+
+def ready_workers(registry: Registry, model: str | None = None) -> list[Any]:
+    """Registry records of the ready workers (of ``model``)."""
+    return [w for w in registry.workers(model) if w.state is WorkerState.READY]
+
+
+def wait_pool_size(registry: Registry, size: int, timeout_s: float, model: str | None = None) -> float:
+    """Wait until ``size`` workers are ready; returns the seconds waited.
+
+    Raises:
+        FailoverBenchError: not back to ``size`` within ``timeout_s``.
+    """
+    t0 = time.monotonic()
+    while True:
+        if len(ready_workers(registry, model)) >= size:
+            return time.monotonic() - t0
+        if time.monotonic() - t0 > timeout_s:
+            raise FailoverBenchError(f"pool not back to {size} ready workers after {timeout_s:g}s")
+        time.sleep(0.2)
+
+
+# --- fault injection ------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Kill:
+    """One SIGKILL: unix time, worker id and pid, and ready workers just before."""
+
+    at_s: float
+    worker_id: str
+    pid: int
+    ready_before: int
+
+
+class FaultInjector:
+    """SIGKILL a random ready worker every ``interval_s``, at most ``max_kills`` times.
+
+    A kill happens only while at least ``min_ready`` workers are ready (so with
+    ``min_ready`` = the pool size, the previous victim has been replaced first and
+    every expert keeps a replica); a kill that waits for that slips, it is not
+    skipped. Only workers on this host (same pid namespace) can be killed.
+
+    Args:
+        registry: the deployment's registry.
+        interval_s: time from the start (or the previous kill) to the next kill.
+        max_kills: bound on the number of kills.
+        min_ready: ready workers required before a kill.
+        model: only this model's workers (default: any).
+        seed: seed of the victim choice.
+    """
+
+    def __init__(self, registry: Registry, *, interval_s: float, max_kills: int, min_ready: int = 2,
+                 model: str | None = None, seed: int = 0) -> None:  # fmt: skip
+        self.registry, self.interval_s, self.max_kills = registry, interval_s, max_kills
+        self.min_ready, self.model = min_ready, model
+        self.rng = random.Random(seed)
+        self.kills: list[Kill] = []
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def run(self, until_s: float | None = None) -> list[Kill]:
+        """Kill on schedule until ``max_kills`` are done, :meth:`stop` is called, or unix time ``until_s``."""
+        next_s = time.time() + self.interval_s
+        while len(self.kills) < self.max_kills and not self._stop.is_set():
+            now = time.time()
+            if until_s is not None and now >= until_s:
+                break
+            if now < next_s:
+                self._stop.wait(min(0.2, next_s - now))
+                continue
+            try:
+                ready = ready_workers(self.registry, self.model)
+            except EaaSError as e:
+                log.warning("faults: registry read failed: %s", e)
+                self._stop.wait(0.2)
+                continue
+            victims = [w for w in ready if w.pid > 0]
+            if len(ready) < self.min_ready or not victims:
+                self._stop.wait(0.2)  # the previous victim is not replaced yet: slip
+                continue
+            w = self.rng.choice(victims)
+            try:
+                os.kill(w.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                continue
+            self.kills.append(Kill(time.time(), w.id, w.pid, len(ready)))
+            log.info("faults: worker %s (pid %d) SIGKILLed, %d were ready", w.id, w.pid, len(ready))
+            next_s = time.time() + self.interval_s
+        return self.kills
+
+    def start(self, until_s: float | None = None) -> "FaultInjector":
+        self._thread = threading.Thread(target=self.run, args=(until_s,), name="eaas-faults", daemon=True)
+        self._thread.start()
+        return self
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait for the kill schedule to end (at most ``timeout_s``); True when it has."""
+        if self._thread is not None:
+            self._thread.join(timeout_s)
+            return not self._thread.is_alive()
+        return True
+
+    def stop(self) -> list[Kill]:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        return self.kills
+
+    def write(self, path: Path) -> None:
+        """The kills as CSV (``.csv``) or JSON (anything else): at_s, worker_id, pid, ready_before."""
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        rows = [asdict(k) for k in self.kills]
+        if path.suffix == ".csv":
+            with open(path, "w", newline="") as f:
+                wr = csv.DictWriter(f, fieldnames=["at_s", "worker_id", "pid", "ready_before"])
+                wr.writeheader()
+                wr.writerows(rows)
+        else:
+            path.write_text(json.dumps(rows, indent=1))
+
+
+# --- the load ---------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One request: start and end (unix s), success, HTTP status (0: transport error), output tokens."""
+
+    start_s: float
+    end_s: float
+    ok: bool
+    status: int
+    tokens: int
+
+
+def closed_loop(url: str, *, concurrency: int, duration_s: float, max_tokens: int, prompt: str = PROMPT,
+                headers: dict[str, str] | None = None, timeout_s: float = 120.0) -> list[Sample]:  # fmt: skip
+    """``concurrency`` clients sending the same completion back to back for ``duration_s``.
+
+    A request started before the end is waited for (at most ``timeout_s``).
+    """
+    import httpx
+
+    body = {"model": "tiny-mixtral", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    samples: list[Sample] = []
+    lock = threading.Lock()
+    end_at = time.time() + duration_s
+
+    def client(i: int) -> None:
+        with httpx.Client(timeout=timeout_s, headers=headers) as c:
+            while time.time() < end_at:
+                t0 = time.time()
+                try:
+                    r = c.post(f"{url}/v1/completions", json={**body, "prompt": f"{prompt} {i}"})
+                    ok = r.status_code == 200
+                    tokens = r.json()["usage"]["completion_tokens"] if ok else 0
+                    status = r.status_code
+                except (httpx.HTTPError, ValueError, KeyError):
+                    ok, tokens, status = False, 0, 0
+                with lock:
+                    samples.append(Sample(t0, time.time(), ok, status, tokens))
+
+    threads = [threading.Thread(target=client, args=(i,), daemon=True) for i in range(concurrency)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(duration_s + timeout_s + 5)
+    return sorted(samples, key=lambda s: s.end_s)
+
+
+def phase_stats(samples: list[Sample], t0_s: float, duration_s: float) -> dict[str, float]:
+    """Throughput in the window ``[t0_s, t0_s + duration_s]`` (requests ending in it) and latency percentiles."""
+    import numpy as np
+
+    inside = [s for s in samples if t0_s <= s.end_s <= t0_s + duration_s]
+    ok = [s for s in inside if s.ok]
+    lat_ms = np.array([(s.end_s - s.start_s) * 1000 for s in ok]) if ok else np.zeros(1)
+    return {
+        "requests": len(inside),
+        "failed_requests": sum(1 for s in samples if not s.ok),
+        "tokens_per_s": sum(s.tokens for s in ok) / duration_s,
+        "requests_per_s": len(ok) / duration_s,
+        "p50_ms": float(np.percentile(lat_ms, 50)),
+        "p99_ms": float(np.percentile(lat_ms, 99)),
+        "max_ms": float(lat_ms.max()),
+    }
+
+
+# --- the benchmark -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class FailoverBenchConfig:
+    """Knobs of ``eaas bench failover`` (durations in seconds)."""
+
+    duration_s: float = 40.0
+    kill_interval_s: float = 10.0
+    max_kills: int = 3
+    concurrency: int = 8
+    max_tokens: int = 16
+    workers: int = 3
+    replicas: int = 2
+    warmup_s: float = 5.0
+    kill_margin_s: float = 10.0  # phase time left after the last kill: its replacement starts inside the window
+    recover_timeout_s: float = 120.0
+    seed: int = 0
+
+
+@dataclass
+class _Run:
+    phases: dict[str, dict[str, float]] = field(default_factory=dict)
+    timelines: dict[str, list[tuple[float, float, float]]] = field(default_factory=dict)
+    kills: list[Kill] = field(default_factory=list)
+
+
+def _timeline(samples: list[Sample], t0_s: float, duration_s: float, bin_s: float = 2.0) -> list[tuple[float, float, float]]:
+    """(t since phase start, tokens/s, p99 ms) per ``bin_s`` bin, by request end time."""
+    import numpy as np
+
+    out = []
+    nbins = max(1, int(duration_s // bin_s))
+    for b in range(nbins):
+        lo, hi = t0_s + b * bin_s, t0_s + (b + 1) * bin_s
+        inb = [s for s in samples if lo <= s.end_s < hi and s.ok]
+        lat = [(s.end_s - s.start_s) * 1000 for s in inb]
+        out.append((b * bin_s + bin_s / 2, sum(s.tokens for s in inb) / bin_s,
+                    float(np.percentile(lat, 99)) if lat else float("nan")))  # fmt: skip
+    return out
+
+
+def run_failover_bench(cfg: FailoverBenchConfig, *, workdir: Path | None = None,
+                       progress: Callable[[str], None] = lambda msg: None) -> dict[str, Any]:  # fmt: skip
+    """Run both phases against one fresh ``eaas up``; returns the JSON-ready result.
+
+    Raises:
+        FailoverBenchError: the deployment did not start or did not get back to its size.
+        ConfigError: ``replicas < 2`` (a kill would lose requests by design).
+    """
+    from eaas.errors import ConfigError
+
+    if cfg.replicas < 2 or cfg.workers < cfg.replicas:
+        raise ConfigError(f"failover needs replicas >= 2 and workers >= replicas (got workers={cfg.workers}, replicas={cfg.replicas})")
+    tmp = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="eaas-failover-"))
+    run = _Run()
+    progress(f"starting eaas up ({cfg.workers} workers, replicas {cfg.replicas}) in {tmp}")
+    with UpProcess(tmp, workers=cfg.workers, replicas=cfg.replicas, autoscale=True) as up:
+        reg = up.registry()
+        size = len(ready_workers(reg))
+        progress("warm-up")
+        closed_loop(up.url, concurrency=cfg.concurrency, duration_s=cfg.warmup_s, max_tokens=cfg.max_tokens)
+        for phase in ("baseline", "kills"):
+            wait_pool_size(reg, size, cfg.recover_timeout_s)
+            progress(f"{phase}: {cfg.duration_s:g}s at concurrency {cfg.concurrency}")
+            t0 = time.time()
+            inj = None
+            if phase == "kills":
+                inj = FaultInjector(reg, interval_s=cfg.kill_interval_s, max_kills=cfg.max_kills, min_ready=size,
+                                    seed=cfg.seed).start(until_s=t0 + cfg.duration_s - cfg.kill_margin_s)  # fmt: skip
+            samples = closed_loop(up.url, concurrency=cfg.concurrency, duration_s=cfg.duration_s, max_tokens=cfg.max_tokens)
+            if inj is not None:
+                run.kills = inj.stop()
+            run.phases[phase] = phase_stats(samples, t0, cfg.duration_s)
+            run.timelines[phase] = _timeline(samples, t0, cfg.duration_s)
+            if phase == "kills":
+                run.phases[phase]["kill_offsets_s"] = [round(k.at_s - t0, 2) for k in run.kills]  # type: ignore[assignment]
+        progress("waiting for the pool to get back to its size")
+        recovered_s = wait_pool_size(reg, size, cfg.recover_timeout_s)
+        rc = up.stop()
+    base, kills = run.phases["baseline"], run.phases["kills"]
+    loss = 1.0 - kills["tokens_per_s"] / base["tokens_per_s"] if base["tokens_per_s"] > 0 else float("nan")
+    return {
+        "benchmark": "failover",
+        "config": {**asdict(cfg), "pool_size": size, "cpu_count": os.cpu_count(), "paper_loss_fraction": 0.02,
+                   "throughput_unit": "output tokens/s", "up_exit_code": rc, "workdir": str(tmp)},
+        "summary": {
+            "throughput_baseline": round(base["tokens_per_s"], 2),
+            "throughput_with_kills": round(kills["tokens_per_s"], 2),
+            "throughput_loss_fraction": round(loss, 4),
+            "failed_requests": int(base["failed_requests"] + kills["failed_requests"]),
+            "kills": len(run.kills),
+            "p99_ms": round(kills["p99_ms"], 1),
+            "p99_ms_baseline": round(base["p99_ms"], 1),
+            "pool_recovered_after_s": round(recovered_s, 1),
+        },
+        "phases": run.phases,
+        "timelines": {k: [list(map(lambda v: round(v, 2), row)) for row in rows] for k, rows in run.timelines.items()},
+        "kills": [asdict(k) for k in run.kills],
+    }
+
+
+def summary_table(result: dict[str, Any]) -> Any:
+    """A rich table of both phases and the loss."""
+    from rich.table import Table
+
+    s, p = result["summary"], result["phases"]
+    t = Table(title=f"eaas bench failover — {result['config']['duration_s']:g}s per phase, concurrency "
+                    f"{result['config']['concurrency']}, {s['kills']} kills")  # fmt: skip
+    for col in ("phase", "tokens/s", "requests/s", "failed", "p50 ms", "p99 ms", "max ms"):
+        t.add_column(col, justify="right")
+    for name in ("baseline", "kills"):
+        ph = p[name]
+        t.add_row(name, f"{ph['tokens_per_s']:.1f}", f"{ph['requests_per_s']:.2f}", str(ph["failed_requests"]),
+                  f"{ph['p50_ms']:.0f}", f"{ph['p99_ms']:.0f}", f"{ph['max_ms']:.0f}")  # fmt: skip
+    t.caption = (f"throughput loss {s['throughput_loss_fraction'] * 100:.2f} % (paper: < 2 %), "
+                 f"failed requests {s['failed_requests']}")  # fmt: skip
+    return t
+
+
+def plot(result: dict[str, Any], path: Path) -> None:
+    """Tokens/s and p99 latency over time for both phases, kill moments marked."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 6), sharex=True)
+    for name, style in (("baseline", "-"), ("kills", "-")):
+        rows = result["timelines"][name]
+        ts = [r[0] for r in rows]
+        ax1.plot(ts, [r[1] for r in rows], style, label=name)
+        ax2.plot(ts, [r[2] for r in rows], style, label=name)
+    for off in result["phases"]["kills"].get("kill_offsets_s", []):
+        for ax in (ax1, ax2):
+            ax.axvline(off, color="red", linestyle="--", alpha=0.6)
+    s = result["summary"]
+    ax1.set_ylabel("output tokens/s")
+    ax1.set_title(f"failover: loss {s['throughput_loss_fraction'] * 100:.2f} % (paper < 2 %), "
+                  f"{s['kills']} kills (red), {s['failed_requests']} failed")  # fmt: skip
+    ax1.legend()
+    ax2.set_ylabel("p99 latency (ms)")
+    ax2.set_xlabel("time since phase start (s)")
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
