@@ -20,7 +20,6 @@ never from a short-lived caller thread (e.g. an autoscaler loop being stopped).
 from __future__ import annotations
 
 import concurrent.futures
-import ctypes
 import logging
 import os
 import signal
@@ -34,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Mapping
 
+from eaas.procs import die_with_parent as die_with_parent_fn, own_group, pid_alive
 from eaas.errors import EaaSError, NotFound
 from eaas.registry.records import WorkerRecord, WorkerState
 from eaas.registry.store import Registry
@@ -58,36 +58,6 @@ def _spawner() -> concurrent.futures.ThreadPoolExecutor:
         if _SPAWNER is None:
             _SPAWNER = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="eaas-pool-spawner")
         return _SPAWNER
-
-
-def _own_group() -> None:  # pragma: no cover - runs in the child
-    """preexec_fn: own process group (Ctrl-C reaches workers only through the pool's orderly stop)."""
-    os.setpgrp()
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """preexec_fn: SIGTERM (= drain) when the spawning thread's process dies; own process group."""
-    try:
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # Ctrl-C reaches workers only through the pool's orderly stop
-
-
-def _pid_alive(pid: int) -> bool:
-    if pid <= 0:
-        return False
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:  # a zombie (exited, not yet reaped by its parent) is not alive
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
-    except (OSError, IndexError):
-        return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -160,7 +130,7 @@ class LocalPool:
         die_with_parent: bool = True,
     ) -> None:
         self.registry = registry
-        self._preexec = _die_with_parent if die_with_parent else _own_group
+        self._preexec = die_with_parent_fn if die_with_parent else own_group
         self._env = dict(os.environ)
         self._env.update(env or {})
         url = redis_url or self._env.get("EAAS_REDIS_URL")
@@ -342,7 +312,7 @@ class LocalPool:
             deadline = time.monotonic() + timeout_s
             while time.monotonic() < deadline:
                 gone = worker_id not in self.registry.worker_ids()
-                if gone and not (rec.host_id and _same_host(rec) and _pid_alive(rec.pid)):
+                if gone and not (rec.host_id and _same_host(rec) and pid_alive(rec.pid)):
                     return None
                 time.sleep(0.05)
             raise PoolError(f"worker {worker_id}: still registered {timeout_s:g}s after drain")

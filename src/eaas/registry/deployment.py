@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from eaas.errors import DeploymentNotFound
+from eaas.procs import pid_alive
 from eaas.registry.server import RedisServer
 from eaas.registry.store import Registry
 from eaas.settings import Settings
@@ -32,16 +33,6 @@ class DeploymentState:
     started_at_s: float = 0.0
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def read_state(settings: Settings) -> DeploymentState | None:
     """The live deployment recorded in the state file, or None (missing, malformed, owner dead)."""
     try:
@@ -50,7 +41,7 @@ def read_state(settings: Settings) -> DeploymentState | None:
                              gateway_url=d.get("gateway_url", ""), started_at_s=float(d.get("started_at_s", 0)))
     except (OSError, ValueError, KeyError, TypeError):
         return None
-    return st if _pid_alive(st.pid) else None
+    return st if pid_alive(st.pid) else None
 
 
 def write_state(settings: Settings, redis_url: str, gateway_url: str = "") -> Path:

@@ -11,11 +11,9 @@ started it dies (``PR_SET_PDEATHSIG``), so a SIGKILLed parent leaves no orphan.
 from __future__ import annotations
 
 import atexit
-import ctypes
 import logging
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -26,6 +24,7 @@ from pathlib import Path
 import redis
 
 from eaas.errors import RegistryUnavailable
+from eaas.procs import die_with_parent
 
 log = logging.getLogger(__name__)
 
@@ -64,16 +63,6 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """preexec_fn: ask the kernel to SIGTERM us when our parent dies (Linux)."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
-    os.setpgrp()  # Ctrl-C in the terminal goes to us only via our parent's shutdown
 
 
 class RedisServer:
@@ -141,7 +130,7 @@ class RedisServer:
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
-                preexec_fn=_die_with_parent if (self.die_with_parent and sys.platform == "linux") else None,
+                preexec_fn=die_with_parent if (self.die_with_parent and sys.platform == "linux") else None,
             )
             self.port = port
             if self._wait_ready():
