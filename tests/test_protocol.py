@@ -192,3 +192,39 @@ def test_endpoint_answers_every_malformed_message_and_keeps_serving():
     inc = ep.on_message(b"p", [_pack(_invoke(deadline_ms=live)), tensor_buffer(x)])
     assert inc.reply is None and torch.equal(inc.x, x)
     assert sum(ep.rejected.values()) == len(cases)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_fast_encoders_match_header_path(dtype):
+    from eaas.platform.protocol import encode_invoke, encode_reply
+
+    args = ("r-9", [("m/0/1", 2), ("m/0/3", 1)])
+    kw = dict(dtype=dtype, hidden=4, deadline_ms=NOW + 5, transport="shm",
+              handle={"arena": "a", "offset": 64, "nbytes": 24})
+    slow = decode_header(encode_header(invoke_header(*args, **kw)), max_message_bytes=LIMIT, now_ms_=NOW)
+    fast = decode_header(encode_invoke(*args, **kw), max_message_bytes=LIMIT, now_ms_=NOW)
+    assert fast == slow
+    y = torch.zeros(3, 4, dtype=dtype)
+    assert (decode_header(encode_reply(slow, y, handle=slow.handle), max_message_bytes=LIMIT)
+            == decode_header(encode_header(reply_header(slow, y, handle=slow.handle)), max_message_bytes=LIMIT))
+
+
+def test_send_recv_frames_round_trip():
+    import zmq
+
+    from eaas.platform.protocol import recv_frames, send_frames
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://frames")
+        b.connect("inproc://frames")
+        x = torch.arange(12, dtype=torch.float32).view(3, 4)
+        send_frames(a, [b"hdr", tensor_buffer(x)])
+        got = recv_frames(b)
+        assert [len(f) for f in got] == [3, 48]
+        assert torch.equal(tensor_from_buffer(got[1].buffer, torch.float32, (3, 4)), x)
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

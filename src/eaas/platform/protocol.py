@@ -32,12 +32,16 @@ one of :data:`ERROR_CODES`. Unknown functions are the worker's check: pass
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Union
 
 import msgpack
 import torch
+import zmq
+from msgpack import packb as _packb
+from msgpack import unpackb as _unpackb
 
 from eaas.errors import ProtocolError
 
@@ -49,6 +53,10 @@ DTYPES: Mapping[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
+_SNDMORE = zmq.SNDMORE
+_ZmqFrame = zmq.Frame
+_DTYPE_NAMES: Mapping[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
+_ITEMSIZE: Mapping[str, int] = {name: dt.itemsize for name, dt in DTYPES.items()}
 MAX_HEADER_BYTES = 1 << 20  # segments of a few thousand experts fit easily
 MAX_ID_CHARS = 128
 MAX_SEGMENTS = 1 << 16
@@ -135,15 +143,60 @@ def encode_header(h: Header) -> bytes:
         d["deadline_ms"] = h.deadline_ms
     if h.segments:
         d["segments"] = [[f, r] for f, r in h.segments]
-    for name in ("dtype", "transport", "status", "error", "code"):
-        val = getattr(h, name)
-        if val is not None:
-            d[name] = val
+    if h.dtype is not None:
+        d["dtype"] = h.dtype
+    if h.transport is not None:
+        d["transport"] = h.transport
+    if h.status is not None:
+        d["status"] = h.status
+    if h.error is not None:
+        d["error"] = h.error
+    if h.code is not None:
+        d["code"] = h.code
     if h.shape is not None:
         d["shape"] = list(h.shape)
     if h.handle:
         d["handle"] = dict(h.handle)
-    return msgpack.packb(d, use_bin_type=True)
+    return _packb(d, use_bin_type=True)
+
+
+def encode_invoke(
+    request_id: str | int,
+    segments: Sequence[tuple[str, int]],
+    *,
+    dtype: torch.dtype,
+    hidden: int,
+    deadline_ms: int,
+    transport: str,
+    handle: Mapping[str, Any] | None = None,
+) -> bytes:
+    """``encode_header(invoke_header(...))`` without building the :class:`Header` (hot path).
+
+    Decodes to exactly the header :func:`invoke_header` builds from the same arguments.
+    """
+    segs = [[str(f), int(r)] for f, r in segments]
+    rows = 0
+    for seg in segs:
+        rows += seg[1]
+    d: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": "invoke", "id": request_id,
+                         "deadline_ms": int(deadline_ms), "segments": segs, "dtype": dtype_name(dtype),
+                         "transport": transport, "shape": [rows, int(hidden)]}
+    if handle:
+        d["handle"] = dict(handle)
+    return _packb(d, use_bin_type=True)
+
+
+def encode_reply(request: Header, y: torch.Tensor, *, handle: Mapping[str, Any] | None = None) -> bytes:
+    """``encode_header(reply_header(request, y, handle=handle))`` without the :class:`Header`."""
+    shape = y.shape
+    d: dict[str, Any] = {"v": PROTOCOL_VERSION, "kind": "reply", "id": request.id, "status": "ok",
+                         "dtype": dtype_name(y.dtype), "transport": request.transport,
+                         "shape": [int(shape[0]), int(shape[1])]}
+    if request.transport is None:
+        del d["transport"]
+    if handle:
+        d["handle"] = dict(handle)
+    return _packb(d, use_bin_type=True)
 
 
 def invoke_header(
@@ -192,9 +245,9 @@ def dtype_name(dtype: torch.dtype) -> str:
     Raises:
         ProtocolError: ``bad_dtype`` when the dtype is not in :data:`DTYPES`.
     """
-    for name, dt in DTYPES.items():
-        if dt == dtype:
-            return name
+    name = _DTYPE_NAMES.get(dtype)  # type: ignore[call-overload]
+    if name is not None:
+        return name
     raise ProtocolError(f"dtype {dtype} not allowed (allowed: {sorted(DTYPES)})", "bad_dtype")
 
 
@@ -206,9 +259,11 @@ def tensor_buffer(t: torch.Tensor) -> memoryview:
 
     The memoryview keeps ``t``'s storage alive; send it with ``copy=False``.
     """
-    if not t.is_contiguous() or t.device.type != "cpu":
+    if not t.is_contiguous() or not t.is_cpu:
         raise ProtocolError("tensor payloads must be contiguous CPU tensors", "bad_field")
-    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    if t.dtype is torch.bfloat16:  # numpy has no bfloat16
+        t = t.view(torch.uint8)
+    return memoryview(t.numpy()).cast("B")
 
 
 def frame_buffer(frame: Frame) -> memoryview:
@@ -225,12 +280,11 @@ def tensor_from_buffer(buf: memoryview, dtype: torch.dtype, shape: tuple[int, in
     """
     if shape[0] * shape[1] == 0:
         return torch.empty(shape, dtype=dtype)
-    import warnings
-
-    with warnings.catch_warnings():  # read-only zmq frames: we never write into them
-        warnings.simplefilter("ignore", UserWarning)
-        flat = torch.frombuffer(buf, dtype=torch.uint8)
-    return flat.view(dtype).view(shape)
+    if getattr(buf, "readonly", False):
+        with warnings.catch_warnings():  # read-only buffers: we never write into them
+            warnings.simplefilter("ignore", UserWarning)
+            return torch.frombuffer(buf, dtype=dtype).view(shape)
+    return torch.frombuffer(buf, dtype=dtype).view(shape)
 
 
 # --- decoding / validation --------------------------------------------------------
@@ -269,6 +323,9 @@ def peek_request_id(raw: Frame) -> str | int | None:
     return None
 
 
+_EMPTY_HANDLE = dict
+
+
 def _handle(d: Mapping[str, Any]) -> dict[str, Any]:
     h = d.get("handle", {})
     if not isinstance(h, dict) or len(h) > MAX_HANDLE_ITEMS:
@@ -303,21 +360,33 @@ def decode_header(
     Raises:
         ProtocolError: with ``code`` from :data:`ERROR_CODES`.
     """
-    try:
-        buf = frame_buffer(raw)
-    except TypeError as e:
-        raise _fail(f"header frame is not bytes: {e}", "bad_header") from None
-    if len(buf) == 0 or len(buf) > MAX_HEADER_BYTES:
-        raise _fail(f"header frame of {len(buf)} bytes (must be 1..{MAX_HEADER_BYTES})", "bad_header")
+    if type(raw) is bytes:
+        data: Any = raw
+        n = len(raw)
+    elif type(raw) is _ZmqFrame:  # received frame: its length is known, a small copy unpacks fastest
+        n = len(raw)
+        data = raw.bytes if 0 < n <= MAX_HEADER_BYTES else None
+    else:
+        try:
+            data = frame_buffer(raw)
+        except TypeError as e:
+            raise _fail(f"header frame is not bytes: {e}", "bad_header") from None
+        n = data.nbytes
+        if 0 < n <= MAX_HEADER_BYTES and type(raw) is not memoryview:
+            small = getattr(raw, "bytes", None)  # zmq.Frame: a small copy unpacks faster than a view
+            if type(small) is bytes:
+                data = small
+    if n == 0 or n > MAX_HEADER_BYTES:
+        raise _fail(f"header frame of {n} bytes (must be 1..{MAX_HEADER_BYTES})", "bad_header")
     try:
         # msgpack bounds every container by the input length, so this cannot blow up.
-        d = msgpack.unpackb(buf, raw=False, strict_map_key=True)
+        d = _unpackb(data, raw=False, strict_map_key=True)
     except Exception as e:  # noqa: BLE001 - msgpack raises a zoo of types
         raise _fail(f"header is not valid msgpack: {type(e).__name__}: {e}", "bad_header") from None
-    if not isinstance(d, dict):
+    if type(d) is not dict:
         raise _fail(f"header must be a map, got {type(d).__name__}", "bad_header")
     v = d.get("v")
-    if v != PROTOCOL_VERSION or type(v) is not int:
+    if type(v) is not int or v != PROTOCOL_VERSION:
         raise _fail(f"protocol version {v!r:.40} not supported (expected {PROTOCOL_VERSION})", "bad_version")
     kind = d.get("kind")
     if kind not in KINDS:
@@ -326,29 +395,33 @@ def decode_header(
     if not ((type(rid) is int) or (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS)):
         raise _fail(f"field 'id' must be an int or a string of <= {MAX_ID_CHARS} chars", "bad_field")
 
-    if kind in ("ping", "pong", "bye"):
+    if kind == "invoke" or kind == "reply":
+        pass
+    elif kind in ("ping", "pong", "bye"):
         return Header(kind=kind, id=rid)
-    if kind == "error":
+    elif kind == "error":
         code = d.get("code", "remote_error")
         return Header(kind=kind, id=rid, status="error", error=_str(d, "error", 4096),
                       code=code if isinstance(code, str) else "remote_error")
     transport = d.get("transport")
     if transport not in TRANSPORTS:
         raise _fail(f"unknown transport {transport!r:.40}", "bad_transport")
-    handle = _handle(d)
-    if kind in ("hello", "hello_ack"):
+    handle = d.get("handle")
+    handle = _EMPTY_HANDLE() if handle is None else _handle(d)
+    if kind == "hello" or kind == "hello_ack":
         return Header(kind=kind, id=rid, transport=transport, handle=handle)
 
     # invoke / reply: a payload is declared.
     dtype = d.get("dtype")
-    if dtype not in DTYPES:
+    itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
+    if itemsize is None:
         raise _fail(f"dtype {dtype!r:.40} not allowed (allowed: {sorted(DTYPES)})", "bad_dtype")
     shape = d.get("shape")
-    if (not isinstance(shape, list) or len(shape) != 2
-            or any(type(s) is not int or s < 0 for s in shape)):
+    if (type(shape) is not list or len(shape) != 2
+            or type(shape[0]) is not int or type(shape[1]) is not int or shape[0] < 0 or shape[1] < 0):
         raise _fail(f"shape must be [rows, hidden] of ints >= 0, got {shape!r:.80}", "bad_shape")
     rows, hidden = shape
-    nbytes = rows * hidden * DTYPES[dtype].itemsize  # python ints: no overflow
+    nbytes = rows * hidden * itemsize  # python ints: no overflow
     if nbytes > max_message_bytes:
         raise _fail(f"declared payload of {nbytes} bytes exceeds the limit of {max_message_bytes}", "too_large")
 
@@ -359,14 +432,16 @@ def decode_header(
         return Header(kind=kind, id=rid, status="ok", dtype=dtype, shape=(rows, hidden),
                       transport=transport, handle=handle)
 
-    deadline_ms = _int(d, "deadline_ms")
+    deadline_ms = d.get("deadline_ms")
+    if type(deadline_ms) is not int or deadline_ms < 0:
+        deadline_ms = _int(d, "deadline_ms")  # raises bad_field with the message
     segs_raw = d.get("segments")
-    if not isinstance(segs_raw, list) or len(segs_raw) > MAX_SEGMENTS:
+    if type(segs_raw) is not list or len(segs_raw) > MAX_SEGMENTS:
         raise _fail(f"field 'segments' must be a list of <= {MAX_SEGMENTS} [function_id, rows]", "bad_segments")
     segments: list[tuple[str, int]] = []
     total = 0
     for seg in segs_raw:
-        if (not isinstance(seg, list) or len(seg) != 2 or not isinstance(seg[0], str)
+        if (type(seg) is not list or len(seg) != 2 or type(seg[0]) is not str
                 or not seg[0] or len(seg[0]) > 256 or type(seg[1]) is not int or seg[1] < 0):
             raise _fail(f"bad segment {seg!r:.80} (expected [function_id, rows >= 0])", "bad_segments")
         segments.append((seg[0], seg[1]))
@@ -408,10 +483,37 @@ def check_payload_frames(h: Header, frames: Sequence[Frame]) -> memoryview | Non
     if len(frames) != 1:
         raise _fail(f"expected 1 payload frame, got {len(frames)}", "size_mismatch")
     buf = frame_buffer(frames[0])
-    if len(buf) != h.nbytes:
-        raise _fail(f"payload frame has {len(buf)} bytes, shape {list(h.shape or ())} {h.dtype} "
+    if buf.nbytes != h.nbytes:
+        raise _fail(f"payload frame has {buf.nbytes} bytes, shape {list(h.shape or ())} {h.dtype} "
                     f"needs {h.nbytes}", "size_mismatch")
     return buf
+
+
+# --- socket helpers (hot path) -------------------------------------------------------
+
+
+def send_frames(sock: Any, frames: Sequence[Frame], flags: int = 0) -> None:
+    """``sock.send_multipart(frames, flags, copy=False)`` without pyzmq's per-call checks.
+
+    Every frame is sent with ``copy=False``: pyzmq still copies frames under the
+    socket's ``copy_threshold`` and sends ``zmq.Frame`` objects by reference.
+    """
+    last = len(frames) - 1
+    more = flags | _SNDMORE
+    send = sock.send
+    for i, f in enumerate(frames):
+        send(f, more if i < last else flags, copy=False)
+
+
+def recv_frames(sock: Any, flags: int = 0) -> list[Any]:
+    """``sock.recv_multipart(flags, copy=False)``, reading ``Frame.more`` instead of
+    asking the socket for ``RCVMORE`` after every part (a syscall-free loop)."""
+    f = sock.recv(flags, copy=False)
+    out = [f]
+    while f.more:
+        f = sock.recv(0, copy=False)
+        out.append(f)
+    return out
 
 
 def raise_if_error(h: Header) -> None:

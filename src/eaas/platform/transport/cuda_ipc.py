@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.protocol import Frame, Header, encode_header, invoke_header, reply_header
+from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
 from eaas.platform.transport.base import Slot
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 from eaas.platform.transport.shm import Allocator
@@ -127,10 +127,10 @@ class CudaIpcClientChannel:
         slot.request_id = request_id
         # x was written on the current stream: the worker waits on this record.
         self._cp.cuda.runtime.eventRecord(self._event.ptr, _stream_ptr(self._idx))
-        h = invoke_header(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
+        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
                           deadline_ms=deadline_ms, transport="cuda_ipc",
                           handle={"arena": self.arena_id, "offset": slot.offset, "nbytes": slot.nbytes})
-        return [encode_header(h)]
+        return [h]
 
     def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
         if slot.transport != "cuda_ipc":
@@ -246,7 +246,7 @@ class CudaIpcWorkerSide:
         if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
             out.copy_(y)
         self._cp.cuda.runtime.eventRecord(self._event.ptr, _stream_ptr(self._idx))  # y is written
-        return [encode_header(reply_header(header, y, handle=header.handle))]
+        return [encode_reply(header, y, handle=header.handle)]
 
     def drop_peer(self, peer: Hashable) -> None:
         st = self._peers.pop(peer, None)

@@ -21,7 +21,15 @@ import torch
 import zmq
 
 from eaas.errors import ExpertTimeout, TransportError
-from eaas.platform.protocol import decode_header, encode_header, Header, now_ms, raise_if_error
+from eaas.platform.protocol import (
+    Header,
+    decode_header,
+    encode_header,
+    now_ms,
+    raise_if_error,
+    recv_frames,
+    send_frames,
+)
 from eaas.platform.transport.base import ClientChannel
 from eaas.platform.transport.select import WorkerEndpoint, make_client_channel
 
@@ -49,20 +57,28 @@ def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[
                 ep.sweep()
                 last_sweep = time.monotonic()
             continue
-        frames = sock.recv_multipart(copy=False)
-        if ep is None:
-            sock.send_multipart(frames, copy=False)
+        try:
+            frames = recv_frames(sock, zmq.NOBLOCK)
+        except zmq.Again:
+            continue
+        if ep is None:  # bare ZeroMQ baseline: the same I/O loop, no protocol
+            send_frames(sock, frames)
+            continue
+        if len(frames) < 2:
             continue
         peer = frames[0].bytes
+        # What a worker does with the bytes: decode + validate the header, open x
+        # (a view), compute y = f(x) (identity here) and hand y to reply_frames,
+        # which writes it where the transport wants it (arena / frames / NIXL WRITE).
         inc = ep.on_message(peer, frames[1:])
         if inc.reply is not None:
-            sock.send_multipart([peer, *inc.reply])
-        if inc.x is not None and inc.header is not None:
+            send_frames(sock, [peer, *inc.reply])
+        elif inc.x is not None and inc.header is not None:
             try:
                 out = ep.reply_frames(peer, inc.header, inc.x)  # y = x
             except Exception as e:  # noqa: BLE001
                 out = ep.error_reply(inc.header.id, e)
-            sock.send_multipart([peer, *out], copy=False)
+            send_frames(sock, [peer, *out])
     sock.close(0)
     ctx.term()
 
@@ -87,11 +103,13 @@ class PairClient:
         self.max_message_bytes = max_message_bytes
         self.channel: ClientChannel = make_client_channel(transport, arena_bytes=arena_bytes, device=device)
         self._ids = itertools.count(1)
+        self._poller = zmq.Poller()
+        self._poller.register(self.sock, zmq.POLLIN)
 
     def _recv(self, timeout_s: float) -> list[zmq.Frame]:
-        if not self.sock.poll(int(timeout_s * 1000)):
+        if not self._poller.poll(max(int(timeout_s * 1000), 1)):
             raise ExpertTimeout(f"no answer within {timeout_s} s")
-        return self.sock.recv_multipart(copy=False)
+        return recv_frames(self.sock, zmq.NOBLOCK)
 
     def connect(self, timeout_s: float = 30.0) -> None:
         """Ping until the worker answers (it may still be starting), then hello."""
@@ -116,25 +134,26 @@ class PairClient:
     def roundtrip(self, x: torch.Tensor, segments: Sequence[tuple[str, int]] | None = None,
                   *, timeout_s: float = 30.0, out: torch.Tensor | None = None) -> torch.Tensor:
         """Send ``x[N, D]`` and return a copy of ``y`` (into ``out`` if given)."""
-        slot = self.channel.alloc(x.shape[0], x.shape[1], x.dtype)
-        slot.x.copy_(x)
+        ch = self.channel
+        rows = x.shape[0]
+        slot = ch.alloc(rows, x.shape[1], x.dtype)
+        slot.x.copy_(x)  # the gather (copy 1)
         rid = next(self._ids)
-        segs = segments if segments is not None else [("echo/0/0", x.shape[0])]
-        self.sock.send_multipart(self.channel.invoke_frames(slot, rid, segs, now_ms() + int(timeout_s * 1000)),
-                                 copy=False)
+        segs = segments if segments is not None else (("echo/0/0", rows),)
+        send_frames(self.sock, ch.invoke_frames(slot, rid, segs, now_ms() + int(timeout_s * 1000)))
         try:
             frames = self._recv(timeout_s)
             h = decode_header(frames[0], max_message_bytes=self.max_message_bytes, check_deadline=False)
             raise_if_error(h)
-            y = self.channel.decode_reply(slot, h, frames[1:])
+            y = ch.decode_reply(slot, h, frames[1:])
             if out is None:
                 out = y.clone()
             else:
-                out.copy_(y)
+                out.copy_(y)  # the combine's read (copy 2)
         except BaseException:
-            self.channel.abandon(slot)
+            ch.abandon(slot)
             raise
-        self.channel.release(slot)
+        ch.release(slot)
         return out
 
     def close(self) -> None:

@@ -2,7 +2,7 @@
 
 Works anywhere ZeroMQ does (tcp across hosts, ipc locally). Sending hands ZeroMQ a
 memoryview of the tensor (``copy=False``: no Python-side copy for frames above
-pyzmq's copy threshold); receiving views the ``zmq.Frame`` buffer with
+:data:`COPY_BELOW_BYTES`, below which a memcpy is cheaper); receiving views the ``zmq.Frame`` buffer with
 ``torch.frombuffer`` (no copy). Received views are read-only.
 """
 
@@ -11,24 +11,42 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import torch
+import zmq
 
 from eaas.errors import ProtocolError
 from eaas.platform.protocol import (
     Frame,
     Header,
     check_payload_frames,
-    encode_header,
-    invoke_header,
-    reply_header,
+    encode_invoke,
+    encode_reply,
     tensor_buffer,
     tensor_from_buffer,
 )
 from eaas.platform.transport.base import Slot
 
 
+#: Payloads below this many bytes travel as copied ``zmq.Frame``s. A zero-copy
+#: send of a Python buffer costs a hand-off to pyzmq's garbage-collector thread
+#: (it must hold the GIL to drop the reference when libzmq is done); on a busy host
+#: that is slower than a memcpy up to a few hundred KiB (measured with
+#: ``eaas bench transport``). Larger payloads are sent zero-copy.
+COPY_BELOW_BYTES = 256 << 10
+
+
 def payload_frames(t: torch.Tensor) -> list[Frame]:
-    """The payload frames for ``t`` (none for an empty tensor)."""
-    return [tensor_buffer(t)] if t.numel() else []
+    """The payload frames for ``t`` (none for an empty tensor).
+
+    Below :data:`COPY_BELOW_BYTES` the bytes are copied into a ``zmq.Frame`` (``t``
+    may be reused as soon as this returns); above, the frame is a zero-copy view
+    that keeps ``t``'s storage alive until ZeroMQ has sent it.
+    """
+    n = t.numel() * t.element_size()
+    if not n:
+        return []
+    if n < COPY_BELOW_BYTES and t.is_contiguous() and t.is_cpu:
+        return [zmq.Frame((t.view(torch.uint8) if t.dtype is torch.bfloat16 else t).numpy(), copy=True)]
+    return [tensor_buffer(t)]
 
 
 def check_reply_matches(slot: Slot, header: Header) -> None:
@@ -49,6 +67,10 @@ def open_inline(header: Header, frames: Sequence[Frame]) -> torch.Tensor:
     Raises:
         ProtocolError: ``size_mismatch``.
     """
+    if len(frames) == 1:
+        f = frames[0]
+        if type(f) is zmq.Frame and len(f) == header.nbytes and len(f):  # the hot path: a received frame
+            return torch.frombuffer(f, dtype=header.torch_dtype).view(header.shape)  # type: ignore[arg-type]
     buf = check_payload_frames(header, frames)
     if buf is None:
         return torch.empty(header.shape, dtype=header.torch_dtype)  # type: ignore[arg-type]
@@ -77,9 +99,9 @@ class InlineClientChannel:
     def invoke_frames(self, slot: Slot, request_id: str | int,
                       segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
         slot.request_id = request_id
-        h = invoke_header(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
+        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
                           deadline_ms=deadline_ms, transport="inline")
-        return [encode_header(h), *payload_frames(slot.x)]
+        return [h, *payload_frames(slot.x)]
 
     def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
         check_reply_matches(slot, header)
@@ -114,7 +136,7 @@ class InlineWorkerSide:
 
     def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
         y = y.contiguous()
-        return [encode_header(reply_header(header, y)), *payload_frames(y)]
+        return [encode_reply(header, y), *payload_frames(y)]
 
     def drop_peer(self, peer: Hashable) -> None:
         return None

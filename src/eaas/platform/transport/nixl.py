@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.protocol import Frame, Header, encode_header, invoke_header, reply_header
+from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
 from eaas.platform.transport.base import Slot
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 from eaas.platform.transport.shm import Allocator
@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 
 XFER_TIMEOUT_S = 10.0
 NOTIF_TIMEOUT_S = 5.0
+SPIN_POLLS = 20      # polls before yielding the CPU
+YIELD_POLLS = 200    # sched_yield polls before napping
+NAP_S = 20e-6
 
 _import_lock = threading.Lock()
 _nixl_mod: Any = None
@@ -83,6 +86,20 @@ def nixl_available() -> bool:
     except TransportError:
         return False
     return True
+
+
+def _backoff(spins: int) -> int:
+    """One step of a polling loop: spin briefly, then yield the CPU, then nap.
+
+    Busy-polling NIXL for completion starves the peer process (and UCX's progress
+    thread) on a host with few cores; yielding lets them run. Returns ``spins + 1``.
+    """
+    if spins >= SPIN_POLLS:
+        if spins < SPIN_POLLS + YIELD_POLLS:
+            os.sched_yield()
+        else:
+            time.sleep(NAP_S)
+    return spins + 1
 
 
 class _Agent:
@@ -143,12 +160,14 @@ class _Agent:
             h = self.agent.initialize_xfer("WRITE", src, dst, remote, notif)
             state = self.agent.transfer(h)
             deadline = time.monotonic() + XFER_TIMEOUT_S
+            spins = 0
             try:
                 while state != "DONE":
                     if state == "ERR":
                         raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote} failed")
                     if time.monotonic() > deadline:
                         raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote} timed out")
+                    spins = _backoff(spins)
                     state = self.agent.check_xfer_state(h)
             finally:
                 self.agent.release_xfer_handle(h)
@@ -156,8 +175,13 @@ class _Agent:
     def wait_notif(self, remote: str, tag: bytes, timeout_s: float = NOTIF_TIMEOUT_S) -> bool:
         """Consume notification ``tag`` from ``remote``, polling up to ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
+        spins = 0
         while True:
             with self.lock:
+                seen = self._notifs.get(remote)
+                if seen is not None and tag in seen:  # already collected by an earlier poll
+                    seen.discard(tag)
+                    return True
                 for agent, msgs in self.agent.get_new_notifs().items():
                     key = agent.decode() if isinstance(agent, bytes) else str(agent)
                     self._notifs.setdefault(key, set()).update(msgs)
@@ -167,6 +191,7 @@ class _Agent:
                     return True
             if time.monotonic() > deadline:
                 return False
+            spins = _backoff(spins)
 
     def forget_notif(self, remote: str, tag: bytes) -> None:
         with self.lock:
@@ -242,10 +267,10 @@ class NixlClientChannel:
         agent, raddr = self._remote
         self._agent.write(self.arena.data_ptr() + slot.offset, agent, raddr + slot.offset, slot.nbytes,
                           f"x:{request_id}".encode())
-        h = invoke_header(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
+        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
                           deadline_ms=deadline_ms, transport="nixl",
                           handle={"agent": self._agent.name, "offset": slot.offset, "nbytes": slot.nbytes})
-        return [encode_header(h)]
+        return [h]
 
     def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
         if slot.transport != "nixl":
@@ -355,7 +380,7 @@ class NixlWorkerSide:
         if header.nbytes:
             _Agent.get().write(out.data_ptr(), st["agent"], st["addr"] + off, header.nbytes,
                                f"y:{header.id}".encode())
-        return [encode_header(reply_header(header, y, handle=header.handle))]
+        return [encode_reply(header, y, handle=header.handle)]
 
     def drop_peer(self, peer: Hashable) -> None:
         st = self._peers.pop(peer, None)

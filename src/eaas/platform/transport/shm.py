@@ -32,7 +32,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.protocol import Frame, Header, encode_header, invoke_header, reply_header
+from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
 from eaas.platform.transport.base import Slot
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 
@@ -42,6 +42,7 @@ SHM_DIR = "/dev/shm"
 ARENA_PREFIX = "eaas-"
 ARENA_NAME_RE = re.compile(r"^eaas-(\d{1,10})-([0-9a-f]{16})$")
 ALIGN_BYTES = 64
+MAX_CACHED_VIEWS = 1024
 
 _owned_lock = threading.Lock()
 _owned_names: set[str] = set()  # arenas this process created and has not unlinked yet
@@ -145,6 +146,9 @@ class ShmArena:
         self.size = size
         self._mm: mmap.mmap | None = mm
         self.u8 = torch.frombuffer(mm, dtype=torch.uint8)  # [size] writable, no copy
+        # (offset, nbytes, dtype, shape) -> view: the same slots recur request after
+        # request, and building a view costs three tensor ops on the hot path.
+        self._views: dict[tuple, torch.Tensor] = {}
 
     @classmethod
     def create(cls, size: int) -> ShmArena:
@@ -189,8 +193,20 @@ class ShmArena:
         return cls(name, size, mm)
 
     def view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
-        """``shape`` tensor of ``dtype`` over ``[offset, offset + nbytes)``, no copy."""
-        return self.u8[offset:offset + nbytes].view(dtype).view(shape)
+        """``shape`` tensor of ``dtype`` over ``[offset, offset + nbytes)``, no copy.
+
+        Views are cached per region (always built outside inference mode, so they
+        can be written both inside and outside it); callers must not resize them.
+        """
+        key = (offset, nbytes, dtype, shape)
+        v = self._views.get(key)
+        if v is None:
+            if len(self._views) >= MAX_CACHED_VIEWS:
+                self._views.clear()
+            with torch.inference_mode(False):
+                v = self.u8[offset:offset + nbytes].view(dtype).view(shape)
+            self._views[key] = v
+        return v
 
     def unlink(self) -> bool:
         return _unlink(self.name)
@@ -198,6 +214,7 @@ class ShmArena:
     def close(self) -> None:
         """Unmap (when no tensor views remain; otherwise the GC unmaps later)."""
         self.u8 = torch.empty(0, dtype=torch.uint8)
+        self._views = {}
         mm, self._mm = self._mm, None
         if mm is not None:
             try:
@@ -264,10 +281,10 @@ class ShmClientChannel:
         if slot.transport != "shm":
             return self._inline.invoke_frames(slot, request_id, segments, deadline_ms)
         slot.request_id = request_id
-        h = invoke_header(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
+        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
                           deadline_ms=deadline_ms, transport="shm",
                           handle={"arena": self.arena.name, "offset": slot.offset, "nbytes": slot.nbytes})
-        return [encode_header(h)]
+        return [h]
 
     def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
         if slot.transport != "shm":
@@ -370,7 +387,7 @@ class ShmWorkerSide:
                                 "internal")
         if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
             out.copy_(y)
-        return [encode_header(reply_header(header, y, handle=header.handle))]
+        return [encode_reply(header, y, handle=header.handle)]
 
     def drop_peer(self, peer: Hashable) -> None:
         for arena, _ in self._peers.pop(peer, {}).values():
