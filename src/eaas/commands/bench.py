@@ -123,7 +123,7 @@ def transport(
     sizes: str = typer.Option("64K,256K,1M,4M,16M", "--sizes", help="comma-separated payload sizes (K/M suffixes)"),
     transports: str = typer.Option("inline_ipc,inline_tcp,shm,nixl", "--transports",
                                    help="inline_ipc, inline_tcp, shm, nixl (nixl skipped when not installed)"),
-    iters: int = typer.Option(100, "--iters", min=1, help="timed round trips per transport and size"),
+    iters: int = typer.Option(300, "--iters", min=1, help="timed round trips per transport and size"),
     hidden: int = typer.Option(1024, "--hidden", min=1, help="row width D of the float32 payload"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     png: str = typer.Option(None, "--png", help="write round trip and ratio vs payload to this PNG"),
