@@ -6,13 +6,14 @@ import os
 import socket
 import subprocess
 import sys
-import time
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from gateway_ckpt import write_gateway_checkpoint
+
+from eaas.testing import WaitTimeout, wait_for
 
 
 def _free_port() -> int:
@@ -32,18 +33,20 @@ def server(tmp_path_factory):
         env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while time.monotonic() < deadline:
+
+    def ready() -> bool:
         if proc.poll() is not None:
             pytest.fail(f"gateway exited: {proc.stdout.read()}")
         try:
-            if httpx.get(url + "/readyz", timeout=1).status_code == 200:
-                break
+            return httpx.get(url + "/readyz", timeout=1).status_code == 200
         except httpx.HTTPError:
-            time.sleep(0.3)
-    else:
+            return False
+
+    try:
+        wait_for(ready, 90, interval_s=0.2, what="gateway /readyz")
+    except WaitTimeout:
         proc.kill()
-        pytest.fail("gateway did not become ready")
+        raise
     yield url
     proc.terminate()
     try:
@@ -62,12 +65,8 @@ def _metric(url: str, name: str, **labels: str) -> float:
 
 
 def _wait_cancelled(url: str, before: float) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        if _metric(url, "eaas_gateway_sequences_finished_total", reason="cancelled") > before:
-            return
-        time.sleep(0.05)
-    pytest.fail("generation was not cancelled after the client disconnected")
+    wait_for(lambda: _metric(url, "eaas_gateway_sequences_finished_total", reason="cancelled") > before, 10,
+             interval_s=0.05, what="generation cancelled after the client disconnected")
 
 
 LONG = {"model": "tiny", "prompt": "hello", "max_tokens": 240, "temperature": 0, "ignore_eos": True}
