@@ -44,6 +44,7 @@ app.add_typer(checkpoint.app, name="checkpoint")
 
 
 def main() -> None:  # pragma: no cover - entry point
+    """Console entry point: run the ``eaas`` typer app."""
     app()
 
 

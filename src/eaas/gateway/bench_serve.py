@@ -127,6 +127,7 @@ def _free_port() -> int:
 
 
 def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
+    """Poll ``{url}/readyz`` until 200 or ``timeout_s`` passes (then raise)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
@@ -176,6 +177,7 @@ def run_benchmark(url: str, cfg: ServeBenchConfig, model: str | None = None) -> 
 
 
 def summary_table(result: dict):
+    """The rich table of a ``bench serve`` result (one row per concurrency)."""
     from rich.table import Table
 
     cfg = result["config"]

@@ -51,10 +51,12 @@ class APIError(Exception):
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
+    """An HTTP 400 in OpenAI's error shape."""
     return APIError(400, message, param=param, code=code)
 
 
 def not_found(message: str, param: str | None = None) -> APIError:
+    """An HTTP 404 in OpenAI's error shape."""
     return APIError(404, message, type="not_found_error", param=param, code="not_found")
 
 
@@ -84,6 +86,7 @@ def to_api_error(exc: BaseException) -> APIError:
 
 
 def error_body(err: APIError) -> dict:
+    """OpenAI error envelope ``{"error": {message, type, param, code}}`` as a dict."""
     return {"error": {"message": err.message, "type": err.type, "param": err.param, "code": err.code}}
 
 

@@ -44,6 +44,7 @@ _ids = itertools.count()
 
 
 class FinishReason(str, enum.Enum):
+    """Why a sequence stopped (OpenAI ``finish_reason`` values, plus ``cancelled``)."""
     STOP = "stop"
     LENGTH = "length"
     CANCELLED = "cancelled"

@@ -49,6 +49,7 @@ class CompletionRequest(_Sampling):
 
 
 class ChatMessage(BaseModel):
+    """One chat message (OpenAI ``messages[i]``: role and content)."""
     model_config = ConfigDict(extra="ignore")
 
     role: Literal["system", "user", "assistant", "tool", "developer"]
@@ -62,12 +63,14 @@ class ChatCompletionRequest(_Sampling):
 
 
 class Usage(BaseModel):
+    """Token counts of a response (OpenAI ``usage``; tokens)."""
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
 
 
 class CompletionChoice(BaseModel):
+    """One choice of ``/v1/completions`` (text, token ids, finish reason)."""
     index: int
     text: str
     token_ids: list[int] | None = None
@@ -76,6 +79,7 @@ class CompletionChoice(BaseModel):
 
 
 class CompletionResponse(BaseModel):
+    """The ``/v1/completions`` response body (OpenAI ``text_completion``)."""
     id: str
     object: Literal["text_completion"] = "text_completion"
     created: int
@@ -85,17 +89,20 @@ class CompletionResponse(BaseModel):
 
 
 class ChatChoiceMessage(BaseModel):
+    """The assistant message of a chat choice."""
     role: Literal["assistant"] = "assistant"
     content: str
 
 
 class ChatChoice(BaseModel):
+    """One choice of ``/v1/chat/completions``."""
     index: int
     message: ChatChoiceMessage
     finish_reason: str | None
 
 
 class ChatCompletionResponse(BaseModel):
+    """The ``/v1/chat/completions`` response body (OpenAI ``chat.completion``)."""
     id: str
     object: Literal["chat.completion"] = "chat.completion"
     created: int
@@ -105,6 +112,7 @@ class ChatCompletionResponse(BaseModel):
 
 
 class ModelCard(BaseModel):
+    """One served model in ``/v1/models``."""
     id: str
     object: Literal["model"] = "model"
     created: int
@@ -113,11 +121,13 @@ class ModelCard(BaseModel):
 
 
 class ModelList(BaseModel):
+    """The ``/v1/models`` response body."""
     object: Literal["list"] = "list"
     data: list[ModelCard]
 
 
 class ErrorDetail(BaseModel):
+    """OpenAI error object: message, type, param, code."""
     message: str
     type: str
     param: str | None = None
@@ -125,4 +135,5 @@ class ErrorDetail(BaseModel):
 
 
 class ErrorResponse(BaseModel):
+    """OpenAI error envelope ``{"error": {...}}``."""
     error: ErrorDetail
