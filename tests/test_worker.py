@@ -178,3 +178,29 @@ def test_kill_9_lease_expires_within_ttl(registry, registered, eaas_env) -> None
              what="lease expiry after kill -9")
     assert time.monotonic() - t0 <= 2.5
     assert registry.function(f"{model}/0/0")["replicas"] == []
+
+
+def test_every_transport_gives_bit_identical_replies(one_worker, registry) -> None:  # type: ignore[no-untyped-def]
+    """The same requests through inline (tcp), shm and nixl (when installed) to one real worker."""
+    from eaas.platform.client import ExpertClient
+    from eaas.platform.transport.nixl import nixl_available
+
+    model, w, _ = one_worker
+    transports = ["inline", "shm"] + (["nixl"] if nixl_available() and "nixl" in w.capabilities.get("transports", []) else [])
+    g = torch.Generator().manual_seed(3)
+    calls = []
+    for i in range(12):
+        t = 1 + 5 * i
+        calls.append((i % 2, torch.randn(t, 64, generator=g), torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(t)]),
+                      torch.rand(t, 2, generator=g)))
+    results = {}
+    for tr in transports:
+        client = ExpertClient(registry, model, transport=tr)
+        try:
+            results[tr] = [client.forward(*c) for c in calls]
+            assert {c.transport for c in client._conns.values()} == {tr}
+        finally:
+            client.close()
+    for tr in transports[1:]:
+        for a, b in zip(results["inline"], results[tr]):
+            assert torch.equal(a, b), tr
