@@ -295,3 +295,34 @@ def test_no_replica_maps_to_503(loaded):
         assert r.status_code == 503 and r.json()["detail"] == {"missing": ["tiny/0/3"]}
     finally:
         runner.stop()
+
+
+def test_text_prompt_too_long_to_fit_is_refused_before_tokenizing(gateway, loaded):
+    from eaas.gateway.completions import max_prompt_chars
+
+    runner = next(iter(gateway.state.runners.values()))
+    limit = max_prompt_chars(runner)
+    calls = []
+    real = runner.tokenizer.__class__.__call__
+
+    def spy(self, *a, **kw):  # noqa: ANN001, ANN202
+        calls.append(1)
+        return real(self, *a, **kw)
+
+    runner.tokenizer.__class__.__call__ = spy
+    try:
+        r = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": "a" * (limit + 1), "max_tokens": 2})
+    finally:
+        runner.tokenizer.__class__.__call__ = real
+    assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded", r.text
+    assert calls == []  # refused from its length alone: never tokenized
+    assert post(gateway, "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
+
+
+def test_lone_surrogate_is_a_400_not_a_500(gateway):
+    body = b'{"model": "tiny", "prompt": "\\ud800 x", "max_tokens": 2}'
+    r = post(gateway, "/v1/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "Unicode" in r.json()["error"]["message"], r.text
+    body = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}'
+    r = post(gateway, "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text

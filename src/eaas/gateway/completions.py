@@ -14,6 +14,7 @@ from typing import Any, AsyncIterator
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
 from eaas.gateway.errors import bad_request, error_body, error_response, to_api_error
@@ -38,6 +39,39 @@ class CancellingStreamingResponse(StreamingResponse):
             self._on_close()
 
 
+def max_prompt_chars(runner: ModelRunner) -> int:
+    """Characters a text prompt may have before tokenizing it is pointless (cached per runner).
+
+    No token covers more characters than the longest vocabulary entry, so a text
+    longer than ``max_model_len * longest_token * 2`` (2: normalizer slack) cannot
+    fit: it is refused before the tokenizer spends seconds and gigabytes on it.
+    """
+    cached = getattr(runner, "_eaas_max_prompt_chars", None)
+    if cached is None:
+        try:
+            longest = max((len(t) for t in runner.tokenizer.get_vocab()), default=16)
+        except (AttributeError, TypeError):
+            longest = 64
+        cached = runner.max_model_len * max(1, longest) * 2 + 64
+        runner._eaas_max_prompt_chars = cached  # type: ignore[attr-defined]
+    return int(cached)
+
+
+def check_text(text: str, max_chars: int, runner: ModelRunner, param: str = "prompt") -> None:
+    """Refuse text the tokenizer cannot take (lone surrogates) or that cannot fit the context.
+
+    Raises:
+        HTTPException: 400 with OpenAI's error shape.
+    """
+    if len(text) > max_chars:
+        raise bad_request(f"{param} has {len(text)} characters: it cannot fit the model's limit of "
+                          f"{runner.max_model_len} tokens", param=param, code="context_length_exceeded")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise bad_request(f"{param} is not valid Unicode text ({e.reason} at position {e.start})", param=param) from None
+
+
 def normalize_prompt(prompt: Any, runner: ModelRunner) -> list[list[int]]:
     """Text, texts, token ids or lists of token ids -> one token-id list per prompt."""
     if isinstance(prompt, str):
@@ -49,8 +83,14 @@ def normalize_prompt(prompt: Any, runner: ModelRunner) -> list[list[int]]:
     if not prompts or len(prompts) > MAX_PROMPTS:
         raise bad_request(f"prompt must hold 1 to {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
     vocab = int(getattr(runner.config, "vocab_size", 0) or len(runner.tokenizer))
+    max_chars = max_prompt_chars(runner)
     out = []
     for p in prompts:
+        if isinstance(p, str):
+            check_text(p, max_chars, runner)
+        elif len(p) > runner.max_model_len:
+            raise bad_request(f"prompt's {len(p)} tokens exceed the model's limit of {runner.max_model_len}",
+                              param="prompt", code="context_length_exceeded")
         ids = runner.tokenizer(p, add_special_tokens=True)["input_ids"] if isinstance(p, str) else list(p)
         if not ids:
             raise bad_request("prompt is empty (no tokens)", param="prompt")
@@ -219,6 +259,16 @@ def chat_prompt(req: ChatCompletionRequest, runner: ModelRunner) -> list[list[in
     if not getattr(tok, "chat_template", None):
         raise bad_request(f"model {runner.name!r} has no chat template; use /v1/completions", param="model")
     messages = [m.model_dump() for m in req.messages]
+    max_chars = max_prompt_chars(runner)
+    total = 0
+    for m in messages:
+        content = m.get("content") or ""
+        if isinstance(content, str):
+            check_text(content, max_chars, runner, param="messages")
+            total += len(content)
+    if total > max_chars:
+        raise bad_request(f"messages have {total} characters: they cannot fit the model's limit of "
+                          f"{runner.max_model_len} tokens", param="messages", code="context_length_exceeded")
     ids = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     if hasattr(ids, "keys"):
         ids = ids["input_ids"]
@@ -230,7 +280,11 @@ async def handle_generation(
 ) -> Response:
     """Shared body of both generation endpoints."""
     chat = isinstance(req, ChatCompletionRequest)
-    prompts = chat_prompt(req, runner) if chat else normalize_prompt(req.prompt, runner)
+    # tokenizing is CPU work: keep it off the event loop so /healthz and streams stay responsive
+    if chat:
+        prompts = await run_in_threadpool(chat_prompt, req, runner)
+    else:
+        prompts = await run_in_threadpool(normalize_prompt, req.prompt, runner)
     params = sampling_params(req, prompts, runner, default_max=16 if not chat else runner.max_model_len)
     gen = Generation(runner, prompts, params, chat)
     if req.stream:
