@@ -27,9 +27,14 @@ def tiny(
     layout: str = typer.Option(None, "--layout", help="per_expert or fused (default: what transformers writes)"),
     max_shard_bytes: int = typer.Option(None, "--max-shard-bytes", help="shard the safetensors with an index"),
     as_json: bool = typer.Option(False, "--json", help="print the model spec as JSON"),
+    force: bool = typer.Option(False, "--force", help="overwrite a non-empty --out directory"),
 ) -> None:
     """Write a small seeded MoE checkpoint (config.json, safetensors, tokenizer.json)."""
+    from eaas.errors import ConfigError
     from eaas.functions import inspect_checkpoint, write_tiny_checkpoint
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} exists and is not empty (a registered model may point at it); use --force to overwrite")
 
     path = write_tiny_checkpoint(
         arch,

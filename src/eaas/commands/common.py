@@ -16,7 +16,8 @@ from eaas.errors import EaaSError
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-console = Console()
+# Piped output is not cut to 80 columns (ids must stay copyable); terminals use their width.
+console = Console(width=None if sys.stdout.isatty() else 240)
 err_console = Console(stderr=True)
 
 

@@ -84,13 +84,15 @@ def up(
             time.sleep(0.05)
         bound_port = server.servers[0].sockets[0].getsockname()[1] if server.servers else settings.port
         url = f"http://{settings.host}:{bound_port}"
-        dep.record_state(url)
+        recorded = dep.record_state(url)
         body = json.dumps({"model": dep.model_name, "prompt": "The expert said", "max_tokens": 16, "temperature": 0})
         console.print(f"EaaS is up: model [bold]{dep.model_name}[/bold], {workers} workers, gateway {url}", highlight=False)
         console.print(f"  curl -s {url}/v1/completions -H 'Content-Type: application/json' -d '{body}'",
                       highlight=False, soft_wrap=True)
-        console.print(f"  registry: EAAS_REDIS_URL={dep.redis_url}  (eaas registry workers)  — Ctrl-C stops everything",
-                      highlight=False, soft_wrap=True, style="dim")
+        admin = "eaas registry workers" if recorded else (
+            f"EAAS_REDIS_URL={dep.redis_url} EAAS_PREFIX={settings.prefix} eaas registry workers"
+            "  (another deployment is recorded in the state file)")
+        console.print(f"  admin: {admin}  — Ctrl-C stops everything", highlight=False, soft_wrap=True, style="dim")
         while not stop.wait(0.2):
             if not thread.is_alive():
                 raise ConfigError("the gateway stopped unexpectedly")
@@ -99,6 +101,14 @@ def up(
     except KeyboardInterrupt:
         pass
     finally:
-        err_console.print("stopping: draining workers ...")
+        _say("stopping: draining workers ...")
         dep.stop()
-        err_console.print("stopped")
+        _say("stopped")
+
+
+def _say(text: str) -> None:
+    """Print a status line; a closed terminal or pipe must not prevent the shutdown."""
+    try:
+        err_console.print(text)
+    except (OSError, ValueError):
+        pass

@@ -160,14 +160,20 @@ def load_client_model(checkpoint: str | Path, dtype: torch.dtype | str | None = 
 
 @contextlib.contextmanager
 def _quiet_unexpected_keys() -> Iterator[None]:
-    """The expert tensors on disk are 'unexpected' by design: silence that one report."""
-    tlog = logging.getLogger("transformers.modeling_utils")
-    level = tlog.level
-    tlog.setLevel(logging.ERROR)
+    """Silence transformers while loading: the expert tensors on disk are 'unexpected' by design,
+    and its tensor-parallel notes and progress bars mean nothing for an attention client."""
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         yield
     finally:
-        tlog.setLevel(level)
+        hf_logging.set_verbosity(level)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_model(

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from eaas.errors import ConfigError, EaaSError
-from eaas.registry.deployment import clear_state, write_state
+from eaas.registry.deployment import clear_state, read_state, write_state
 from eaas.registry.server import RedisServer
 from eaas.registry.store import Registry
 from eaas.settings import Settings
@@ -191,9 +191,19 @@ class LocalDeployment:
         runner = ModelRunner(model, tokenizer, name=self.model_name, max_batch_size=self.settings.max_batch_size)
         return create_app(self.settings, runner, **eaas_hooks(self.client))
 
-    def record_state(self, gateway_url: str) -> None:
-        """Write the state file so admin commands in other shells find this deployment."""
+    def record_state(self, gateway_url: str) -> bool:
+        """Write the state file so admin commands in other shells find this deployment.
+
+        Another live deployment already recorded there keeps its place (admin
+        commands keep finding it); returns False then, and this one is reached
+        through ``EAAS_REDIS_URL`` / ``EAAS_PREFIX``.
+        """
+        other = read_state(self.settings)
+        if other is not None and other.redis_url != self.redis_url:
+            log.warning("up: deployment of pid %d is recorded in %s; not replacing it", other.pid, self.settings.state_file)
+            return False
         write_state(self.settings.model_copy(update={"redis_url": self.redis_url}), self.redis_url, gateway_url)
+        return True
 
     def stop(self) -> None:
         """Stop everything in reverse order (idempotent): autoscaler, client, workers (drained), Redis."""
