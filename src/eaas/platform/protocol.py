@@ -53,7 +53,8 @@ DTYPES: Mapping[str, torch.dtype] = {
     "bfloat16": torch.bfloat16,
     "float16": torch.float16,
 }
-_SNDMORE = zmq.SNDMORE
+_RCVMORE = int(zmq.RCVMORE)
+_SNDMORE = int(zmq.SNDMORE)  # a plain int: ``int | zmq.Flag`` goes through enum machinery
 _ZmqFrame = zmq.Frame
 _DTYPE_NAMES: Mapping[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 _ITEMSIZE: Mapping[str, int] = {name: dt.itemsize for name, dt in DTYPES.items()}
@@ -498,18 +499,40 @@ def send_frames(sock: Any, frames: Sequence[Frame], flags: int = 0) -> None:
     Every frame is sent with ``copy=False``: pyzmq still copies frames under the
     socket's ``copy_threshold`` and sends ``zmq.Frame`` objects by reference.
     """
-    last = len(frames) - 1
+    flags = int(flags)
     more = flags | _SNDMORE
     send = sock.send
+    n = len(frames)
+    if n == 2:  # header + one payload frame (or envelope + header): the common case
+        send(frames[0], more, copy=False)
+        send(frames[1], flags, copy=False)
+        return
+    last = n - 1
     for i, f in enumerate(frames):
         send(f, more if i < last else flags, copy=False)
 
 
-def recv_frames(sock: Any, flags: int = 0) -> list[Any]:
+def recv_frames(sock: Any, flags: int = 0, head: int = 0) -> list[Any]:
     """``sock.recv_multipart(flags, copy=False)``, reading ``Frame.more`` instead of
-    asking the socket for ``RCVMORE`` after every part (a syscall-free loop)."""
+    asking the socket for ``RCVMORE`` after every part (a syscall-free loop).
+
+    The first ``head`` frames (small ones: a ROUTER envelope, the header) come back
+    as ``bytes`` (``copy=True``: no ``zmq.Frame`` object and no second copy through
+    ``Frame.bytes``); the rest, payloads, as zero-copy ``zmq.Frame``s.
+    """
+    out: list[Any] = []
+    if head:
+        getmore = sock.get
+        while True:
+            b = sock.recv(flags)
+            out.append(b)
+            if not getmore(_RCVMORE):
+                return out
+            flags = 0
+            if len(out) >= head:
+                break
     f = sock.recv(flags, copy=False)
-    out = [f]
+    out.append(f)
     while f.more:
         f = sock.recv(0, copy=False)
         out.append(f)

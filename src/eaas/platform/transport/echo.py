@@ -58,7 +58,8 @@ def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[
                 last_sweep = time.monotonic()
             continue
         try:
-            frames = recv_frames(sock, zmq.NOBLOCK)
+            # envelope (and, with the protocol, header) as bytes; payloads as frames
+            frames = recv_frames(sock, zmq.NOBLOCK, 1 if ep is None else 2)
         except zmq.Again:
             continue
         if ep is None:  # bare ZeroMQ baseline: the same I/O loop, no protocol
@@ -66,7 +67,7 @@ def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[
             continue
         if len(frames) < 2:
             continue
-        peer = frames[0].bytes
+        peer = frames[0]
         # What a worker does with the bytes: decode + validate the header, open x
         # (a view), compute y = f(x) (identity here) and hand y to reply_frames,
         # which writes it where the transport wants it (arena / frames / NIXL WRITE).
@@ -103,13 +104,19 @@ class PairClient:
         self.max_message_bytes = max_message_bytes
         self.channel: ClientChannel = make_client_channel(transport, arena_bytes=arena_bytes, device=device)
         self._ids = itertools.count(1)
-        self._poller = zmq.Poller()
-        self._poller.register(self.sock, zmq.POLLIN)
+        self._rcvtimeo = -1
 
     def _recv(self, timeout_s: float) -> list[zmq.Frame]:
-        if not self._poller.poll(max(int(timeout_s * 1000), 1)):
-            raise ExpertTimeout(f"no answer within {timeout_s} s")
-        return recv_frames(self.sock, zmq.NOBLOCK)
+        # A blocking recv bounded by RCVTIMEO: one wait inside libzmq instead of a
+        # zmq_poll followed by a non-blocking recv (set only when the timeout changes).
+        ms = max(int(timeout_s * 1000), 1)
+        if ms != self._rcvtimeo:
+            self.sock.setsockopt(zmq.RCVTIMEO, ms)
+            self._rcvtimeo = ms
+        try:
+            return recv_frames(self.sock, 0, 1)  # header as bytes, payload as frames
+        except zmq.Again:
+            raise ExpertTimeout(f"no answer within {timeout_s} s") from None
 
     def connect(self, timeout_s: float = 30.0) -> None:
         """Ping until the worker answers (it may still be starting), then hello."""
