@@ -95,3 +95,40 @@ class ClientChannel(Protocol):
 
     def close(self) -> None:
         """Free everything; the worker learns through ``bye`` or by sweeping."""
+
+
+class ArenaSlots:
+    """Slot bookkeeping shared by the arena transports (``shm``, ``cuda_ipc``, ``nixl``).
+
+    A subclass sets ``name`` (its transport) and, in ``__init__``, ``_lock``
+    (a lock), ``_alloc`` (an allocator with ``free(offset)``) and ``_abandoned``
+    (request id -> Slot). Slots of another transport (an inline fallback when
+    the arena was full) hold no arena room and are simply released.
+    """
+
+    name: str
+    _lock: Any
+    _alloc: Any
+    _abandoned: dict[str | int, Slot]
+
+    def release(self, slot: Slot) -> None:
+        """Return the slot's arena room."""
+        if slot.transport == self.name and slot.offset >= 0:
+            with self._lock:
+                self._alloc.free(slot.offset)
+            slot.offset = -1
+
+    def abandon(self, slot: Slot) -> None:
+        """Keep the room reserved until the late reply shows up (:meth:`reply_dropped`) or close."""
+        if slot.transport == self.name and slot.offset >= 0 and slot.request_id is not None:
+            with self._lock:
+                self._abandoned[slot.request_id] = slot
+        else:
+            self.release(slot)
+
+    def reply_dropped(self, header: Header) -> None:
+        """A reply for an abandoned (or unknown) request arrived: free its room now."""
+        with self._lock:
+            slot = self._abandoned.pop(header.id, None)
+        if slot is not None:
+            self.release(slot)

@@ -32,7 +32,7 @@ import torch
 
 from eaas.errors import ProtocolError, TransportError
 from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import Slot
+from eaas.platform.transport.base import ArenaSlots, Slot
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 from eaas.platform.transport.shm import Allocator
 
@@ -65,7 +65,7 @@ def _as_u8_tensor(cp: Any, mem: Any, size: int, idx: int) -> torch.Tensor:
         return torch.as_tensor(arr, device=f"cuda:{idx}")
 
 
-class CudaIpcClientChannel:
+class CudaIpcClientChannel(ArenaSlots):
     """Client side of ``cuda_ipc``: owns the device arena and slots in it.
 
     Args:
@@ -144,25 +144,6 @@ class CudaIpcClientChannel:
             raise TransportError("cuda_ipc: reply before hello_ack")
         self._cp.cuda.runtime.streamWaitEvent(_stream_ptr(self._idx), self._worker_event, 0)
         return slot.x
-
-    def release(self, slot: Slot) -> None:
-        if slot.transport == "cuda_ipc" and slot.offset >= 0:
-            with self._lock:
-                self._alloc.free(slot.offset)
-            slot.offset = -1
-
-    def abandon(self, slot: Slot) -> None:
-        if slot.transport == "cuda_ipc" and slot.offset >= 0 and slot.request_id is not None:
-            with self._lock:
-                self._abandoned[slot.request_id] = slot
-        else:
-            self.release(slot)
-
-    def reply_dropped(self, header: Header) -> None:
-        with self._lock:
-            slot = self._abandoned.pop(header.id, None)
-        if slot is not None:
-            self.release(slot)
 
     def close(self) -> None:
         if self._worker_event is not None:

@@ -39,7 +39,7 @@ import torch
 
 from eaas.errors import ProtocolError, TransportError
 from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import Slot
+from eaas.platform.transport.base import ArenaSlots, Slot
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 from eaas.platform.transport.shm import Allocator
 
@@ -207,7 +207,7 @@ def _parse_peer_handle(hd: dict, max_bytes: int) -> tuple[str, bytes, int, int]:
     return agent, meta, addr, size
 
 
-class NixlClientChannel:
+class NixlClientChannel(ArenaSlots):
     """Client side of ``nixl``: a registered DRAM arena mirrored by the worker.
 
     Args:
@@ -284,26 +284,10 @@ class NixlClientChannel:
             raise TransportError(f"nixl: reply {header.id!r} arrived but its data notification did not")
         return slot.x
 
-    def release(self, slot: Slot) -> None:
-        if slot.transport == "nixl" and slot.offset >= 0:
-            with self._lock:
-                self._alloc.free(slot.offset)
-            slot.offset = -1
-
-    def abandon(self, slot: Slot) -> None:
-        if slot.transport == "nixl" and slot.offset >= 0 and slot.request_id is not None:
-            with self._lock:
-                self._abandoned[slot.request_id] = slot
-        else:
-            self.release(slot)
-
     def reply_dropped(self, header: Header) -> None:
-        with self._lock:
-            slot = self._abandoned.pop(header.id, None)
         if self._remote is not None:
             self._agent.forget_notif(self._remote[0], f"y:{header.id}".encode())
-        if slot is not None:
-            self.release(slot)
+        super().reply_dropped(header)
 
     def close(self) -> None:
         if self._remote is not None:

@@ -33,7 +33,7 @@ import torch
 
 from eaas.errors import ProtocolError, TransportError
 from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import Slot
+from eaas.platform.transport.base import ArenaSlots, Slot
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 
 log = logging.getLogger(__name__)
@@ -223,7 +223,7 @@ class ShmArena:
                 pass
 
 
-class ShmClientChannel:
+class ShmClientChannel(ArenaSlots):
     """Client side of ``shm``: owns the pair's arena and allocates slots in it.
 
     Args:
@@ -295,25 +295,6 @@ class ShmClientChannel:
                 or hd.get("offset") != slot.offset or hd.get("nbytes") != slot.nbytes or frames):
             raise ProtocolError(f"reply {header.id!r} does not match its shm slot", "bad_handle")
         return slot.x
-
-    def release(self, slot: Slot) -> None:
-        if slot.transport == "shm" and slot.offset >= 0:
-            with self._lock:
-                self._alloc.free(slot.offset)
-            slot.offset = -1
-
-    def abandon(self, slot: Slot) -> None:
-        if slot.transport == "shm" and slot.offset >= 0 and slot.request_id is not None:
-            with self._lock:
-                self._abandoned[slot.request_id] = slot
-        else:
-            self.release(slot)
-
-    def reply_dropped(self, header: Header) -> None:
-        with self._lock:
-            slot = self._abandoned.pop(header.id, None)
-        if slot is not None:
-            self.release(slot)
 
     def close(self) -> None:
         self.arena.unlink()
