@@ -12,6 +12,8 @@ import time
 import uuid
 
 import pytest
+
+from eaas.testing import wait_for
 import torch
 
 from eaas.errors import TransportError
@@ -59,11 +61,7 @@ def our_arenas() -> set[str]:
 
 
 def wait_until(cond, timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not cond():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.01)  # polling a condition with a deadline, not synchronising by sleep
+    wait_for(cond, timeout_s, interval_s=0.01, what=what)
 
 
 @pytest.fixture(scope="module")
