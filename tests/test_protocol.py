@@ -228,3 +228,32 @@ def test_send_recv_frames_round_trip():
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+def test_send_frames_copies_small_buffers_and_shares_large_ones():
+    """The copy rule the inline transport relies on: a buffer under COPY_BELOW_BYTES is
+    copied at send (the client recycles such request tensors at once); a larger one is
+    sent zero-copy (over inproc the receiver sees the sender's very memory)."""
+    import zmq
+
+    from eaas.platform.protocol import COPY_BELOW_BYTES, recv_frames, send_frames
+
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://copy-rule")
+        b.connect("inproc://copy-rule")
+        small = torch.zeros(COPY_BELOW_BYTES // 4 - 1, dtype=torch.float32)
+        large = torch.zeros(COPY_BELOW_BYTES // 4, dtype=torch.float32)
+        send_frames(a, [b"h", tensor_buffer(small)])
+        send_frames(a, [b"h", tensor_buffer(large)])
+        small.fill_(7.0)  # written after the send returned, before the receiver reads
+        large.fill_(7.0)
+        got_small, got_large = recv_frames(b, 0, 1), recv_frames(b, 0, 1)
+        as_f32 = lambda f: torch.frombuffer(f.buffer, dtype=torch.float32)  # noqa: E731
+        assert torch.count_nonzero(as_f32(got_small[1])) == 0  # copied: the old bytes
+        assert bool((as_f32(got_large[1]) == 7.0).all())  # shared: the new bytes
+    finally:
+        a.close(0)
+        b.close(0)
+        ctx.term()

@@ -40,7 +40,7 @@ import zmq
 
 from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.platform.dispatch import ExpertRows, choose_replica, combine, plan_layer
-from eaas.platform.protocol import decode_header, encode_header, now_ms
+from eaas.platform.protocol import decode_header, encode_header, now_ms, recv_frames, send_frames
 from eaas.platform.transport.select import local_capabilities, make_client_channel, select_transport
 from eaas.registry.records import WorkerRecord
 from eaas.registry.store import Registry
@@ -412,7 +412,7 @@ class ExpertClient:
         if not c.sock.poll(_CONNECT_TIMEOUT_MS, zmq.POLLOUT):
             c.channel.release(slot)
             raise TransportError(f"worker {worker.id} at {worker.endpoint} is not reachable")
-        c.sock.send_multipart(frames, zmq.NOBLOCK, copy=False)
+        send_frames(c.sock, frames, zmq.NOBLOCK)
         inflight[rid] = _InFlight(worker.id, slot, its, attempt_deadline_s)
         self.stats.requests += 1
         self.stats.rows += n
@@ -453,7 +453,7 @@ class ExpertClient:
     def _on_replies(self, wid: str, c: _Conn, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
         while True:
             try:
-                frames = c.sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                frames = recv_frames(c.sock, zmq.NOBLOCK, 1)  # header as bytes, payload as frames
             except zmq.Again:
                 return
             except zmq.ZMQError:

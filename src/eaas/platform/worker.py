@@ -32,7 +32,7 @@ import torch
 import zmq
 
 from eaas.errors import EaaSError, ProtocolError
-from eaas.platform.protocol import Header, now_ms
+from eaas.platform.protocol import Header, now_ms, recv_frames, send_frames
 from eaas.platform.transport.select import WorkerEndpoint
 from eaas.registry.records import WorkerRecord, WorkerState, WorkerStats
 from eaas.registry.store import Registry
@@ -191,16 +191,17 @@ class ExpertWorker:
         while budget > 0:
             budget -= 1
             try:
-                frames = self._sock.recv_multipart(zmq.NOBLOCK, copy=False)
+                # envelope and header as bytes, payload frames as zero-copy zmq.Frames
+                frames = recv_frames(self._sock, zmq.NOBLOCK, 2)
             except zmq.Again:
                 break
             got = True
             if len(frames) < 2:
                 continue
-            peer = frames[0].bytes
+            peer = frames[0]
             inc = self.endpoint_io.on_message(peer, frames[1:])
             if inc.reply is not None:
-                self._sock.send_multipart([peer, *inc.reply], copy=False)
+                send_frames(self._sock, [peer, *inc.reply])
             elif inc.x is not None and inc.header is not None:
                 with self._lock:
                     self._pending.append(_Pending(peer, inc.header, inc.x, time.monotonic()))
@@ -248,7 +249,7 @@ class ExpertWorker:
             n = p.x.shape[0]
             try:
                 frames = self.endpoint_io.reply_frames(p.peer, p.header, y[row : row + n])
-                self._sock.send_multipart([p.peer, *frames], copy=False)
+                send_frames(self._sock, [p.peer, *frames])
             except ProtocolError as e:
                 self._reply_error(p, e)
             row += n
@@ -259,7 +260,7 @@ class ExpertWorker:
 
     def _reply_error(self, p: _Pending, err: Exception) -> None:
         try:
-            self._sock.send_multipart([p.peer, *self.endpoint_io.error_reply(p.header.id, err)], copy=False)
+            send_frames(self._sock, [p.peer, *self.endpoint_io.error_reply(p.header.id, err)])
         except zmq.ZMQError:
             pass
 

@@ -15,7 +15,7 @@ Client-side life of a request (legend: ``N`` rows, ``D`` hidden)::
 
     slot = ch.alloc(N, D, dtype)          # slot.x: [N, D] view to fill (the gather target)
     torch.index_select(x, 0, idx, out=slot.x)
-    sock.send_multipart(ch.invoke_frames(slot, request_id, segments, deadline_ms), copy=False)
+    send_frames(sock, ch.invoke_frames(slot, request_id, segments, deadline_ms))
     ... header = decode_header(frames[0]); raise_if_error(header) ...
     y = ch.decode_reply(slot, header, frames[1:])   # [N, D] view, valid until release
     ch.release(slot)                      # or ch.abandon(slot) if the request was given up

@@ -1,20 +1,23 @@
 """``inline`` transport: tensor bytes as zero-copy ZeroMQ frames.
 
 Works anywhere ZeroMQ does (tcp across hosts, ipc locally). Sending hands ZeroMQ a
-memoryview of the tensor (``copy=False``: no Python-side copy for frames above
-:data:`COPY_BELOW_BYTES`, below which a memcpy is cheaper); receiving views the ``zmq.Frame`` buffer with
-``torch.frombuffer`` (no copy). Received views are read-only.
+memoryview of the tensor (zero-copy above :data:`COPY_BELOW_BYTES`, below which
+``send_frames`` copies it: a memcpy is cheaper there); receiving views the
+``zmq.Frame`` buffer (``np.frombuffer`` + ``torch.from_numpy``, no copy). Received
+views must not be written.
 """
 
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
 
+import numpy as np
 import torch
 import zmq
 
 from eaas.errors import ProtocolError
 from eaas.platform.protocol import (
+    COPY_BELOW_BYTES,
     DTYPES as _DTYPES,
     Frame,
     Header,
@@ -27,26 +30,19 @@ from eaas.platform.protocol import (
 from eaas.platform.transport.base import Slot
 
 
-#: Payloads below this many bytes travel as copied ``zmq.Frame``s. A zero-copy
-#: send of a Python buffer costs a hand-off to pyzmq's garbage-collector thread
-#: (it must hold the GIL to drop the reference when libzmq is done); on a busy host
-#: that is slower than a memcpy up to a few hundred KiB (measured with
-#: ``eaas bench transport``). Larger payloads are sent zero-copy.
-COPY_BELOW_BYTES = 256 << 10
-
-
 def payload_frames(t: torch.Tensor) -> list[Frame]:
-    """The payload frames for ``t`` (none for an empty tensor).
+    """The payload frames for a contiguous CPU tensor ``t`` (none for an empty one).
 
-    Below :data:`COPY_BELOW_BYTES` the bytes are copied into a ``zmq.Frame`` (``t``
-    may be reused as soon as this returns); above, the frame is a zero-copy view
-    that keeps ``t``'s storage alive until ZeroMQ has sent it.
+    The frame is a byte view of ``t`` (no copy here); :func:`send_frames` copies it
+    into the message below :data:`COPY_BELOW_BYTES` (``t`` may be reused as soon as
+    the send returns) and sends it zero-copy above (``t``'s storage stays alive, and
+    must not be written, until ZeroMQ has sent it).
+
+    Raises:
+        ProtocolError: ``t`` is not contiguous or not on the CPU.
     """
-    n = t.numel() * t.element_size()
-    if not n:
+    if not t.numel():
         return []
-    if n < COPY_BELOW_BYTES and t.is_contiguous() and t.is_cpu:
-        return [zmq.Frame((t.view(torch.uint8) if t.dtype is torch.bfloat16 else t).numpy(), copy=True)]
     return [tensor_buffer(t)]
 
 
@@ -56,14 +52,21 @@ def check_reply_matches(slot: Slot, header: Header) -> None:
     Raises:
         ProtocolError: ``size_mismatch``.
     """
-    if header.shape != tuple(slot.x.shape) or header.torch_dtype != slot.x.dtype:
+    x = slot.x
+    if header.shape != x.shape or _DTYPES.get(header.dtype) != x.dtype:  # type: ignore[arg-type]
         raise ProtocolError(
             f"reply {header.id!r} is {list(header.shape or ())} {header.dtype}, request was "
             f"{list(slot.x.shape)} {slot.x.dtype}", "size_mismatch")
 
 
+#: numpy dtypes to view received frames with (bfloat16 as its 16-bit pattern).
+_NP_DTYPES = {"float32": np.dtype(np.float32), "float16": np.dtype(np.float16), "bfloat16": np.dtype(np.uint16)}
+
+
 def open_inline(header: Header, frames: Sequence[Frame]) -> torch.Tensor:
-    """``[N, D]`` read-only view of an inline payload (validated against the header).
+    """``[N, D]`` view of an inline payload (validated against the header; no copy).
+
+    The view shares the received frame's memory; do not write into it.
 
     Raises:
         ProtocolError: ``size_mismatch``.
@@ -71,11 +74,15 @@ def open_inline(header: Header, frames: Sequence[Frame]) -> torch.Tensor:
     if len(frames) == 1:
         f = frames[0]
         if type(f) is zmq.Frame:  # the hot path: one received frame
-            dt = _DTYPES[header.dtype]  # type: ignore[index]
+            # numpy views the frame and torch.from_numpy wraps it: one light call each,
+            # cheaper than torch.frombuffer(...).view(...) per message.
+            dtype = header.dtype
+            npdt = _NP_DTYPES[dtype]  # type: ignore[index]
             shape = header.shape
             n = len(f)
-            if n and shape is not None and n == shape[0] * shape[1] * dt.itemsize:
-                return torch.frombuffer(f, dtype=dt).view(shape)  # type: ignore[arg-type]
+            if n and shape is not None and n == shape[0] * shape[1] * npdt.itemsize:
+                t = torch.from_numpy(np.frombuffer(f, dtype=npdt).reshape(shape))
+                return t.view(torch.bfloat16) if dtype == "bfloat16" else t
     buf = check_payload_frames(header, frames)
     if buf is None:
         return torch.empty(header.shape, dtype=header.torch_dtype)  # type: ignore[arg-type]
@@ -88,8 +95,8 @@ class InlineClientChannel:
     name = "inline"
 
     def __init__(self) -> None:
-        # Released request tensors below COPY_BELOW_BYTES, for reuse: their bytes were
-        # copied into the frame when the invoke was built, so nothing else holds them.
+        # Released request tensors below COPY_BELOW_BYTES, for reuse: send_frames
+        # copied their bytes into the message, so nothing else holds them.
         self._free: dict[tuple[int, int, torch.dtype], list[torch.Tensor]] = {}
 
     def hello_header(self) -> Header | None:

@@ -16,9 +16,8 @@ import os
 import socket
 from collections import Counter
 from collections.abc import Callable, Container, Hashable, Mapping, Sequence
-from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -148,9 +147,9 @@ def make_client_channel(transport: str, *, arena_bytes: int = 64 << 20, device: 
     raise TransportError(f"unknown transport {transport!r} (known: {', '.join(TRANSPORTS)})")
 
 
-@dataclass(frozen=True, slots=True)
-class Incoming:
-    """What :meth:`WorkerEndpoint.on_message` made of one message.
+class Incoming(NamedTuple):
+    """What :meth:`WorkerEndpoint.on_message` made of one message (one per message:
+    a named tuple, the cheapest immutable record to build).
 
     Attributes:
         header: the validated header (None when it could not be decoded).
