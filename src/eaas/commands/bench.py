@@ -124,6 +124,8 @@ def transport(
     transports: str = typer.Option("inline_ipc,inline_tcp,shm,nixl", "--transports",
                                    help="inline_ipc, inline_tcp, shm, nixl (nixl skipped when not installed)"),
     iters: int = typer.Option(300, "--iters", min=1, help="timed round trips per transport and size"),
+    block: int = typer.Option(50, "--block", min=1,
+                              help="back-to-back round trips per row before the next row's turn (1: every sample cold)"),
     hidden: int = typer.Option(1024, "--hidden", min=1, help="row width D of the float32 payload"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     png: str = typer.Option(None, "--png", help="write round trip and ratio vs payload to this PNG"),
@@ -139,7 +141,7 @@ def transport(
     try:
         cfg = bt.TransportBenchConfig(payload_bytes=tuple(bt.parse_size(s) for s in sizes.split(",") if s.strip()),
                                       transports=tuple(t.strip() for t in transports.split(",") if t.strip()),
-                                      iters=iters, hidden=hidden)
+                                      iters=iters, block=block, hidden=hidden)
     except ValueError as exc:
         typer.echo(f"eaas bench transport: {exc}", err=True)
         raise typer.Exit(2) from None

@@ -14,10 +14,15 @@ baselines:
   without the protocol; frames are sent with the same copy rule as the inline
   transport (copied below ``COPY_BELOW_BYTES``, zero-copy above).
 
-All rows of one payload size are sampled in interleaved rounds (every round times
-each of them once, in a rotating order) after a warm-up, and reported as the median
-(p50) and p99 of their samples, so load from other processes affects a transport and
-its baselines alike.
+All rows of one payload size are sampled in interleaved rounds after a warm-up: every
+round times a block of ``block`` back-to-back round trips of each of them, in an
+order rotated from round to round, and each row reports the median (p50) and p99 of
+all its samples. Back-to-back round trips within a block are the steady state of a
+ping-pong (what ZeroMQ's own ``local_lat``/``remote_lat`` measure, and what a client
+sending a layer's requests to one worker sees); rotating blocks makes load from other
+processes hit a transport and its baselines alike. With ``block=1`` every sample
+starts cold (the other rows ran in between and evicted this path's code and data
+from the caches), which charges each row its cold-start cost instead.
 
 ``bandwidth_gbps`` = ``2 * P * 8 / rtt_p50`` (Gbit/s, bytes moved there and back).
 """
@@ -51,6 +56,7 @@ class TransportBenchConfig:
     transports: tuple[str, ...] = ("inline_ipc", "inline_tcp", "shm", "nixl")
     iters: int = 300
     warmup: int = 30
+    block: int = 50
     hidden: int = 1024
     torch_threads: int = 1
     extra: dict[str, Any] = field(default_factory=dict)
@@ -79,27 +85,32 @@ def _iters_for(iters: int, nbytes: int) -> int:
     return max(30, iters * (1 << 20) // nbytes * 2)
 
 
-def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int) -> dict[str, tuple[float, float]]:
-    """p50/p99 (µs) of every ``fn``, sampled in interleaved rounds.
+def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int,
+                      block: int = 1) -> dict[str, tuple[float, float]]:
+    """p50/p99 (µs) of every ``fn`` over ``iters`` samples each, taken in interleaved rounds.
 
-    Each round times every function once, in an order rotated from round to round,
-    so a burst of load from other processes hits all of them alike and the ratios
-    between them (``ratio_vs_copy``, transport vs bare ZeroMQ) stay stable even when
-    the absolute numbers move. ``warmup`` untimed calls of each function come first.
+    Each round times a block of ``block`` consecutive calls of every function, in an
+    order rotated from round to round, so a burst of load from other processes hits
+    all of them alike and the ratios between them (``ratio_vs_copy``, transport vs
+    bare ZeroMQ) stay stable even when the absolute numbers move. The block is capped
+    at ``iters // 6`` so that there are always at least six rounds. ``warmup``
+    untimed calls of each function come first.
     """
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    block = max(1, min(block, iters // 6))
     names = list(fns)
     samples: dict[str, list[float]] = {n: [] for n in names}
     perf = time.perf_counter
-    for i in range(iters):
+    for i in range(-(-iters // block)):
         k = i % len(names)
         for n in names[k:] + names[:k]:
-            fn = fns[n]
-            t0 = perf()
-            fn()
-            samples[n].append(perf() - t0)
+            fn, out = fns[n], samples[n]
+            for _ in range(min(block, iters - len(out))):
+                t0 = perf()
+                fn()
+                out.append(perf() - t0)
     return {n: _stats(v) for n, v in samples.items()}
 
 
@@ -150,8 +161,8 @@ def _measure(cfg: TransportBenchConfig, clients: dict[str, Any], raw: zmq.Socket
         for t, c in clients.items():
             fns[t] = lambda c=c: c.roundtrip(src, out=dst)
         if progress:
-            progress(f"{nbytes >> 10} KiB: {', '.join(fns)} ({iters} interleaved rounds)")
-        stats = _time_interleaved(fns, iters, cfg.warmup)
+            progress(f"{nbytes >> 10} KiB: {', '.join(fns)} ({iters} round trips each, in blocks of {cfg.block})")
+        stats = _time_interleaved(fns, iters, cfg.warmup, cfg.block)
         for t, c in clients.items():
             dst.zero_()
             c.roundtrip(src, out=dst)
