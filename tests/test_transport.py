@@ -101,6 +101,12 @@ def _carry(endpoint: str, transport: str) -> None:
             y = c.roundtrip(x, [("m/0/0", x.shape[0] // 2), ("m/0/1", x.shape[0] - x.shape[0] // 2)])
             assert y.dtype == x.dtype and y.shape == x.shape
             assert torch.equal(_bits(y), _bits(x)), (transport, x.dtype, tuple(x.shape))
+        # The same shape again and again: inline reuses its released request tensors
+        # (and their byte views), so each reply must carry this request's bytes.
+        for rows in (37, 128):  # 9 KiB and 128 KiB (both under the copy threshold)
+            for i in range(4):
+                x = torch.full((rows, 256), float(i)) + torch.arange(256)
+                assert torch.equal(_bits(c.roundtrip(x)), _bits(x)), (transport, rows, i)
         big = torch.randn(2048, 1024)  # 8 MiB > 4 MiB arena: shm falls back to inline
         assert torch.equal(_bits(c.roundtrip(big)), _bits(big))
     finally:

@@ -47,6 +47,8 @@ class Slot:
         offset: byte offset in the channel's arena (-1 for inline).
         nbytes: payload size in bytes.
         request_id: set by ``invoke_frames``.
+        buf: the payload as a byte ``memoryview`` of ``x`` (``inline``: made once per
+            request tensor and reused with it).
         extra: transport-private state.
     """
 
@@ -55,6 +57,7 @@ class Slot:
     offset: int = -1
     nbytes: int = 0
     request_id: str | int | None = None
+    buf: memoryview | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -79,7 +82,7 @@ class ClientChannel(Protocol):
 
     def invoke_frames(self, slot: Slot, request_id: str | int,
                       segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
-        """Frames of the invoke carrying ``slot.x`` (send with ``copy=False``)."""
+        """Frames of the invoke carrying ``slot.x`` (send them with ``protocol.send_frames``)."""
 
     def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
         """``y[N, D]`` from a validated ``reply`` header; a view valid until release."""

@@ -95,9 +95,10 @@ class InlineClientChannel:
     name = "inline"
 
     def __init__(self) -> None:
-        # Released request tensors below COPY_BELOW_BYTES, for reuse: send_frames
-        # copied their bytes into the message, so nothing else holds them.
-        self._free: dict[tuple[int, int, torch.dtype], list[torch.Tensor]] = {}
+        # Released request tensors below COPY_BELOW_BYTES with their byte views, for
+        # reuse: send_frames copied their bytes into the message, so nothing else
+        # holds them.
+        self._free: dict[tuple[int, int, torch.dtype], list[tuple[torch.Tensor, memoryview]]] = {}
 
     def hello_header(self) -> Header | None:
         return None
@@ -111,22 +112,32 @@ class InlineClientChannel:
 
     def alloc(self, rows: int, hidden: int, dtype: torch.dtype) -> Slot:
         free = self._free.get((rows, hidden, dtype))
-        x = free.pop() if free else torch.empty((rows, hidden), dtype=dtype)
-        return Slot(x=x, transport="inline", nbytes=x.numel() * x.element_size())
+        if free:
+            x, buf = free.pop()
+            return Slot(x=x, transport="inline", nbytes=len(buf), buf=buf)
+        x = torch.empty((rows, hidden), dtype=dtype)
+        return Slot(x=x, transport="inline", nbytes=rows * hidden * dtype.itemsize)
 
     def _recycle(self, slot: Slot) -> None:
-        x = slot.x
-        if 0 < slot.nbytes < COPY_BELOW_BYTES and slot.transport == "inline" and x.is_cpu:
+        buf = slot.buf
+        if buf is not None and slot.transport == "inline" and 0 < slot.nbytes < COPY_BELOW_BYTES:
+            x = slot.x
             free = self._free.setdefault((x.shape[0], x.shape[1], x.dtype), [])
             if len(free) < 4 and len(self._free) <= 64:
-                free.append(x)
+                free.append((x, buf))
 
     def invoke_frames(self, slot: Slot, request_id: str | int,
                       segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
         slot.request_id = request_id
-        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
+        x = slot.x
+        h = encode_invoke(request_id, segments, dtype=x.dtype, hidden=x.shape[1],
                           deadline_ms=deadline_ms, transport="inline")
-        return [h, *payload_frames(slot.x)]
+        if not slot.nbytes:
+            return [h]
+        buf = slot.buf
+        if buf is None:
+            buf = slot.buf = tensor_buffer(x)  # raises unless contiguous and on the CPU
+        return [h, buf]
 
     def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
         check_reply_matches(slot, header)
@@ -161,7 +172,8 @@ class InlineWorkerSide:
         return torch.empty(header.shape, dtype=header.torch_dtype)  # type: ignore[arg-type]
 
     def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
-        y = y.contiguous()
+        if not y.is_contiguous():
+            y = y.contiguous()
         return [encode_reply(header, y), *payload_frames(y)]
 
     def drop_peer(self, peer: Hashable) -> None:
