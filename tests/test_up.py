@@ -116,9 +116,11 @@ def test_streamed_completion_gives_the_same_tokens(up: Up, reference) -> None:  
 def test_models_and_metrics_parse(up: Up) -> None:
     models = httpx.get(f"{up.url}/v1/models", timeout=10).json()
     assert [m["id"] for m in models["data"]] == ["tiny-mixtral"]
+    _complete(up, prompt="count the calls", max_tokens=2, temperature=0)
     text = httpx.get(f"{up.url}/metrics", timeout=10).text
-    names = {f.name for f in text_string_to_metric_families(text)}
-    assert any("expert_calls" in n for n in names), names
+    calls = {s.labels.get("model"): s.value for f in text_string_to_metric_families(text)
+             if f.name == "eaas_expert_calls" for s in f.samples if s.name == "eaas_expert_calls_total"}
+    assert calls.get("tiny-mixtral", 0) > 0, calls  # the expert client's calls, labelled with its model
 
 
 def test_eight_concurrent_completions_share_forward_passes(up: Up, reference) -> None:  # type: ignore[no-untyped-def]

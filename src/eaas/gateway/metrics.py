@@ -50,21 +50,22 @@ class GatewayMetrics:
             ["model", "reason"], registry=r,
         )
         self.expert_calls = Counter(
-            "eaas_expert_calls", "expert requests sent by the attention client", ["function"], registry=r
+            "eaas_expert_calls", "expert function calls sent to workers (one per expert per request)",
+            ["model"], registry=r,
         )
         self.expert_failovers = Counter(
-            "eaas_expert_failovers", "expert requests re-sent to another replica", ["function"], registry=r
+            "eaas_expert_failovers", "expert function calls re-sent to another replica", ["model"], registry=r
         )
 
     # --- hooks for the expert client -------------------------------------------------
 
-    def record_expert_call(self, n: int = 1, function: str = "") -> None:
-        """Count ``n`` expert requests (optionally labelled by function id)."""
-        self.expert_calls.labels(function=function).inc(n)
+    def record_expert_call(self, n: int, model: str) -> None:
+        """Count ``n`` expert function calls of ``model`` sent to workers."""
+        self.expert_calls.labels(model=model).inc(n)
 
-    def record_failover(self, n: int = 1, function: str = "") -> None:
-        """Count ``n`` failovers (a request re-sent to another replica)."""
-        self.expert_failovers.labels(function=function).inc(n)
+    def record_failover(self, n: int, model: str) -> None:
+        """Count ``n`` expert function calls of ``model`` re-sent to another replica."""
+        self.expert_failovers.labels(model=model).inc(n)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of this registry."""

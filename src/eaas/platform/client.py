@@ -131,7 +131,7 @@ class ExpertClient:
         self.transport = transport or self.settings.transport
         self.caps = local_capabilities("cpu")
         self.stats = ClientStats()
-        self.metrics: Any = None  # optional: record_expert_call(n, function), record_failover(n, function)
+        self.metrics: Any = None  # optional: record_expert_call(n, model), record_failover(n, model)
         self._rng = random.Random(seed)
         self._ctx = zmq.Context.instance()
         self._conns: dict[str, _Conn] = {}
@@ -417,7 +417,7 @@ class ExpertClient:
         self.stats.requests += 1
         self.stats.rows += n
         if self.metrics is not None:
-            self.metrics.record_expert_call(len(its))
+            self.metrics.record_expert_call(len(its), self.model)
 
     def _collect(self, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
         """Wait (until the earliest attempt deadline, in short polls) for replies and disconnects."""
@@ -498,7 +498,7 @@ class ExpertClient:
     def _requeue(self, fl: _InFlight, pending: list[_Item], load: Counter[str], reason: str) -> None:
         self.stats.failovers += 1
         if self.metrics is not None:
-            self.metrics.record_failover(len(fl.items))
+            self.metrics.record_failover(len(fl.items), self.model)
         self._suspect_until[fl.wid] = time.monotonic() + self.settings.lease_ttl_s + 1.0
         log.warning("client %s: failing over %d function(s) from worker %s: %s", self.model, len(fl.items), fl.wid, reason)
         for it in fl.items:
