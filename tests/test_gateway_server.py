@@ -121,3 +121,33 @@ def test_bench_serve_json_against_running_gateway(server):
     assert [row["concurrency"] for row in result["rows"]] == [1, 4]
     for row in result["rows"]:
         assert keys <= set(row) and row["failed_requests"] == 0 and row["output_tokens_per_s"] > 0
+
+
+def test_sigterm_finishes_cleanly_with_exit_0(tmp_path):
+    """Its own gateway (the module's server serves the tests above): SIGTERM after a
+    request -> graceful uvicorn shutdown, exit 0, no traceback."""
+    ckpt = write_gateway_checkpoint(tmp_path / "tiny")
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(ckpt), "--monolithic", "--port", str(port)],
+        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        def ready() -> bool:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                return httpx.get(url + "/readyz", timeout=1).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        wait_for(ready, 90, interval_s=0.2, what="gateway /readyz")
+        r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
+        assert r.status_code == 200, r.text
+        proc.terminate()
+        out, _ = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, out
+    assert "Traceback" not in out and "stopped (SIGTERM)" in out, out

@@ -19,7 +19,13 @@ def gateway(
     torch_threads: int = typer.Option(None, "--torch-threads", help="torch intra-op threads (default: EAAS_TORCH_THREADS or 1)"),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="sequences decoded together at most"),
 ) -> None:
-    """Serve MODEL's completions, chat and layer API with continuous batching."""
+    """Serve MODEL's completions, chat and layer API with continuous batching.
+
+    SIGTERM or Ctrl-C: uvicorn stops accepting, finishes the requests in flight,
+    stops the model runner, and the command exits 0.
+    """
+    import signal
+
     import uvicorn
 
     from eaas.gateway.serve import build_gateway
@@ -29,4 +35,12 @@ def gateway(
     app = build_gateway(model, settings, monolithic=monolithic, name=name)
     typer.echo(f"eaas gateway: serving {app.state.runners and next(iter(app.state.runners))} "
                f"on http://{settings.host}:{settings.port}", err=True)
+    # uvicorn handles SIGTERM/SIGINT while it serves, then restores these handlers
+    # and raises the signal again; with the defaults that re-raise would kill the
+    # process after a clean shutdown (exit 143) or print a KeyboardInterrupt.
+    stopped: list[int] = []
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, _frame: stopped.append(signum))
     uvicorn.run(app, host=settings.host, port=settings.port, log_level="warning")
+    if stopped:
+        typer.echo(f"eaas gateway: stopped ({signal.Signals(stopped[0]).name})", err=True)
