@@ -313,6 +313,10 @@ class ShmWorkerSide:
     def __init__(self, max_arena_bytes: int) -> None:
         self.max_arena_bytes = max_arena_bytes
         self._peers: dict[Hashable, dict[str, tuple[ShmArena, int]]] = {}  # peer -> name -> (arena, pid)
+        # peer -> (arena, offset, nbytes, dtype, shape) -> view, for handles that passed
+        # _region's checks once: a client reuses the same few slots request after
+        # request, and the reply looks its request's region up again.
+        self._regions: dict[Hashable, dict[tuple, torch.Tensor]] = {}
 
     @property
     def num_arenas(self) -> int:
@@ -338,11 +342,19 @@ class ShmWorkerSide:
     def _region(self, peer: Hashable, header: Header) -> torch.Tensor:
         hd = header.handle
         name = hd.get("arena")
+        off, nbytes = hd.get("offset"), hd.get("nbytes")
+        regions = self._regions.get(peer)
+        key = None
+        if type(off) is int and type(nbytes) is int and type(name) is str:
+            key = (name, off, nbytes, header.dtype, header.shape)
+            if regions is not None:
+                v = regions.get(key)
+                if v is not None:
+                    return v
         entry = self._peers.get(peer, {}).get(name) if isinstance(name, str) else None
         if entry is None:
             raise ProtocolError(f"shm arena {name!r:.80} was not announced by this peer", "unknown_arena")
         arena = entry[0]
-        off, nbytes = hd.get("offset"), hd.get("nbytes")
         if type(off) is not int or type(nbytes) is not int:
             raise ProtocolError("shm handle needs int 'offset' and 'nbytes'", "bad_handle")
         if nbytes != header.nbytes:
@@ -351,7 +363,14 @@ class ShmWorkerSide:
         if off < 0 or off + nbytes > arena.size or off % header.torch_dtype.itemsize:
             raise ProtocolError(f"shm range [{off}, {off + nbytes}) is outside arena {name} "
                                 f"of {arena.size} bytes (or misaligned)", "bad_handle")
-        return arena.view(off, nbytes, header.torch_dtype, header.shape)  # type: ignore[arg-type]
+        v = arena.view(off, nbytes, header.torch_dtype, header.shape)  # type: ignore[arg-type]
+        if key is not None:
+            if regions is None:
+                regions = self._regions[peer] = {}
+            elif len(regions) >= MAX_CACHED_VIEWS:
+                regions.clear()
+            regions[key] = v
+        return v
 
     def open_request(self, peer: Hashable, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
         if frames:
@@ -363,7 +382,7 @@ class ShmWorkerSide:
 
     def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
         out = self._region(peer, header)
-        if tuple(y.shape) != tuple(out.shape) or y.dtype != out.dtype:
+        if y.shape != out.shape or y.dtype != out.dtype:
             raise ProtocolError(f"y is {list(y.shape)} {y.dtype}, request was {list(out.shape)} {out.dtype}",
                                 "internal")
         if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
@@ -371,6 +390,7 @@ class ShmWorkerSide:
         return [encode_reply(header, y, handle=header.handle)]
 
     def drop_peer(self, peer: Hashable) -> None:
+        self._regions.pop(peer, None)
         for arena, _ in self._peers.pop(peer, {}).values():
             arena.close()
 
@@ -380,9 +400,14 @@ class ShmWorkerSide:
         for peer, arenas in list(self._peers.items()):
             for name, (arena, pid) in list(arenas.items()):
                 if not pid_alive(pid):
+                    regions = self._regions.get(peer)
+                    if regions:
+                        for key in [k for k in regions if k[0] == name]:
+                            del regions[key]
                     arena.close()
                     del arenas[name]
                     dropped += 1
             if not arenas:
                 del self._peers[peer]
+                self._regions.pop(peer, None)
         return dropped
