@@ -43,7 +43,7 @@ import numpy as np
 import torch
 import zmq
 
-from eaas.platform.transport.inline import COPY_BELOW_BYTES
+from eaas.platform.protocol import COPY_BELOW_BYTES
 
 DEFAULT_SIZES = (64 << 10, 256 << 10, 1 << 20, 4 << 20, 16 << 20)
 
