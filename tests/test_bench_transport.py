@@ -36,8 +36,13 @@ def test_bench_transport_cli_json_and_png(tmp_path):
             assert r["ratio_vs_copy"] == pytest.approx(copy_p50 / r["rtt_p50_us"], abs=2e-3, rel=2e-2)
             assert r["bandwidth_gbps"] == pytest.approx(2 * size * 8 / (r["rtt_p50_us"] * 1e3), rel=2e-2)
     checks = out["checks"]
+    by_65k = {r["transport"]: r for r in rows if r["payload_bytes"] == 65536}
     assert checks["smallest_payload_bytes"] == 65536
     assert isinstance(checks["shm_smallest_within_2x_bare_zmq"], bool)
+    assert isinstance(checks["inline_smallest_within_2x_bare_zmq"], bool)
+    assert checks["shm_ratio_vs_copy_ge_0.6_at_4MiB_plus"] is None  # no payload >= 4 MiB in this run
+    assert checks["shm_smallest_within_2x_bare_zmq"] == (
+        by_65k["shm"]["rtt_p50_us"] <= 2 * by_65k["zmq_bare_ipc"]["rtt_p50_us"])
     assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 

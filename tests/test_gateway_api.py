@@ -178,6 +178,19 @@ def test_chat_and_models(gateway):
     assert get(gateway, "/readyz").json()["ready"] is True
 
 
+def test_streamed_chat_sends_the_role_once_and_the_same_text(gateway):
+    body = {"model": MODEL, "messages": [{"role": "user", "content": "tell me"}], "max_tokens": 8,
+            "temperature": 0, "ignore_eos": True}
+    whole = post(gateway, "/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    r = post(gateway, "/v1/chat/completions", json={**body, "stream": True})
+    assert r.status_code == 200, r.text
+    deltas = [c["delta"] for e in _sse_events(r.text) for c in e["choices"]]
+    assert len(deltas) >= 2 and all(e["object"] == "chat.completion.chunk" for e in _sse_events(r.text))
+    assert deltas[0].get("role") == "assistant"  # OpenAI: the role comes in the first delta only
+    assert all("role" not in d for d in deltas[1:])
+    assert "".join(d.get("content", "") for d in deltas) == whole
+
+
 BAD_JSON = [
     (b"{not json", 400),
     (json.dumps({"model": MODEL, "prompt": 5}).encode(), 400),

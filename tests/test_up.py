@@ -123,6 +123,14 @@ def test_models_and_metrics_parse(up: Up) -> None:
     assert calls.get("tiny-mixtral", 0) > 0, calls  # the expert client's calls, labelled with its model
 
 
+def test_chat_completion_on_the_default_model(up: Up) -> None:
+    r = httpx.post(f"{up.url}/v1/chat/completions", timeout=120,
+                   json={"model": "tiny-mixtral", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+    assert r.status_code == 200, r.text  # the tiny checkpoint's tokenizer has a chat template
+    choice = r.json()["choices"][0]
+    assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
+
+
 def test_eight_concurrent_completions_share_forward_passes(up: Up, reference) -> None:  # type: ignore[no-untyped-def]
     prompts = [f"{PROMPT} {i}" for i in range(8)]
     results: dict[int, dict] = {}

@@ -153,8 +153,15 @@ def transport(
     if json_out:
         typer.echo(json.dumps(result))
     else:
-        Console().print(bt.summary_table(result))
-        Console().print(result["checks"])
+        console = Console()
+        console.print(bt.summary_table(result))
+        checks = result["checks"]
+        small = checks["smallest_payload_bytes"] >> 10
+        for label, key in (("shm ratio_vs_copy >= 0.6 at >= 4 MiB", "shm_ratio_vs_copy_ge_0.6_at_4MiB_plus"),
+                           (f"inline_ipc {small} KiB round trip <= 2x bare ZeroMQ", "inline_smallest_within_2x_bare_zmq"),
+                           (f"shm {small} KiB round trip <= 2x bare ZeroMQ", "shm_smallest_within_2x_bare_zmq")):
+            verdict = {True: "yes", False: "no", None: "not measured"}[checks[key]]
+            console.print(f"check: {label}: {verdict}", highlight=False)
         if png:
             Console().print(f"plot: {png}")
 

@@ -29,6 +29,12 @@ logger = logging.getLogger(__name__)
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"
+#: Jinja chat template of the tiny tokenizers (plain-text role markers; the tiny
+#: vocabulary has no special role tokens), so ``/v1/chat/completions`` works on them.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
 DEFAULT_VOCAB_SIZE = 512
 NUM_HEADS = 4
 NUM_KV_HEADS = 2
@@ -241,6 +247,7 @@ def write_tiny_checkpoint(
         fast = PreTrainedTokenizerFast(
             tokenizer_object=tok, bos_token=EOS_TOKEN, eos_token=EOS_TOKEN, pad_token=PAD_TOKEN
         )
+        fast.chat_template = CHAT_TEMPLATE
         fast.save_pretrained(out)
     finally:
         hf_logging.set_verbosity(verbosity)

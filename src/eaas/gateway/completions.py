@@ -176,10 +176,14 @@ class Generation:
         completion = sum(len(h.token_ids) for h in self.handles)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
 
-    def _choice(self, i: int, text: str, reason: str | None, token_ids: list[int] | None, delta: bool) -> dict:
+    def _choice(self, i: int, text: str, reason: str | None, token_ids: list[int] | None, delta: bool,
+                role: bool = True) -> dict:
         if self.chat:
-            key = "delta" if delta else "message"
-            return {"index": i, key: {"role": "assistant", "content": text}, "finish_reason": reason}
+            if not delta:
+                return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+            # OpenAI streams the role in a choice's first delta only
+            body = {"role": "assistant", "content": text} if role else {"content": text}
+            return {"index": i, "delta": body, "finish_reason": reason}
         return {"index": i, "text": text, "token_ids": token_ids, "logprobs": None, "finish_reason": reason}
 
     def _envelope(self, choices: list[dict], stream: bool) -> dict:
@@ -232,6 +236,7 @@ class Generation:
 
         async def body() -> AsyncIterator[str]:
             pending: tuple[int, GenerationEvent] | None = first
+            role_sent: set[int] = set()
             try:
                 while pending is not None:
                     i, event = pending
@@ -240,7 +245,8 @@ class Generation:
                         break
                     if event.token_ids or event.finish_reason is not None:
                         choice = self._choice(i, event.text, _finish_str(event.finish_reason),
-                                              list(event.token_ids), delta=True)
+                                              list(event.token_ids), delta=True, role=i not in role_sent)
+                        role_sent.add(i)
                         yield f"data: {json.dumps(self._envelope([choice], stream=True))}\n\n"
                     pending = await anext(events, None)
                 if include_usage:

@@ -11,6 +11,7 @@ no orphan process, no leaked shared memory, state file removed.
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,15 +32,29 @@ Progress = Callable[[str, int, int], None]
 """``progress(step, done, total)``: a hook for the CLI's progress display."""
 
 
+def _has_chat_template(path: Path) -> bool:
+    """The tokenizer in ``path`` has a chat template (its own file, or inside its config)."""
+    if (path / "chat_template.jinja").is_file():
+        return True
+    config = path / "tokenizer_config.json"
+    return config.is_file() and '"chat_template"' in config.read_text(encoding="utf-8")
+
+
 def default_model_dir(settings: Settings) -> Path:
-    """The tiny Mixtral checkpoint under the cache directory, written on first use."""
+    """The tiny Mixtral checkpoint under the cache directory, written on first use
+    (and written again over a copy cached by a version without a chat template)."""
     from eaas.functions import write_tiny_checkpoint
 
     path = Path(settings.cache_dir) / "models" / TINY_MODEL_NAME
-    if not (path / "config.json").is_file():
+    if not (path / "config.json").is_file() or not _has_chat_template(path):
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(path.name + ".partial")
         write_tiny_checkpoint("mixtral", tmp)
+        if path.exists():
+            old = path.with_name(path.name + ".old")
+            shutil.rmtree(old, ignore_errors=True)
+            path.replace(old)
+            shutil.rmtree(old, ignore_errors=True)
         tmp.replace(path)
     return path
 
