@@ -33,6 +33,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 
+from eaas.errors import ProtocolError
 from eaas.platform.protocol import Frame, Header
 
 
@@ -98,6 +99,22 @@ class ClientChannel(Protocol):
 
     def close(self) -> None:
         """Free everything; the worker learns through ``bye`` or by sweeping."""
+
+
+def write_reply(out: torch.Tensor, y: torch.Tensor) -> None:
+    """Put the worker's output ``y[N, D]`` into the request's arena region ``out[N, D]``.
+
+    No copy when ``y`` already is that region (a computation that wrote into
+    ``reply_view``, or an echo); otherwise one ``copy_``.
+
+    Raises:
+        ProtocolError: ``internal`` when ``y``'s shape or dtype differ from the region's.
+    """
+    if y.shape != out.shape or y.dtype != out.dtype:
+        raise ProtocolError(f"y is {list(y.shape)} {y.dtype}, request was {list(out.shape)} {out.dtype}",
+                            "internal")
+    if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
+        out.copy_(y)
 
 
 class ArenaSlots:

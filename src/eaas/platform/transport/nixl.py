@@ -39,7 +39,7 @@ import torch
 
 from eaas.errors import ProtocolError, TransportError
 from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import ArenaSlots, Slot
+from eaas.platform.transport.base import ArenaSlots, Slot, write_reply
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 from eaas.platform.transport.shm import Allocator
 
@@ -356,10 +356,7 @@ class NixlWorkerSide:
 
     def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
         st, out = self._region(peer, header)
-        if tuple(y.shape) != tuple(out.shape) or y.dtype != out.dtype:
-            raise ProtocolError(f"y is {list(y.shape)} {y.dtype}, request was {list(out.shape)}", "internal")
-        if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
-            out.copy_(y)
+        write_reply(out, y)
         off = header.handle["offset"]
         if header.nbytes:
             _Agent.get().write(out.data_ptr(), st["agent"], st["addr"] + off, header.nbytes,

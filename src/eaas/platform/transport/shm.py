@@ -33,7 +33,7 @@ import torch
 
 from eaas.errors import ProtocolError, TransportError
 from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import ArenaSlots, Slot
+from eaas.platform.transport.base import ArenaSlots, Slot, write_reply
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
 
 log = logging.getLogger(__name__)
@@ -382,11 +382,7 @@ class ShmWorkerSide:
 
     def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
         out = self._region(peer, header)
-        if y.shape != out.shape or y.dtype != out.dtype:
-            raise ProtocolError(f"y is {list(y.shape)} {y.dtype}, request was {list(out.shape)} {out.dtype}",
-                                "internal")
-        if y.data_ptr() != out.data_ptr() or y.stride() != out.stride():
-            out.copy_(y)
+        write_reply(out, y)
         return [encode_reply(header, y, handle=header.handle)]
 
     def drop_peer(self, peer: Hashable) -> None:
