@@ -181,3 +181,47 @@ def test_config_from_mapping():
     assert AutoscalerConfig.from_mapping({"max_replicas": 16, "min_replicas": None}).max_replicas == 16
     with pytest.raises(ConfigError, match="unknown"):
         AutoscalerConfig.from_mapping({"max_replica": 3})
+
+
+def _first_scale_down(config, ready_at, start_s=100.0, ticks=40):
+    """Drive a fresh policy (a restarted autoscaler) under steady load 0.5 with ``ready_at(t)``
+    ready workers; return the first time it asks for fewer than 3."""
+    state = PolicyState()
+    for tick in range(ticks):
+        t = start_s + tick
+        decision, state = decide(MetricsSnapshot(now_s=t, workers=tuple(workers(ready_at(t), 0.5, config, t))),
+                                 config, state)
+        if decision.desired[SHARD] < 3:
+            return t - start_s
+    return None
+
+
+@pytest.mark.parametrize("restart_at", [None, 5.0])
+def test_a_fresh_autoscaler_does_not_scale_down_before_a_full_window(restart_at):
+    """Issue 21: a restarted autoscaler (look_back 10 s, downscale delay 10 s) under steady load that
+    fits one replica holds 3 until it has seen 10 s of load; a worker that restarts (ready 3 -> 2 -> 3)
+    restarts that window, so the scale-down waits 10 s from the change too."""
+    config = AutoscalerConfig(min_replicas=1, max_replicas=8, upscale_delay_s=10, downscale_delay_s=10,
+                              look_back_s=10, target_queue_tokens_per_replica=1000, panic_threshold=2.0)
+    if restart_at is None:
+        assert _first_scale_down(config, lambda t: 3) == 10.0
+    else:
+        first = _first_scale_down(config, lambda t: 2 if t - 100.0 == restart_at else 3)
+        assert first == restart_at + 1 + 10.0, first  # the window restarts when 3 are ready again
+
+
+def test_the_window_restarts_when_the_pool_changes():
+    config = AutoscalerConfig(min_replicas=1, max_replicas=8, downscale_delay_s=5, look_back_s=5,
+                              target_queue_tokens_per_replica=1000)
+    state = PolicyState()
+    for t in range(6):  # 3 ready for 6 s: window full
+        _, state = decide(MetricsSnapshot(now_s=float(t), workers=tuple(workers(3, 2.9, config, float(t)))), config, state)
+    assert state.shards[SHARD].window_since_s == 0.0
+    _, state = decide(MetricsSnapshot(now_s=6.0, workers=tuple(workers(2, 0.2, config, 6.0))), config, state)
+    assert state.shards[SHARD].window_since_s == 6.0 and state.shards[SHARD].ready == 2
+
+
+def test_config_refuses_a_downscale_delay_shorter_than_the_window():
+    with pytest.raises(ConfigError, match="downscale_delay_s=3.0 must be >= look_back_s=10.0"):
+        AutoscalerConfig(look_back_s=10.0, downscale_delay_s=3.0)
+    AutoscalerConfig(look_back_s=10.0, downscale_delay_s=10.0)  # equal is fine

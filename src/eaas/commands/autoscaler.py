@@ -56,7 +56,7 @@ def autoscaler(
     from eaas.platform.autoscale.mechanism import Autoscaler
     from eaas.platform.autoscale.publish import DesiredReplicasServer
     from eaas.platform.pool import LocalPool
-    from eaas.registry.deployment import open_registry
+    from eaas.registry.deployment import connect_registry
     from eaas.settings import get_settings
 
     flags = dict(min_replicas=min_replicas, max_replicas=max_replicas, target_queue_tokens_per_replica=target_queue_tokens,
@@ -64,7 +64,7 @@ def autoscaler(
                  look_back_s=look_back_s, panic_threshold=panic_threshold, metrics_stale_s=metrics_stale_s)  # fmt: skip
     config = AutoscalerConfig.from_mapping({**config_from_env(), **{k: v for k, v in flags.items() if v is not None}})
     settings = get_settings()
-    registry, _ = open_registry(settings)
+    registry = connect_registry(settings, f"autoscaler {model}")
     spec = registry.model(model)
     plan = plan_shards(int(spec["num_experts"]), shards, config.min_replicas)
     pool = None if publish_only else LocalPool(registry, redis_url=settings.redis_url, die_with_parent=not detach_workers)

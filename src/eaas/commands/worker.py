@@ -33,11 +33,11 @@ def worker(
     from eaas.functions import load_shard
     from eaas.platform.shards import parse_shard_spec
     from eaas.platform.worker import ExpertWorker
-    from eaas.registry.deployment import open_registry
+    from eaas.registry.deployment import connect_registry
 
     settings = get_settings(device=device, torch_threads=torch_threads, advertise_host=advertise_host)
     torch.set_num_threads(settings.torch_threads)
-    registry, _ = open_registry(settings)
+    registry = connect_registry(settings, f"worker {worker_id or model}")
     spec = registry.model(model)
     pairs = parse_shard_spec(shard, spec["moe_layers"], int(spec["num_experts"]))
     with err_console.status(f"loading {len(pairs)} experts of {model} onto {settings.device}"):

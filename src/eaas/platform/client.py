@@ -49,7 +49,8 @@ from eaas.settings import Settings, get_settings
 log = logging.getLogger(__name__)
 
 #: error codes after which the same rows may succeed on another replica
-RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena", "bad_handle"})
+RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena",
+                             "bad_handle", "reply_dropped"})
 _HELLO_TIMEOUT_S = 2.0
 _CONNECT_TIMEOUT_MS = 250
 

@@ -200,13 +200,13 @@ def load_model(
         DeploymentNotFound / RegistryUnavailable: no registry reachable.
     """
     from eaas.platform.client import ExpertClient
-    from eaas.registry.deployment import open_registry
+    from eaas.registry.deployment import connect_registry
     from eaas.settings import get_settings
 
     settings = settings or get_settings()
-    if registry is None:
-        registry, _ = open_registry(settings)
     name = Path(model).name if Path(model).is_dir() else str(model)
+    if registry is None:
+        registry = connect_registry(settings, f"attention client {name}")
     spec = registry.model(name)
     hf_model = load_client_model(spec["checkpoint"], dtype=dtype)
     client = ExpertClient(registry, name, settings=settings)

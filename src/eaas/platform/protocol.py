@@ -88,6 +88,7 @@ ERROR_CODES = frozenset({
     "bad_handle",          # handle fields missing / outside the arena
     "unknown_arena",       # handle names an arena this peer never announced
     "internal",            # the worker failed computing (not the sender's fault)
+    "reply_dropped",       # the reply could not be delivered (the client's queue was full); re-send
 })
 
 Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (has .buffer)

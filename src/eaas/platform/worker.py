@@ -32,7 +32,8 @@ import torch
 import zmq
 
 from eaas.errors import EaaSError, ProtocolError
-from eaas.platform.protocol import Header, now_ms, recv_frames, send_frames
+from eaas.platform.outbox import ReplyOutbox
+from eaas.platform.protocol import Header, now_ms, recv_frames
 from eaas.platform.transport.select import WorkerEndpoint
 from eaas.registry.records import WorkerRecord, WorkerState, WorkerStats
 from eaas.registry.store import Registry
@@ -108,7 +109,7 @@ class ExpertWorker:
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 1000)
-        self._sock.setsockopt(zmq.ROUTER_MANDATORY, 0)
+        self.outbox = ReplyOutbox(self._sock, self.id, send_timeout_ms=settings.reply_send_timeout_ms)
         addr = bind or f"tcp://{settings.bind_host}:0"
         if addr.startswith("tcp://") and addr.endswith(":0"):
             port = self._sock.bind_to_random_port(addr[: -len(":0")])
@@ -160,6 +161,7 @@ class ExpertWorker:
             queue_tokens=q_tokens, queue_requests=q_reqs, tokens_served=self.tokens_served,
             requests_served=self.requests_served, batches=self.batches, busy_fraction=frac,
             function_tokens=dict(self.function_tokens), cross_client_batches=self.cross_client_batches,
+            replies_dropped=self.outbox.dropped,
         )  # fmt: skip
 
     def _heartbeat_loop(self) -> None:
@@ -201,8 +203,11 @@ class ExpertWorker:
             peer = frames[0]
             inc = self.endpoint_io.on_message(peer, frames[1:])
             if inc.reply is not None:
-                send_frames(self._sock, [peer, *inc.reply])
+                self.outbox.send(peer, inc.reply, inc.header.id if inc.header is not None else None)
             elif inc.x is not None and inc.header is not None:
+                if self.outbox.congested(peer):  # its reply could not be delivered: do not compute it
+                    self.outbox.drop(peer, inc.header.id)
+                    continue
                 with self._lock:
                     self._pending.append(_Pending(peer, inc.header, inc.x, time.monotonic()))
         return got
@@ -249,7 +254,7 @@ class ExpertWorker:
             n = p.x.shape[0]
             try:
                 frames = self.endpoint_io.reply_frames(p.peer, p.header, y[row : row + n])
-                send_frames(self._sock, [p.peer, *frames])
+                self.outbox.send(p.peer, frames, p.header.id)
             except ProtocolError as e:
                 self._reply_error(p, e)
             row += n
@@ -260,9 +265,9 @@ class ExpertWorker:
 
     def _reply_error(self, p: _Pending, err: Exception) -> None:
         try:
-            send_frames(self._sock, [p.peer, *self.endpoint_io.error_reply(p.header.id, err)])
-        except zmq.ZMQError:
-            pass
+            self.outbox.send(p.peer, self.endpoint_io.error_reply(p.header.id, err), p.header.id)
+        except zmq.ZMQError as e:
+            log.warning("worker %s: error reply to request %r failed: %s", self.id, p.header.id, e)
 
     def serve(self, install_signal_handlers: bool = True) -> int:
         """Register, serve until drained, deregister. Returns the exit code (0).
@@ -287,6 +292,8 @@ class ExpertWorker:
                 batch = self._take_batch()
                 if batch:
                     self._run_batch(batch)
+                if self.outbox.owed:
+                    self.outbox.flush()
                 if time.monotonic() - last_sweep > 5.0:
                     self.endpoint_io.sweep()
                     last_sweep = time.monotonic()

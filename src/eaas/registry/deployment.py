@@ -10,16 +10,21 @@ the state file. A state file whose owner process is dead is ignored.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from eaas.errors import DeploymentNotFound
+from eaas.backoff import backoff_s
+from eaas.errors import DeploymentNotFound, RegistryUnavailable
 from eaas.procs import pid_alive
 from eaas.registry.server import RedisServer
 from eaas.registry.store import Registry
 from eaas.settings import Settings
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,3 +108,48 @@ def open_registry(settings: Settings, start_if_missing: bool = False) -> tuple[R
         )
     server = RedisServer().start()
     return Registry.from_url(server.url, settings.prefix, settings.redis_timeout_s), server
+
+
+def connect_registry(settings: Settings, what: str, *, timeout_s: float | None = None) -> Registry:
+    """Connect a long-running process (worker, gateway, autoscaler) to its registry, waiting for Redis.
+
+    A process started while Redis is briefly down (a restart, a failover) should come
+    up once it is back rather than exit: Redis is pinged with capped exponential
+    backoff and jitter (:func:`eaas.backoff.backoff_s`, 0.1 s doubling to 2 s) until
+    ``timeout_s`` (default ``settings.startup_timeout_s``) has passed. The first
+    failure is logged at WARNING, every later attempt in one INFO line with the
+    time left. Admin commands use :func:`open_registry` instead and fail at once.
+
+    Args:
+        settings: the settings object (``redis_url``/state file, ``startup_timeout_s``).
+        what: who is starting, for the log lines (``"worker w1"``).
+        timeout_s: the start-up deadline in seconds from now.
+
+    Raises:
+        DeploymentNotFound: no Redis URL and no recorded deployment (nothing to wait for).
+        RegistryUnavailable: Redis did not answer before the deadline.
+    """
+    registry, _ = open_registry(settings)
+    limit_s = settings.startup_timeout_s if timeout_s is None else timeout_s
+    deadline = time.monotonic() + limit_s
+    attempt = 0
+    while True:
+        try:
+            registry.ping()
+            if attempt:
+                log.warning("%s: registry reachable after %d attempts", what, attempt + 1)
+            return registry
+        except RegistryUnavailable as e:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                registry.close()
+                raise RegistryUnavailable(
+                    f"{what}: registry still unreachable after {limit_s:g} s ({e}); giving up"
+                    " (EAAS_STARTUP_TIMEOUT_S sets how long to wait)"
+                ) from None
+            delay = min(left, backoff_s(attempt, 0.1, 2.0))
+            (log.warning if attempt == 0 else log.info)(
+                "%s: registry unreachable (%s); attempt %d, retrying in %.2f s, giving up in %.1f s",
+                what, e, attempt + 1, delay, left)
+            attempt += 1
+            time.sleep(delay)

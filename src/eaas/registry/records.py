@@ -54,6 +54,9 @@ class WorkerRecord:
         requests_served: requests answered since start.
         batches: forward batches run since start.
         cross_client_batches: batches that mixed requests of several clients.
+        replies_dropped: replies the worker could not deliver (the client's queue was
+            full or it was gone); each was failed with a ``reply_dropped`` error reply
+            when the client read again (:mod:`eaas.platform.outbox`).
         busy_fraction: share of wall time spent computing over the last heartbeat period.
         function_tokens: rows computed per function id since start.
         started_at_s: unix time of start.
@@ -77,6 +80,7 @@ class WorkerRecord:
     requests_served: int = 0
     batches: int = 0
     cross_client_batches: int = 0
+    replies_dropped: int = 0
     busy_fraction: float = 0.0
     function_tokens: dict[str, int] = field(default_factory=dict)
     started_at_s: float = 0.0
@@ -138,6 +142,7 @@ class WorkerRecord:
             requests_served=num("requests_served", int),
             batches=num("batches", int),
             cross_client_batches=num("cross_client_batches", int),
+            replies_dropped=num("replies_dropped", int),
             busy_fraction=num("busy_fraction", float, 0.0),
             function_tokens=js("function_tokens", {}),
             started_at_s=num("started_at_s", float, 0.0),
@@ -158,6 +163,7 @@ class WorkerStats:
     busy_fraction: float = 0.0
     function_tokens: dict[str, int] = field(default_factory=dict)
     cross_client_batches: int = 0
+    replies_dropped: int = 0
 
     def to_hash(self, now_s: float) -> dict[str, str]:
         return {
@@ -167,6 +173,7 @@ class WorkerStats:
             "requests_served": str(self.requests_served),
             "batches": str(self.batches),
             "cross_client_batches": str(self.cross_client_batches),
+            "replies_dropped": str(self.replies_dropped),
             "busy_fraction": f"{self.busy_fraction:.4f}",
             "function_tokens": json.dumps(self.function_tokens, sort_keys=True),
             "heartbeat_at_s": f"{now_s:.6f}",

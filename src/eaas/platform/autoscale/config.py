@@ -41,12 +41,14 @@ class AutoscalerConfig:
         upscale_delay_s: how long a scale-up proposal must persist before it is
             applied; also the least time between two changes of a shard upwards.
         downscale_delay_s: the same for scale-down (longer: scaling down too early
-            costs latency, too late only money).
+            costs latency, too late only money); at least ``look_back_s``.
         upscale_smoothing_factor: gain on each scale-up step (Ray Serve): 1 goes
             straight to the proposal, 0.5 half-way.
         downscale_smoothing_factor: the same for scale-down.
         look_back_s: time constant of the exponential moving average of the load
-            that normal (non-panic) decisions use.
+            that normal (non-panic) decisions use; also the window of samples a
+            shard must hold (since the autoscaler started or its ready count last
+            changed) before it may scale down.
         panic_threshold: ratio of the instantaneous load to the ready replicas at
             or above which the shard scales up at once, skipping delay and
             smoothing (Knative's panic mode; 2.0 = twice what it can serve).
@@ -92,6 +94,9 @@ class AutoscalerConfig:
         need(self.hot_expert_factor > 1.0, f"hot_expert_factor={self.hot_expert_factor!r} must be > 1")
         need(self.max_hot_replicas >= 0, f"max_hot_replicas={self.max_hot_replicas!r} must be >= 0")
         need(self.metrics_stale_s > 0, f"metrics_stale_s={self.metrics_stale_s!r} must be > 0")
+        need(not (self.downscale_delay_s < self.look_back_s),
+             f"downscale_delay_s={self.downscale_delay_s!r} must be >= look_back_s={self.look_back_s!r}:"
+             " a scale-down must rest on at least one full window of smoothed load")
         if problems:
             raise ConfigError("invalid autoscaler config: " + "; ".join(problems))
 

@@ -136,11 +136,19 @@ class ShardState:
         target: the shard's replica target and pending proposal.
         load_ema: smoothed load (replica-equivalents); ``None`` before the first measure.
         ema_at_s: clock time of the last update of ``load_ema``.
+        window_since_s: start of the current window of load samples (the first
+            tick with a ready replica, or the last change of the ready count);
+            ``None`` before the first measure. Scale-down waits until the window
+            spans ``look_back_s``: a restarted autoscaler must not shrink the pool
+            on one sample.
+        ready: ready replicas at the last tick (a change restarts the window).
     """
 
     target: TargetState
     load_ema: float | None = None
     ema_at_s: float = 0.0
+    window_since_s: float | None = None
+    ready: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +244,9 @@ def decide(
         ts = prev.target if prev else TargetState(_clamp(len(ready) + starting, config))
         ema = prev.load_ema if prev else None
         ema_at_s = prev.ema_at_s if prev else now_s
+        window_since_s = prev.window_since_s if prev else None
+        if ready and (window_since_s is None or (prev is not None and prev.ready != len(ready))):
+            window_since_s = now_s  # first sample, or the pool changed: a new window of load starts
 
         if not ready:
             ts = replace(ts, replicas=_clamp(ts.replicas, config), pending=0)
@@ -260,12 +271,20 @@ def decide(
                     config.upscale_smoothing_factor if ema > ts.replicas else config.downscale_smoothing_factor
                 )
                 proposal = _clamp(math.ceil(ts.replicas + (ema - ts.replicas) * factor - 1e-9), config)
-                ts, step_note = _step_target(ts, proposal, now_s, config)
+                window_s = now_s - (window_since_s if window_since_s is not None else now_s)
+                if proposal < ts.replicas and window_s < config.look_back_s:
+                    # the proposal keeps pending (its delay runs) but is not applied before a full window
+                    since_s = ts.pending_since_s if ts.pending == -1 else now_s
+                    ts = replace(ts, pending=-1, pending_since_s=since_s)
+                    step_note = (f"down to {proposal} held: {window_s:.0f}s of load seen,"
+                                 f" {config.look_back_s:g}s needed")
+                else:
+                    ts, step_note = _step_target(ts, proposal, now_s, config)
                 note = f"load {ema:.2f} (now {raw:.2f}) on {len(ready)} ready: {step_note}"
             loads[shard] = ema
         desired[shard] = ts.replicas
         reasons[shard] = f"{shard}: {note}"
-        new_shards[shard] = ShardState(ts, ema, ema_at_s)
+        new_shards[shard] = ShardState(ts, ema, ema_at_s, window_since_s, len(ready))
 
     hot_extra, new_hot = _decide_hot(snapshot, config, state, loads, desired, reasons)
     decision = Decision(desired, hot_extra, reasons, loads, frozenset(panic))
