@@ -305,7 +305,8 @@ def test_no_replica_maps_to_503(loaded):
         r = post(app, "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 3, "stream": True})
         assert r.status_code == 503
         r = get(app, "/readyz")
-        assert r.status_code == 503 and r.json()["detail"] == {"missing": ["tiny/0/3"]}
+        assert r.status_code == 503 and r.json()["detail"]["missing"] == ["tiny/0/3"]
+        assert r.json()["detail"]["runners"][MODEL]["alive"] is True
     finally:
         runner.stop()
 
@@ -339,3 +340,81 @@ def test_lone_surrogate_is_a_400_not_a_500(gateway):
     body = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}'
     r = post(gateway, "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
+
+
+class _Wrapped(torch.nn.Module):
+    """The tiny model behind a hook: ``poison`` (a token id) in a prefill gives NaN logits, ``gate``
+    (an Event) makes every forward wait for it. Stands in for a checkpoint with a NaN expert and for
+    a hung expert call; the runner sees exactly what it would see from them."""
+
+    def __init__(self, model, poison: int | None = None, gate=None):
+        super().__init__()
+        self.inner, self.poison, self.gate = model, poison, gate
+        self.config, self.generation_config = model.config, model.generation_config
+
+    @property
+    def device(self):
+        return torch.device("cpu")
+
+    def forward(self, input_ids=None, **kw):
+        if self.gate is not None:
+            assert self.gate.wait(60)
+        out = self.inner(input_ids=input_ids, **kw)
+        if self.poison is not None and input_ids.shape[1] > 1 and bool((input_ids == self.poison).any()):
+            out.logits = torch.full_like(out.logits, float("nan"))
+        return out
+
+
+def test_nan_logits_end_only_that_request_and_the_runner_lives(loaded):
+    model, tok = loaded
+    poison = tok("zebra", add_special_tokens=False).input_ids[0]
+    runner = ModelRunner(_Wrapped(model, poison=poison), tok, name=MODEL)
+    app = create_app(Settings(), runner, manage_runners=False)
+    runner.start()
+    try:
+        bad = {"model": MODEL, "prompt": [[poison, 3, 4]], "max_tokens": 4, "temperature": 1.0, "seed": 1}
+        r = post(app, "/v1/completions", json=bad)
+        assert r.status_code == 500 and r.json()["error"]["code"] == "non_finite_logits", r.text
+        assert "non-finite logits" in r.json()["error"]["message"]
+        r = post(app, "/v1/completions", json={**bad, "stream": True})
+        assert r.status_code == 500 and r.json()["error"]["code"] == "non_finite_logits", r.text
+        good = post(app, "/v1/completions", json={"model": MODEL, "prompt": [[5, 6, 7]], "max_tokens": 4,
+                                                  "temperature": 1.0, "seed": 1})
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
+        health = get(app, "/healthz")
+        assert health.status_code == 200 and health.json()["runners"][MODEL]["alive"] is True
+    finally:
+        runner.stop()
+    assert get(app, "/healthz").status_code == 503  # a dead runner thread is reported
+
+
+def test_a_stuck_runner_turns_healthz_red(loaded):
+    import threading
+
+    from eaas.testing import wait_for
+
+    model, tok = loaded
+    gate = threading.Event()
+    runner = ModelRunner(_Wrapped(model, gate=gate), tok, name=MODEL)
+    app = create_app(Settings(runner_stuck_s=0.5), runner, manage_runners=False)
+    runner.start()
+
+    async def scenario(client):
+        request = asyncio.ensure_future(client.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6]],
+                                                                            "max_tokens": 2}))
+        deadline = asyncio.get_running_loop().time() + 30
+        while (await client.get("/healthz")).status_code == 200:  # bounded: 30 s
+            assert asyncio.get_running_loop().time() < deadline, "healthz never turned red"
+            await asyncio.sleep(0.05)
+        body = (await client.get("/healthz")).json()
+        gate.set()  # the step finishes: healthy again, and the request completes
+        return body, await request
+
+    try:
+        body, done = call(app, scenario)
+        assert body["runners"][MODEL]["stuck"] is True and body["status"] == "unhealthy"
+        assert done.status_code == 200
+        wait_for(lambda: get(app, "/healthz").status_code == 200, 10, what="healthz green again")
+    finally:
+        gate.set()
+        runner.stop()

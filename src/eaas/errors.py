@@ -113,3 +113,25 @@ class UnknownFunction(EaaSError):
 
 class ShardInputError(EaaSError):
     """An expert shard's input (shape, dtype, device, segments) does not match the shard."""
+
+
+# --- gateway ----------------------------------------------------------------------
+
+
+class NonFiniteLogits(EaaSError):
+    """The model produced NaN or infinite logits for a sequence (a server-side fault).
+
+    Only that sequence ends (HTTP 500 / a final SSE error event); the runner goes on.
+    """
+
+
+class Overloaded(EaaSError):
+    """The gateway's waiting queue is full; the request was refused, not queued (HTTP 429).
+
+    Attributes:
+        retry_after_s: seconds after which a retry is reasonable.
+    """
+
+    def __init__(self, message: str, retry_after_s: int = 1) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

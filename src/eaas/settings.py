@@ -81,6 +81,9 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(64 << 20, gt=0, description="largest HTTP body accepted")
     max_batch_size: int = Field(32, gt=0, description="sequences decoded together by the runner")
+    runner_stuck_s: float = Field(
+        120.0, gt=0, description="/healthz turns 503 when one model-runner step has run longer than this"
+    )
 
     # --- logging ---
     log_level: str = Field("INFO", description="logging level")

@@ -124,17 +124,27 @@ def create_app(
 
     auth = [Depends(check_api_key)]
 
-    @app.get("/healthz", tags=["ops"])
-    async def healthz() -> dict:
-        return {"status": "ok"}
+    def runner_health() -> tuple[bool, dict[str, Any]]:
+        checks = {name: r.health(settings.runner_stuck_s) for name, r in runners.items()}
+        return all(ok for ok, _ in checks.values()), {name: d for name, (_, d) in checks.items()}
+
+    @app.get("/healthz", tags=["ops"], responses={503: {"model": dict}})
+    async def healthz() -> JSONResponse:
+        """200 while every model runner thread is alive and not stuck in one step; else 503."""
+        healthy, detail = runner_health()
+        return JSONResponse({"status": "ok" if healthy else "unhealthy", "runners": detail},
+                            status_code=200 if healthy else 503)
 
     @app.get("/readyz", tags=["ops"], responses={503: {"model": dict}})
     async def readyz() -> JSONResponse:
+        """200 when the runners are healthy and (with an expert client) every function has a ready replica."""
+        healthy, runner_detail = runner_health()
+        detail: dict[str, Any] = {"runners": runner_detail}
+        ready = healthy
         if readiness is not None:
-            ready, detail = await run_in_threadpool(readiness)
-        else:
-            detail = {name: {"alive": r.alive} for name, r in runners.items()}
-            ready = all(r.alive for r in runners.values())
+            replicas_ready, replica_detail = await run_in_threadpool(readiness)
+            ready = ready and replicas_ready
+            detail.update(replica_detail)
         return JSONResponse({"ready": bool(ready), "detail": detail}, status_code=200 if ready else 503)
 
     @app.get("/metrics", tags=["ops"], response_class=Response)

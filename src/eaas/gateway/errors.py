@@ -17,8 +17,10 @@ from eaas.errors import (
     ConfigError,
     EaaSError,
     ExpertTimeout,
+    NonFiniteLogits,
     NoReplicaAvailable,
     NotFound,
+    Overloaded,
     ProtocolError,
     RegistryUnavailable,
 )
@@ -69,6 +71,8 @@ _EAAS_STATUS: list[tuple[type[EaaSError], int, str, str]] = [
     (ProtocolError, 400, "invalid_request_error", "bad_request"),
     (ConfigError, 400, "invalid_request_error", "bad_request"),
     (CheckpointError, 500, "server_error", "checkpoint_error"),
+    (NonFiniteLogits, 500, "server_error", "non_finite_logits"),
+    (Overloaded, 429, "rate_limit_error", "overloaded"),
 ]
 
 
@@ -93,7 +97,10 @@ def error_body(err: APIError) -> dict:
 def error_response(exc: BaseException) -> JSONResponse:
     """The JSON response for ``exc`` (``Retry-After`` on 503)."""
     err = to_api_error(exc)
-    headers = {"Retry-After": str(RETRY_AFTER_S)} if err.status == 503 else None
+    headers = None
+    if err.status in (429, 503):
+        retry = getattr(exc, "retry_after_s", RETRY_AFTER_S) if isinstance(exc, EaaSError) else RETRY_AFTER_S
+        headers = {"Retry-After": str(retry)}
     if err.status == 401:
         headers = {"WWW-Authenticate": "Bearer"}
     return JSONResponse(error_body(err), status_code=err.status, headers=headers)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from eaas.errors import EaaSError
+from eaas.errors import EaaSError, NonFiniteLogits
 from eaas.gateway.kvbatch import merge_caches, split_cache
 from eaas.gateway.metrics import GatewayMetrics
 from eaas.gateway.sampling import SamplingParams, select_token
@@ -41,6 +41,9 @@ from eaas.gateway.textstream import TextStream
 log = logging.getLogger(__name__)
 
 _ids = itertools.count()
+
+IDLE_TICK_S = 1.0
+"""An idle runner thread wakes this often (seconds), so its liveness stays visible."""
 
 
 class FinishReason(str, enum.Enum):
@@ -180,6 +183,8 @@ class ModelRunner:
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.started = threading.Event()
+        self.last_tick_s = time.monotonic()
+        self.step_failures = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -205,7 +210,22 @@ class ModelRunner:
 
     @property
     def alive(self) -> bool:
+        """The runner thread is running and not stopping."""
         return self._thread is not None and self._thread.is_alive() and not self._stopping
+
+    def health(self, stuck_after_s: float) -> tuple[bool, dict[str, Any]]:
+        """(healthy, detail) for ``/healthz``: the thread is alive and its loop ticked recently.
+
+        A step that takes longer than ``stuck_after_s`` seconds (a hung forward, an
+        expert call that never returns) makes the runner unhealthy, so a supervisor
+        restarts the gateway.
+        """
+        since_s = time.monotonic() - self.last_tick_s
+        alive = self.alive
+        stuck = alive and since_s > stuck_after_s
+        detail = {"alive": alive, "stuck": stuck, "since_last_step_s": round(since_s, 3),
+                  "running": len(self._running), "waiting": len(self._waiting), "step_failures": self.step_failures}
+        return alive and not stuck, detail
 
     # --- API (any thread) -------------------------------------------------------------
 
@@ -230,27 +250,42 @@ class ModelRunner:
         self.started.set()
         with torch.inference_mode():
             while True:
-                self._drain_inbox(block=not (self._running or self._waiting))
-                if self._stopping:
-                    break
-                self._drop_cancelled()
-                admit = num_to_admit(
-                    len(self._waiting), len(self._running), self.max_batch_size, self.max_prefills_per_step
-                )
-                for seq in self._waiting[:admit]:
-                    self._prefill(seq)
-                del self._waiting[:admit]
-                if self._running:
-                    self._decode_step()
-                self._update_gauges()
+                self.last_tick_s = time.monotonic()
+                try:
+                    if not self._step():
+                        break
+                except Exception as exc:  # noqa: BLE001 - one failed step never kills the runner
+                    self.step_failures += 1
+                    log.exception("runner %s: step failed; failing its %d sequences and going on", self.name,
+                                  len(self._running) + len(self._waiting))
+                    for seq in self._waiting + self._running:
+                        self._finish(seq, FinishReason.ERROR, error=exc)
+                    self._waiting.clear()
+                    self._running.clear()
         for seq in self._waiting + self._running:
             self._finish(seq, FinishReason.ERROR, error=EaaSError("the model runner stopped"))
         self._waiting.clear()
         self._running.clear()
 
+    def _step(self) -> bool:
+        """One engine step: admit, prefill, one batched decode. False once stopping."""
+        self._drain_inbox(block=not (self._running or self._waiting))
+        if self._stopping:
+            return False
+        self._drop_cancelled()
+        admit = num_to_admit(len(self._waiting), len(self._running), self.max_batch_size, self.max_prefills_per_step)
+        admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
+        for seq in admitted:
+            self._prefill(seq)
+        if self._running:
+            self._decode_step()
+        self._update_gauges()
+        return True
+
     def _drain_inbox(self, block: bool) -> None:
         try:
-            item = self._inbox.get(block=block)
+            # Idle: wake at least every IDLE_TICK_S, so last_tick_s shows a live loop.
+            item = self._inbox.get(block=block, timeout=IDLE_TICK_S if block else None)
             while True:
                 self._accept(item)
                 item = self._inbox.get_nowait()
@@ -261,7 +296,11 @@ class ModelRunner:
         if item is None:
             self._stopping = True
         elif isinstance(item, _Sequence):
-            item.generator = item.params.make_generator()
+            try:
+                item.generator = item.params.make_generator()
+            except Exception as exc:  # noqa: BLE001 - a bad request fails alone
+                self._finish(item, FinishReason.ERROR, error=exc)
+                return
             self._waiting.append(item)
         else:
             fn, fut = item
@@ -291,7 +330,7 @@ class ModelRunner:
         if self.metrics is not None:
             self.metrics.ttft_s.labels(model=self.name).observe(time.monotonic() - seq.arrival_s)
         self._running.append(seq)
-        self._take_token(seq, out.logits[0, -1])
+        self._take_token_or_fail(seq, out.logits[0, -1])
 
     def _decode_step(self) -> None:
         batch = list(self._running)
@@ -322,9 +361,29 @@ class ModelRunner:
             self.metrics.batch_size.labels(model=self.name).observe(len(batch))
         logits = out.logits[:, -1]  # [B, V]
         for row, seq in enumerate(batch):
-            self._take_token(seq, logits[row])
+            self._take_token_or_fail(seq, logits[row])
+
+    def _take_token_or_fail(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Take one token; any failure (non-finite logits, a sampling error) ends this sequence only."""
+        try:
+            self._take_token(seq, logits)
+        except Exception as exc:  # noqa: BLE001
+            log.warning("runner %s: sequence %s failed: %s", self.name, seq.handle.request_id, exc)
+            if seq in self._running:
+                self._running.remove(seq)
+            self._finish(seq, FinishReason.ERROR, error=exc)
 
     def _take_token(self, seq: _Sequence, logits: torch.Tensor) -> None:
+        """Select, append and deliver one token of ``seq`` from ``logits[V]`` (fp32/bf16).
+
+        Raises:
+            NonFiniteLogits: ``logits`` holds NaN or inf (sampling would be meaningless,
+                and ``torch.multinomial`` raises a bare RuntimeError on it).
+        """
+        if not bool(torch.isfinite(logits).all()):
+            raise NonFiniteLogits(
+                f"the model produced non-finite logits (NaN/inf) for request {seq.handle.request_id} at"
+                f" output position {len(seq.output_ids)}; the request was ended")
         token = select_token(logits, seq.params, seq.generator)
         seq.output_ids.append(token)
         if self.metrics is not None:
