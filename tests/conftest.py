@@ -15,6 +15,7 @@ import pytest
 
 from eaas.registry.server import RedisServer
 from eaas.registry.store import Registry
+from eaas.testing import start_worker
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
@@ -88,3 +89,20 @@ def registered(registry, tiny_checkpoint):  # type: ignore[no-untyped-def]
         return spec.name
 
     return reg
+
+
+@pytest.fixture
+def workers(registry: Registry, eaas_env, tmp_path):  # type: ignore[no-untyped-def]
+    """Factory: start workers ``[(model, shard), ...]``; all killed at teardown."""
+    procs = []
+
+    def start(model: str, shards: list[str], env: dict | None = None) -> list:
+        for i, shard in enumerate(shards):
+            procs.append(start_worker(env or eaas_env, model, shard, log_path=str(tmp_path / f"w{len(procs)}.log")))
+        return procs[-len(shards):]
+
+    yield start
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+        p.wait(10)

@@ -19,23 +19,6 @@ from eaas.testing import start_worker, wait_for, wait_workers_ready
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 
 
-@pytest.fixture
-def workers(registry: Registry, eaas_env, tmp_path):  # type: ignore[no-untyped-def]
-    """Factory: start workers ``[(model, shard), ...]``; all killed at teardown."""
-    procs = []
-
-    def start(model: str, shards: list[str], env: dict | None = None) -> list:
-        for i, shard in enumerate(shards):
-            procs.append(start_worker(env or eaas_env, model, shard, log_path=str(tmp_path / f"w{len(procs)}.log")))
-        return procs[-len(shards):]
-
-    yield start
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-        p.wait(10)
-
-
 def _settings(registry: Registry, **kw):  # type: ignore[no-untyped-def]
     return get_settings(redis_url="unused", prefix=registry.prefix, **kw)
 

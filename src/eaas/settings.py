@@ -71,6 +71,9 @@ class Settings(BaseSettings):
         100, ge=0, description="worker: longest wait for room in a client's queue before a reply is dropped"
     )
     request_timeout_ms: int = Field(2000, gt=0, description="per-attempt deadline before failover")
+    no_replica_grace_ms: int = Field(
+        1000, ge=0, description="a call fails (503) once its function has had no live replica this long"
+    )
     call_deadline_ms: int = Field(30000, gt=0, description="deadline of one layer call, failovers included")
 
     # --- gateway ---

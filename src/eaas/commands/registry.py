@@ -71,7 +71,7 @@ def _worker_row(w) -> dict:  # type: ignore[no-untyped-def]
         "id": w.id, "model": w.model, "state": w.state.value, "endpoint": w.endpoint, "device": w.device,
         "shard_name": w.shard_name, "shard": list(w.shard), "queue_tokens": w.queue_tokens,
         "queue_requests": w.queue_requests, "tokens_served": w.tokens_served, "requests_served": w.requests_served,
-        "replies_dropped": w.replies_dropped, "batches": w.batches, "busy_fraction": w.busy_fraction, "lease_age_s": round(w.lease_age_s(), 3),
+        "replies_dropped": w.replies_dropped, "epoch": w.epoch, "warmup_ms": round(w.warmup_ms, 3), "batches": w.batches, "busy_fraction": w.busy_fraction, "lease_age_s": round(w.lease_age_s(), 3),
         "lease_ttl_s": w.lease_ttl_s, "pid": w.pid, "host_id": w.host_id,
         "transports": w.capabilities.get("transports", []),
     }  # fmt: skip

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 import zmq
 
+from eaas.backoff import backoff_s
 from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.platform.dispatch import ExpertRows, choose_replica, combine, plan_layer
 from eaas.platform.protocol import decode_header, encode_header, now_ms, recv_frames, send_frames
@@ -82,6 +83,7 @@ class _InFlight:
     slot: Any
     items: list[_Item]
     deadline_s: float
+    epoch: int = 0  # the incarnation of the worker it was sent to
 
 
 @dataclass(slots=True)
@@ -137,7 +139,8 @@ class ExpertClient:
         self._ctx = zmq.Context.instance()
         self._conns: dict[str, _Conn] = {}
         self._table: dict[str, list[WorkerRecord]] = {}
-        self._live: set[str] = set()
+        self._live: dict[str, int] = {}  # worker id -> epoch, ready or draining
+        self._missing_since: dict[str, float] = {}  # function id -> first seen with no replica (monotonic)
         self._table_lock = threading.Lock()
         self._call_lock = threading.Lock()
         self._refresh_now = threading.Event()
@@ -146,6 +149,7 @@ class ExpertClient:
         self._id_prefix = f"{os.getpid():x}.{random.getrandbits(24):06x}."
         self._fid_cache: dict[tuple[int, int], str] = {}
         self._suspect_until: dict[str, float] = {}  # worker id -> monotonic time
+        self._strikes: dict[str, int] = {}  # worker id -> failures in a row
         self.refresh()
         self._thread = threading.Thread(target=self._watch, name=f"eaas-routing-{model}", daemon=True)
         self._thread.start()
@@ -153,12 +157,21 @@ class ExpertClient:
     # --- routing table -----------------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-read the routing table from the registry (2 round trips)."""
-        table = self.registry.routing_table(self.model)
-        live = {w.id for reps in table.values() for w in reps}
+        """Re-read the routing table from the registry (2 round trips).
+
+        New work goes to *ready* replicas only; requests already sent to a worker that
+        is *draining* keep waiting for its reply (no failover, no double compute). A
+        worker id seen with a new epoch is a new incarnation: requests in flight to
+        the old one are failed over and its connection is replaced.
+        """
+        table, draining = self.registry.routing(self.model)
+        live = {w.id: w.epoch for reps in table.values() for w in reps}
+        live.update({wid: w.epoch for wid, w in draining.items()})
         with self._table_lock:
             self._table = table
             self._live = live
+            for fid in [f for f in self._missing_since if table.get(f)]:
+                del self._missing_since[fid]
 
     def _watch(self) -> None:
         """Background: refresh on membership events and periodically; reap expired leases."""
@@ -192,7 +205,7 @@ class ExpertClient:
 
     def _conn(self, worker: WorkerRecord) -> _Conn:
         c = self._conns.get(worker.id)
-        if c is not None and c.worker.endpoint == worker.endpoint:
+        if c is not None and c.worker.endpoint == worker.endpoint and c.worker.epoch == worker.epoch:
             return c
         if c is not None:
             self._drop_conn(worker.id)
@@ -331,9 +344,7 @@ class ExpertClient:
             if pending:
                 unplaced = self._dispatch(x, pending, inflight, load, min(now + attempt_s, call_deadline), call_deadline)
                 if unplaced and not inflight:
-                    if now >= call_deadline:
-                        raise NoReplicaAvailable(sorted({i.fid for i in unplaced}),
-                                                 f"waited {self.settings.call_deadline_ms} ms")
+                    self._raise_if_hopeless(unplaced, now, call_deadline)
                     if waiting_since is None:
                         waiting_since = now
                         log.warning("client %s: no ready replica for %d function(s); waiting", self.model, len(unplaced))
@@ -348,16 +359,38 @@ class ExpertClient:
             self._collect(y, inflight, pending, load)
             now = time.monotonic()
             with self._table_lock:
-                live = set(self._live)
+                live = dict(self._live)
             for rid, fl in list(inflight.items()):
-                gone = fl.wid not in live
+                gone = live.get(fl.wid) != fl.epoch
                 if now >= fl.deadline_s or gone:
-                    reason = "lease/readiness lost" if gone else f"no reply within {attempt_s * 1000:.0f} ms"
+                    reason = ("lease lost" if fl.wid not in live else "a new incarnation replaced it") if gone \
+                        else f"no reply within {attempt_s * 1000:.0f} ms"
                     self._fail(rid, inflight, pending, load, reason)
             if (pending or inflight) and now >= call_deadline and not inflight:
                 if pending:
                     raise NoReplicaAvailable(sorted({i.fid for i in pending}), "call deadline passed")
         return y
+
+    def _raise_if_hopeless(self, unplaced: list[_Item], now: float, call_deadline: float) -> None:
+        """Fail fast when nothing can serve (issue 14).
+
+        A function with *no* live replica in the routing table fails the call once it
+        has had none for ``no_replica_grace_ms`` — measured per outage, not per call,
+        so concurrent and queued calls do not each wait out a deadline behind one
+        another. Functions whose replicas exist but failed keep being retried until the
+        call deadline.
+
+        Raises:
+            NoReplicaAvailable: the grace or the call deadline has passed.
+        """
+        if now >= call_deadline:
+            raise NoReplicaAvailable(sorted({i.fid for i in unplaced}), f"waited {self.settings.call_deadline_ms} ms")
+        grace_s = self.settings.no_replica_grace_ms / 1000
+        with self._table_lock:
+            missing = sorted({it.fid for it in unplaced if not self._table.get(it.fid)})
+            since = [self._missing_since.setdefault(fid, now) for fid in missing]
+        if missing and now - min(since) >= grace_s:
+            raise NoReplicaAvailable(missing, f"no live replica for {(now - min(since)) * 1000:.0f} ms")
 
     def _wait_for_routing(self, timeout_s: float) -> None:
         self._stop.wait(timeout_s)
@@ -391,7 +424,7 @@ class ExpertClient:
             except (zmq.ZMQError, EaaSError) as e:
                 log.warning("client %s: sending to worker %s failed: %s", self.model, wid, e)
                 self._drop_conn(wid)
-                self._suspect_until[wid] = time.monotonic() + self.settings.lease_ttl_s + 1.0
+                self._mark_suspect(wid)
                 for it in its:
                     it.tried.add(wid)
                     load[wid] -= it.rows.numel()
@@ -414,7 +447,7 @@ class ExpertClient:
             c.channel.release(slot)
             raise TransportError(f"worker {worker.id} at {worker.endpoint} is not reachable")
         send_frames(c.sock, frames, zmq.NOBLOCK)
-        inflight[rid] = _InFlight(worker.id, slot, its, attempt_deadline_s)
+        inflight[rid] = _InFlight(worker.id, slot, its, attempt_deadline_s, worker.epoch)
         self.stats.requests += 1
         self.stats.rows += n
         if self.metrics is not None:
@@ -496,11 +529,19 @@ class ExpertClient:
             c.channel.release(fl.slot)
             inflight.pop(rid)
 
+    def _mark_suspect(self, wid: str) -> None:
+        """Route around ``wid`` for a while: capped exponential backoff with jitter per failure
+        in a row (0.25 s doubling up to 4 lease TTLs), reset by its next good reply."""
+        strikes = self._strikes.get(wid, 0)
+        self._strikes[wid] = strikes + 1
+        delay = backoff_s(strikes, 0.25, max(0.25, 4 * self.settings.lease_ttl_s), self._rng)
+        self._suspect_until[wid] = time.monotonic() + delay
+
     def _requeue(self, fl: _InFlight, pending: list[_Item], load: Counter[str], reason: str) -> None:
         self.stats.failovers += 1
         if self.metrics is not None:
             self.metrics.record_failover(len(fl.items), self.model)
-        self._suspect_until[fl.wid] = time.monotonic() + self.settings.lease_ttl_s + 1.0
+        self._mark_suspect(fl.wid)
         log.warning("client %s: failing over %d function(s) from worker %s: %s", self.model, len(fl.items), fl.wid, reason)
         for it in fl.items:
             it.tried.add(fl.wid)

@@ -122,7 +122,13 @@ class ExpertWorker:
             bound = f"tcp://{adv}:{bound.rsplit(':', 1)[1]}"
         self.endpoint = bound
         self._draining = threading.Event()
+        self._drain_announced = False
+        self.drain_started_s: float | None = None
+        self.received_after_drain = 0  # invokes that arrived more than 100 ms after the drain was announced
+        self._wake = threading.Event()
         self._stopped = threading.Event()
+        self.epoch = 0
+        self.warmup_ms: float | None = None
         self._pending: list[_Pending] = []
         self._lock = threading.Lock()
         # counters (read by the heartbeat thread)
@@ -144,7 +150,7 @@ class ExpertWorker:
             state=state, host_id=str(self.endpoint_io.capabilities.get("host_id", "")),
             device=str(self.shard.device), capabilities=dict(self.endpoint_io.capabilities),
             pid=os.getpid(), shard_name=self.shard_name, started_at_s=self.started_at_s,
-            heartbeat_at_s=time.time(), lease_ttl_s=self.settings.lease_ttl_s,
+            heartbeat_at_s=time.time(), lease_ttl_s=self.settings.lease_ttl_s, warmup_ms=self.warmup_ms or 0.0,
         )  # fmt: skip
 
     def stats(self) -> WorkerStats:
@@ -165,24 +171,46 @@ class ExpertWorker:
         )  # fmt: skip
 
     def _heartbeat_loop(self) -> None:
+        """Renew the lease every ``heartbeat_interval_s``; announce a drain the moment it begins.
+
+        Survives any exception of one beat (logged, retried next beat).
+        """
         interval = self.settings.heartbeat_interval_s
-        while not self._stopped.wait(interval):
+        while not self._stopped.is_set():
+            self._wake.wait(interval)
+            self._wake.clear()
+            if self._stopped.is_set():
+                return
             try:
+                self._announce_drain()
                 state = self.registry.heartbeat(self.id, self.settings.lease_ttl_s, self.stats())
                 if state is None and not self._draining.is_set():
-                    log.warning("worker %s: lease lost, registering again", self.id)
-                    self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
+                    self.epoch = self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
+                    log.warning("worker %s: lease lost (expired or removed); registered again as a new"
+                                " incarnation, epoch %d", self.id, self.epoch)
                 elif state is WorkerState.DRAINING and not self._draining.is_set():
                     log.info("worker %s: drain requested through the registry", self.id)
+                    self._drain_announced = True
+                    self.drain_started_s = time.monotonic()
                     self._draining.set()
-            except EaaSError as e:  # Redis blip: keep serving, try again next tick
+            except Exception as e:  # noqa: BLE001 - a Redis blip or a bug in one beat: keep beating
                 log.warning("worker %s: heartbeat failed: %s", self.id, e)
+
+    def _announce_drain(self) -> None:
+        """Set state ``draining`` in the registry (publishes it) once the drain has begun."""
+        if self._draining.is_set() and not self._drain_announced:
+            self.registry.set_worker_state(self.id, WorkerState.DRAINING)
+            self._drain_announced = True
+            self.drain_started_s = time.monotonic()
+            log.info("worker %s: draining announced", self.id)
 
     # --- serving ---------------------------------------------------------------
 
     def request_drain(self, *_: Any) -> None:
-        """Begin draining (signal-handler safe)."""
+        """Begin draining (signal-handler safe): the heartbeat thread announces it at once,
+        so clients stop sending new work while the current batch still runs."""
         self._draining.set()
+        self._wake.set()
 
     def _receive(self, timeout_ms: int) -> bool:
         """Move every waiting message off the socket; answer control/bad ones. True if any came."""
@@ -208,8 +236,11 @@ class ExpertWorker:
                 if self.outbox.congested(peer):  # its reply could not be delivered: do not compute it
                     self.outbox.drop(peer, inc.header.id)
                     continue
+                now = time.monotonic()
+                if self.drain_started_s is not None and now - self.drain_started_s > 0.1:
+                    self.received_after_drain += 1
                 with self._lock:
-                    self._pending.append(_Pending(peer, inc.header, inc.x, time.monotonic()))
+                    self._pending.append(_Pending(peer, inc.header, inc.x, now))
         return got
 
     def _take_batch(self) -> list[_Pending]:
@@ -269,6 +300,26 @@ class ExpertWorker:
         except zmq.ZMQError as e:
             log.warning("worker %s: error reply to request %r failed: %s", self.id, p.header.id, e)
 
+    def warm_up(self) -> float:
+        """Run every hosted function once (one row each, one batch) before taking live traffic.
+
+        The first forward of a module pays one-time costs (kernel selection, page
+        faults on memory-mapped weights, allocator growth); a worker registers
+        ``ready`` only after it, so no live call pays them. Returns the time taken in
+        ms, which the worker's record carries as ``warmup_ms``.
+
+        Raises:
+            Exception: whatever the shard's forward raises (the worker does not register).
+        """
+        t0 = time.monotonic()
+        pairs = sorted(self._fid_to_pair.values())
+        x = torch.zeros(len(pairs), self.shard.hidden_size, dtype=self.shard.dtype, device=self.shard.device)
+        with torch.inference_mode():
+            self.shard.forward(x, [(pair, 1) for pair in pairs])
+        self.warmup_ms = (time.monotonic() - t0) * 1000
+        log.info("worker %s: warmed up %d functions in %.1f ms", self.id, len(pairs), self.warmup_ms)
+        return self.warmup_ms
+
     def serve(self, install_signal_handlers: bool = True) -> int:
         """Register, serve until drained, deregister. Returns the exit code (0).
 
@@ -278,13 +329,14 @@ class ExpertWorker:
         if install_signal_handlers:
             signal.signal(signal.SIGTERM, self.request_drain)
             signal.signal(signal.SIGINT, self.request_drain)
-        self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
+        if self.warmup_ms is None:
+            self.warm_up()
+        self.epoch = self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
         hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.id}", daemon=True)
         hb.start()
         log.info("worker %s: serving %d functions at %s", self.id, len(self._fid_to_pair), self.endpoint)
         idle_since: float | None = None
         grace_s = max(0.5, 2 * self.settings.heartbeat_interval_s)
-        announced = False
         last_sweep = time.monotonic()
         try:
             while True:
@@ -299,13 +351,12 @@ class ExpertWorker:
                     last_sweep = time.monotonic()
                 if not self._draining.is_set():
                     continue
-                if not announced:
-                    announced = True
-                    log.info("worker %s: draining", self.id)
+                if not self._drain_announced:  # the heartbeat thread normally did this already
                     try:
-                        self.registry.set_worker_state(self.id, WorkerState.DRAINING)
+                        self._announce_drain()
                     except EaaSError as e:
                         log.warning("worker %s: could not announce drain: %s", self.id, e)
+                        self._drain_announced = True
                 if got or batch or self._pending:
                     idle_since = None
                 elif idle_since is None:
@@ -314,13 +365,16 @@ class ExpertWorker:
                     break
         finally:
             self._stopped.set()
+            self._wake.set()
             hb.join(timeout=5)
             try:
                 self.registry.deregister_worker(self.id)
             except EaaSError as e:
                 log.warning("worker %s: deregistration failed (%s); its lease will expire", self.id, e)
             self.close()
-        log.info("worker %s: drained (%d requests, %d tokens served)", self.id, self.requests_served, self.tokens_served)
+        log.info("worker %s: drained (%d requests, %d tokens served; %d requests arrived more than 100 ms after"
+                 " the drain was announced)", self.id, self.requests_served, self.tokens_served,
+                 self.received_after_drain)
         return 0
 
     def close(self) -> None:

@@ -62,6 +62,10 @@ class WorkerRecord:
         started_at_s: unix time of start.
         heartbeat_at_s: unix time of the last heartbeat.
         lease_ttl_s: lease length in seconds.
+        epoch: the incarnation, set by the registry at each registration (a worker
+            that lost its lease and registered again has a larger one).
+        warmup_ms: time the worker spent running each hosted function once before
+            it registered ``ready`` (no live call pays first-call costs).
     """
 
     id: str
@@ -86,6 +90,8 @@ class WorkerRecord:
     started_at_s: float = 0.0
     heartbeat_at_s: float = 0.0
     lease_ttl_s: float = 0.0
+    epoch: int = 0
+    warmup_ms: float = 0.0
 
     def lease_age_s(self, now_s: float | None = None) -> float:
         """Seconds since the last heartbeat."""
@@ -148,6 +154,8 @@ class WorkerRecord:
             started_at_s=num("started_at_s", float, 0.0),
             heartbeat_at_s=num("heartbeat_at_s", float, 0.0),
             lease_ttl_s=num("lease_ttl_s", float, 0.0),
+            epoch=num("epoch", int),
+            warmup_ms=num("warmup_ms", float, 0.0),
         )
 
 

@@ -38,8 +38,10 @@ for i = 5 + 2 * nf, #ARGV do
     return redis.error_reply('unknown function ' .. ARGV[i])
   end
 end
+local epoch = redis.call('INCR', prefix .. ':epoch')
 redis.call('DEL', KEYS[1])
 redis.call('HSET', KEYS[1], unpack(fields))
+redis.call('HSET', KEYS[1], 'epoch', epoch)
 redis.call('PEXPIRE', KEYS[1], ttl)
 redis.call('SADD', KEYS[2], wid)
 redis.call('DEL', KEYS[3])
@@ -47,7 +49,7 @@ for i = 5 + 2 * nf, #ARGV do
   redis.call('SADD', KEYS[3], ARGV[i])
   redis.call('SADD', prefix .. ':function:' .. ARGV[i] .. ':replicas', wid)
 end
-return 1
+return epoch
 """
 
 # KEYS: worker hash. ARGV: ttl_ms, field/value pairs. Returns the state, or false if the lease is gone.
@@ -330,11 +332,18 @@ class Registry:
 
     # --- workers and leases -------------------------------------------------
 
-    def register_worker(self, record: WorkerRecord, ttl_s: float) -> None:
+    def register_worker(self, record: WorkerRecord, ttl_s: float) -> int:
         """Register (or re-register) a worker under a lease of ``ttl_s`` seconds.
 
         Writes the record, the shard set, the index entry and every hosting set
-        atomically, then publishes ``worker_registered``.
+        atomically, then publishes ``worker_registered``. Every registration is a
+        new *incarnation*: it gets a fresh epoch from a per-deployment counter
+        (``{prefix}:epoch``), so a worker that lost its lease and came back is told
+        apart from the one clients knew (clients drop that one's connection and
+        in-flight state).
+
+        Returns:
+            The incarnation's epoch (> every earlier epoch of the deployment).
 
         Raises:
             RegistryError: a function of the shard is not registered.
@@ -343,13 +352,14 @@ class Registry:
         fields: list[str] = []
         for k, v in record.to_hash().items():
             fields += [k, v]
-        self._call(
+        epoch = int(self._call(
             self._register_worker,
             keys=[self.keys.worker(wid), self.keys.workers, self.keys.worker_shard(wid), self.keys.events],
             args=[int(ttl_s * 1000), wid, len(fields) // 2, self.prefix, *fields, *record.shard],
-        )
+        ))
         self._publish(Event(EventKind.WORKER_REGISTERED, model=record.model, worker=wid, state=record.state.value, ts_s=time.time()))
-        log.info("worker %s: registered (%d functions, %s)", wid, len(record.shard), record.state.value)
+        log.info("worker %s: registered (%d functions, %s, epoch %d)", wid, len(record.shard), record.state.value, epoch)
+        return epoch
 
     def heartbeat(self, wid: str, ttl_s: float, stats: WorkerStats | None = None) -> WorkerState | None:
         """Renew a worker's lease and store its stats.
@@ -446,14 +456,28 @@ class Registry:
 
         Functions of ``model`` (or of every model) with no ready replica map to ``[]``.
         """
+        return self.routing(model)[0]
+
+    def routing(self, model: str | None = None) -> tuple[dict[str, list[WorkerRecord]], dict[str, WorkerRecord]]:
+        """The routing table and the *draining* workers, from one read of the workers.
+
+        A draining worker takes no new work but still answers what it was sent:
+        clients keep waiting for its in-flight replies instead of failing them over.
+
+        Returns:
+            (function id -> ready replicas, worker id -> record of each draining worker).
+        """
         table: dict[str, list[WorkerRecord]] = {fid: [] for fid in self.function_ids(model)}
+        draining: dict[str, WorkerRecord] = {}
         for rec in self.workers(model):
+            if rec.state is WorkerState.DRAINING:
+                draining[rec.id] = rec
             if rec.state is not WorkerState.READY:
                 continue
             for fid in rec.shard:
                 if fid in table:
                     table[fid].append(rec)
-        return table
+        return table, draining
 
     # --- events -------------------------------------------------------------
 
