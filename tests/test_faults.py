@@ -186,3 +186,41 @@ def test_suspect_replicas_back_off_exponentially(registry, registered, n) -> Non
         assert delays[-1] > 4 * delays[0]  # grows, capped at 4 lease TTLs
     finally:
         client.close()
+
+
+def test_gateway_metrics_show_the_pool_and_a_drained_worker_leaving(registry, registered, workers) -> None:  # type: ignore[no-untyped-def]
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from eaas.gateway.metrics import GatewayMetrics
+
+    model = registered("mixtral")
+    procs = workers(model, ["all", "all"])
+    ready = wait_workers_ready(registry, model, 2)
+    client = ExpertClient(registry, model, _settings(registry))
+    metrics = GatewayMetrics()
+    metrics.bind_pool(client.pool_summary)
+
+    def scrape() -> dict:
+        out = {}
+        for fam in text_string_to_metric_families(metrics.render().decode()):
+            for s in fam.samples:
+                if s.name.startswith("eaas_pool_"):
+                    out[(s.name, s.labels.get("state", ""))] = s.value
+        return out
+
+    try:
+        wait_for(lambda: scrape().get(("eaas_pool_workers", "ready")) == 2, 10, what="2 ready in /metrics")
+        assert scrape()[("eaas_pool_min_replicas", "")] == 2
+        victim = next(w for w in ready if w.pid == procs[0].pid)
+        procs[0].send_signal(signal.SIGSTOP)  # holds it in `draining` long enough to be seen
+        registry.set_worker_state(victim.id, WorkerState.DRAINING)
+        wait_for(lambda: scrape().get(("eaas_pool_workers", "draining")) == 1, 10, what="draining in /metrics")
+        assert scrape()[("eaas_pool_workers", "ready")] == 1 and scrape()[("eaas_pool_min_replicas", "")] == 1
+        procs[0].send_signal(signal.SIGCONT)
+        assert procs[0].wait(30) == 0
+        wait_for(lambda: scrape().get(("eaas_pool_workers", "draining")) == 0, 10, what="the drained worker left")
+        assert scrape()[("eaas_pool_workers", "ready")] == 1
+    finally:
+        if procs[0].poll() is None:
+            procs[0].send_signal(signal.SIGCONT)
+        client.close()

@@ -351,6 +351,9 @@ class _Wrapped(torch.nn.Module):
         super().__init__()
         self.inner, self.poison, self.gate = model, poison, gate
         self.config, self.generation_config = model.config, model.generation_config
+        import threading
+
+        self.entered = threading.Event()  # set once a forward is waiting at the gate
 
     @property
     def device(self):
@@ -358,6 +361,7 @@ class _Wrapped(torch.nn.Module):
 
     def forward(self, input_ids=None, **kw):
         if self.gate is not None:
+            self.entered.set()
             assert self.gate.wait(60)
         out = self.inner(input_ids=input_ids, **kw)
         if self.poison is not None and input_ids.shape[1] > 1 and bool((input_ids == self.poison).any()):
@@ -418,3 +422,133 @@ def test_a_stuck_runner_turns_healthz_red(loaded):
     finally:
         gate.set()
         runner.stop()
+
+
+async def _asgi_call_then_disconnect(app, path: str, body: bytes, leave: "asyncio.Event") -> list[dict]:
+    """Drive the ASGI app like a server whose client sends ``body`` and goes away once ``leave`` is
+    set (httpx's ASGI transport cannot disconnect before the response ends)."""
+    sent = False
+    messages: list[dict] = []
+
+    async def receive() -> dict:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": False}
+        await leave.wait()
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "headers": [(b"content-type", b"application/octet-stream"), (b"content-length", str(len(body)).encode())],
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80)}
+    await app(scope, receive, send)
+    return messages
+
+
+def test_disconnected_raw_calls_never_run_and_are_counted(loaded, caplog):
+    """A raw layer forward queued behind a busy runner step, and a function invoke queued behind a
+    busy expert client, are dropped when their clients disconnect: the work never runs, each
+    cancellation is logged once at INFO and counted in /metrics."""
+    import logging
+    import threading
+
+    model, tok = loaded
+    gate = threading.Event()
+    wrapped = _Wrapped(model, gate=gate)
+    runner = ModelRunner(wrapped, tok, name=MODEL)
+    client_lock, ran = threading.Lock(), []
+
+    def invoker(function_id, x, cancelled=None):  # the contract ExpertClient.invoke implements
+        with client_lock:
+            if cancelled is not None and cancelled.is_set():
+                from eaas.errors import Cancelled
+
+                raise Cancelled("cancelled")
+            ran.append(function_id)
+            return x
+
+    app = create_app(Settings(), runner, manage_runners=False, function_invoker=invoker)
+    runner.start()
+    caplog.set_level(logging.INFO, logger="eaas.gateway.cancel")
+
+    async def scenario() -> tuple[list[dict], list[dict]]:
+        loop = asyncio.get_running_loop()
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://gw", timeout=60) as c:
+            busy = asyncio.ensure_future(c.post("/v1/completions", json={"model": MODEL, "prompt": [[5, 6]],
+                                                                         "max_tokens": 1}))
+            assert await loop.run_in_executor(None, wrapped.entered.wait, 30)  # the runner is mid-step
+            client_lock.acquire()  # the expert client is busy with another call
+            leave = asyncio.Event()
+            layer = asyncio.ensure_future(_asgi_call_then_disconnect(
+                app, f"/v1/layers/{MODEL}/1:forward", _st(hidden_states=torch.randn(2, 64)), leave))
+            invoke = asyncio.ensure_future(_asgi_call_then_disconnect(
+                app, "/v1/functions/tiny/0/1:invoke", _st(x=torch.randn(2, 64)), leave))
+            for _ in range(3000):  # bounded: until the layer call waits in the runner's inbox
+                if runner._inbox.qsize() >= 1:
+                    break
+                await asyncio.sleep(0.01)
+            assert runner._inbox.qsize() >= 1
+            leave.set()
+            layer_msgs, invoke_msgs = await asyncio.wait_for(asyncio.gather(layer, invoke), 30)
+            gate.set()
+            client_lock.release()
+            assert (await busy).status_code == 200
+            metrics = (await c.get("/metrics")).text
+            return layer_msgs, invoke_msgs, metrics
+
+    try:
+        layer_msgs, invoke_msgs, metrics = asyncio.run(scenario())
+    finally:
+        gate.set()
+        runner.stop()
+    assert layer_msgs[0]["status"] == 499 and invoke_msgs[0]["status"] == 499
+    assert ran == []  # the invoke never reached the (stand-in) expert client's send
+    lines = [r.getMessage() for r in caplog.records if "cancelled" in r.getMessage()]
+    assert len(lines) == 2 and any("layer_forward" in m for m in lines) and any("function_invoke" in m for m in lines)
+    assert 'eaas_gateway_cancellations_total{endpoint="layer_forward"} 1.0' in metrics
+    assert 'eaas_gateway_cancellations_total{endpoint="function_invoke"} 1.0' in metrics
+
+
+def test_overload_is_refused_at_once_and_admitted_requests_finish(loaded):
+    """10x the queue bound of concurrent requests while the runner is busy: the excess gets 429 with
+    Retry-After at once, no connection hangs, and every admitted request completes."""
+    import threading
+
+    model, tok = loaded
+    gate = threading.Event()
+    wrapped = _Wrapped(model, gate=gate)
+    runner = ModelRunner(wrapped, tok, name=MODEL, max_waiting_requests=2)
+    app = create_app(Settings(), runner, manage_runners=False)
+    runner.start()
+    body = {"model": MODEL, "prompt": [[5, 6, 7]], "max_tokens": 2}
+
+    async def scenario(c):
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(c.post("/v1/completions", json=body))
+        assert await loop.run_in_executor(None, wrapped.entered.wait, 30)  # one request mid-prefill
+        t0 = loop.time()
+        rest = [asyncio.ensure_future(c.post("/v1/completions", json=body)) for _ in range(20)]
+        done, _ = await asyncio.wait(rest, timeout=30, return_when=asyncio.FIRST_COMPLETED)
+        refused_after = loop.time() - t0
+        while sum(t.done() for t in rest) < 18:  # bounded: every one is answered or admitted by now
+            assert loop.time() - t0 < 30, "requests hang instead of being refused"
+            await asyncio.sleep(0.01)
+        gate.set()
+        return refused_after, [await first] + [await t for t in rest], (await c.get("/metrics")).text
+
+    try:
+        refused_after, responses, metrics = call(app, scenario)
+    finally:
+        gate.set()
+        runner.stop()
+    codes = [r.status_code for r in responses]
+    assert codes.count(429) == 18 and codes.count(200) == 3, codes
+    assert refused_after < 5.0
+    r429 = next(r for r in responses if r.status_code == 429)
+    assert r429.headers["retry-after"] and r429.json()["error"]["code"] == "overloaded"
+    assert f'eaas_gateway_rejected_total{{model="{MODEL}"}} 18.0' in metrics

@@ -313,3 +313,76 @@ def test_a_worker_gives_up_on_an_unreachable_registry_with_a_clear_error(tiny_ch
     assert proc.returncode == 1
     assert "registry still unreachable after 1.5 s" in proc.stderr and "EAAS_STARTUP_TIMEOUT_S" in proc.stderr
     assert time.monotonic() - t0 < 30
+
+
+def test_fuzzed_frames_never_kill_a_worker_nor_make_it_allocate(one_worker, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """Issue 14: 12,000 random and mutated messages (valid headers with fields flipped, truncated,
+    oversized, of the wrong type; random bytes; wrong frame counts) at a live worker. It never dies,
+    its memory does not grow by what headers claim, and a valid request right after is answered
+    exactly."""
+    import random
+
+    import psutil
+
+    model, w, proc = one_worker
+    fid = f"{model}/0/2"
+    x = torch.randn(4, 64)
+    good = _invoke(fid, x, "seed")
+    base = msgpack.unpackb(good[0], raw=False)
+    rng = random.Random(14)
+    junk_values = [None, -1, 0, 2**63 - 1, 2**64, -(2**63), 1e308, float("nan"), "", "x" * 5000, b"\x00" * 64,
+                   [], [1, 2, 3], [[fid, -5]], [[fid, 2**40]], {"a": 1}, True, [400_000_000, 64], [4, 64, 64],
+                   "float64", "int8", "bfloat16", "shm", "nixl", {"arena": "eaas-1-0000000000000000", "offset": 0,
+                                                                 "nbytes": 2**40}]
+    rss0 = psutil.Process(proc.pid).memory_info().rss
+
+    def mutated() -> list[bytes]:
+        kind = rng.randrange(6)
+        if kind == 0:  # random bytes, 1..3 frames
+            return [rng.randbytes(rng.randrange(0, 300)) for _ in range(rng.randrange(1, 4))]
+        h = dict(base)
+        for _ in range(rng.randrange(1, 4)):
+            key = rng.choice(list(h) + ["extra", "handle"])
+            if rng.random() < 0.2:
+                h.pop(key, None)
+            else:
+                h[key] = rng.choice(junk_values)
+        try:
+            head = msgpack.packb(h, use_bin_type=True)
+        except (TypeError, ValueError, OverflowError):
+            head = rng.randbytes(40)
+        payload = good[1]
+        if kind == 1:
+            head = head[: rng.randrange(1, max(2, len(head)))]  # truncated header
+        elif kind == 2:
+            payload = bytes(payload)[: rng.randrange(0, len(payload))]  # truncated payload
+        elif kind == 3:
+            return [head]  # no payload frame
+        elif kind == 4:
+            return [head, payload, payload]  # one frame too many
+        return [head, payload]
+
+    sock = _dealer(w.endpoint)
+    sent = 0
+    for _ in range(120):  # 120 rounds x 100 messages, bounded
+        for _ in range(100):
+            sock.send_multipart(mutated())
+            sent += 1
+        while sock.poll(0):
+            sock.recv_multipart()  # error replies: drained so the worker's queue to us never fills
+        assert proc.poll() is None, f"the worker died after {sent} fuzzed messages"
+    assert sent >= 10_000
+    sock.send_multipart(_invoke(fid, x, "after-fuzz"))
+    ref = load_shard(tiny_checkpoint("mixtral"), [(0, 2)]).forward(x, [((0, 2), 4)])
+    deadline = time.monotonic() + 30
+    while True:  # skip the error replies still in flight, bounded in time
+        reply, payload = _recv_header(sock, max(1, int((deadline - time.monotonic()) * 1000)))
+        if reply.get("id") == "after-fuzz":
+            break
+    assert reply["kind"] == "reply", reply
+    torch.testing.assert_close(torch.frombuffer(bytearray(payload[0]), dtype=torch.float32).view(4, 64), ref,
+                               rtol=0, atol=1e-6)
+    growth = psutil.Process(proc.pid).memory_info().rss - rss0
+    assert growth < 256 << 20, f"worker RSS grew by {growth >> 20} MiB under fuzzing"
+    assert proc.poll() is None
+    sock.close()

@@ -92,6 +92,10 @@ class NoReplicaAvailable(EaaSError):
         self.functions = tuple(functions)
 
 
+class Cancelled(EaaSError):
+    """The caller gave up on the work (its HTTP client disconnected) before it ran."""
+
+
 class ExpertTimeout(EaaSError):
     """An expert call did not complete before its deadline."""
 

@@ -84,6 +84,12 @@ class Settings(BaseSettings):
     )
     max_body_bytes: int = Field(64 << 20, gt=0, description="largest HTTP body accepted")
     max_batch_size: int = Field(32, gt=0, description="sequences decoded together by the runner")
+    max_waiting_requests: int = Field(
+        256, gt=0, description="sequences waiting for a batch slot at most; beyond: 429 with Retry-After"
+    )
+    max_waiting_tokens: int = Field(
+        1 << 18, gt=0, description="prompt tokens of the waiting sequences at most; beyond: 429"
+    )
     runner_stuck_s: float = Field(
         120.0, gt=0, description="/healthz turns 503 when one model-runner step has run longer than this"
     )

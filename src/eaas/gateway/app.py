@@ -8,8 +8,11 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import hmac
+import inspect
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable
@@ -19,6 +22,8 @@ from fastapi import Depends, FastAPI, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
+from eaas.errors import Cancelled
+from eaas.gateway.cancel import await_or_cancel, new_request_id
 from eaas.gateway.completions import handle_generation
 from eaas.gateway.errors import APIError, bad_request, install_handlers, not_found
 from eaas.gateway.metrics import CONTENT_TYPE, GatewayMetrics
@@ -31,8 +36,9 @@ from eaas.settings import Settings
 log = logging.getLogger(__name__)
 
 Readiness = Callable[[], "tuple[bool, dict]"]
-FunctionInvoker = Callable[[str, torch.Tensor], torch.Tensor]
-"""``(function_id, x[N, D]) -> y[N, D]``; may raise ``NotFound`` (404) or any ``EaaSError``."""
+FunctionInvoker = Callable[..., torch.Tensor]
+"""``(function_id, x[N, D][, cancelled=threading.Event]) -> y[N, D]``; may raise ``NotFound`` (404)
+or any ``EaaSError``. An invoker that takes ``cancelled`` should not start work once it is set."""
 
 _ERRORS = {status: {"model": ErrorResponse} for status in (400, 401, 404, 413, 503)}
 _SAFETENSORS_BODY = {
@@ -57,6 +63,16 @@ def _moe_block(model: Any, layer: int) -> torch.nn.Module:
         if block is not None and hasattr(block, "experts"):
             return block
     raise not_found(f"layer {layer} has no MoE block (dense layer)", param="layer")
+
+
+def _invoke_unless_cancelled(invoker: Any, function_id: str, x: torch.Tensor, cancelled: threading.Event) -> Any:
+    """Run ``invoker`` unless the request was cancelled while queued; pass ``cancelled`` on when
+    the invoker takes it (the expert client re-checks it once it holds its call lock)."""
+    if cancelled.is_set():
+        raise Cancelled("cancelled before it started")
+    if "cancelled" in inspect.signature(invoker).parameters:
+        return invoker(function_id, x, cancelled=cancelled)
+    return invoker(function_id, x)
 
 
 def create_app(
@@ -93,6 +109,7 @@ def create_app(
             for r in runners.values():
                 r.start()
         yield
+        invoke_pool.shutdown(wait=False, cancel_futures=True)
         if manage_runners:
             for r in runners.values():
                 r.stop()
@@ -106,6 +123,8 @@ def create_app(
     app.add_middleware(LatencyMiddleware, metrics=metrics)
 
     keys = [k.encode() for k in settings.api_keys]
+    # raw function invokes run here (cancellable while queued), not in Starlette's shared pool
+    invoke_pool = concurrent.futures.ThreadPoolExecutor(max_workers=8, thread_name_prefix="eaas-invoke")
 
     def check_api_key(request: Request) -> None:
         if not keys:
@@ -181,7 +200,10 @@ def create_app(
                 result["router_logits"] = out[1].reshape(x.shape[0], -1).float()  # [T, E]
             return result
 
-        result = await asyncio.wrap_future(runner.call(run))
+        result = await await_or_cancel(request, runner.call(run), metrics=metrics, endpoint="layer_forward",
+                                       request_id=new_request_id("layer"))
+        if isinstance(result, Response):
+            return result
         return Response(write_tensors(result), media_type="application/octet-stream")
 
     @app.post("/v1/functions/{function_id:path}:invoke", dependencies=auth, response_class=Response,
@@ -192,7 +214,12 @@ def create_app(
             raise APIError(501, "function invoke is not configured on this gateway (no expert client)",
                            type="not_implemented", code="not_configured")
         x = read_matrix(await request.body(), "x", None, settings.max_batch_tokens)
-        y = await run_in_threadpool(function_invoker, function_id, x)
+        cancelled = threading.Event()
+        fut = invoke_pool.submit(_invoke_unless_cancelled, function_invoker, function_id, x, cancelled)
+        y = await await_or_cancel(request, fut, metrics=metrics, endpoint="function_invoke",
+                                  request_id=new_request_id("invoke"), cancelled=cancelled)
+        if isinstance(y, Response):
+            return y
         if tuple(y.shape) != tuple(x.shape):
             raise APIError(500, f"function {function_id} returned shape {list(y.shape)}, expected {list(x.shape)}",
                            type="server_error")

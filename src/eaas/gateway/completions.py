@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
+from eaas.gateway.cancel import CLIENT_CLOSED, note_cancelled, wait_disconnect
 from eaas.gateway.errors import bad_request, error_body, error_response, to_api_error
 from eaas.gateway.runner import FinishReason, GenerationEvent, GenerationHandle, ModelRunner
 from eaas.gateway.sampling import SamplingParams
@@ -118,13 +119,6 @@ def sampling_params(req: _Sampling, prompts: list[list[int]], runner: ModelRunne
     )
 
 
-async def _wait_disconnect(request: Request) -> None:
-    while True:
-        message = await request.receive()
-        if message["type"] == "http.disconnect":
-            return
-
-
 async def _merge(handles: list[GenerationHandle]) -> AsyncIterator[tuple[int, GenerationEvent]]:
     """Events of several sequences as they come, tagged by index."""
     if len(handles) == 1:
@@ -163,7 +157,10 @@ class Generation:
         self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         loop = asyncio.get_running_loop()
-        self.handles = [runner.submit(p, params, loop) for p in prompts]
+        self.handles = runner.submit_all(prompts, params, loop)
+        self.endpoint = "chat_completions" if chat else "completions"
+        self.finished = False
+        self._noted = False
         if runner.metrics is not None:
             runner.metrics.prompt_tokens.labels(model=runner.name).inc(sum(len(p) for p in prompts))
 
@@ -204,13 +201,14 @@ class Generation:
                     reasons[i] = _finish_str(event.finish_reason)
 
         work = asyncio.ensure_future(collect())
-        watch = asyncio.ensure_future(_wait_disconnect(request))
+        watch = asyncio.ensure_future(wait_disconnect(request))
         try:
             await asyncio.wait({work, watch}, return_when=asyncio.FIRST_COMPLETED)
             if not work.done():  # the client went away
                 self.cancel()
                 work.cancel()
-                return Response(status_code=499)
+                note_cancelled(self.runner.metrics, self.endpoint, self.id, "its sequences were stopped")
+                return Response(status_code=CLIENT_CLOSED)
             if work.exception() is not None:
                 return error_response(work.exception())
         finally:
@@ -252,10 +250,17 @@ class Generation:
                 if include_usage:
                     yield f"data: {json.dumps({**self._envelope([], stream=True), 'usage': self.usage()})}\n\n"
                 yield "data: [DONE]\n\n"
+                self.finished = True
             finally:
                 self.cancel()
 
-        return CancellingStreamingResponse(body(), on_close=self.cancel, media_type="text/event-stream",
+        def on_close() -> None:
+            self.cancel()
+            if not self.finished and not self._noted:
+                self._noted = True
+                note_cancelled(self.runner.metrics, self.endpoint, self.id, "its stream was stopped")
+
+        return CancellingStreamingResponse(body(), on_close=on_close, media_type="text/event-stream",
                                            headers={"Cache-Control": "no-cache"})
 
 

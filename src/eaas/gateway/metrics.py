@@ -8,6 +8,8 @@ two hooks :meth:`GatewayMetrics.record_expert_call` and
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -56,6 +58,23 @@ class GatewayMetrics:
         self.expert_failovers = Counter(
             "eaas_expert_failovers", "expert function calls re-sent to another replica", ["model"], registry=r
         )
+        self.cancellations = Counter(
+            "eaas_gateway_cancellations", "requests cancelled because the client went away, by endpoint",
+            ["endpoint"], registry=r,
+        )
+        self.rejected = Counter(
+            "eaas_gateway_rejected", "requests refused with 429 because the waiting queue was full",
+            ["model"], registry=r,
+        )
+        self.pool_workers = Gauge(
+            "eaas_pool_workers", "expert workers of the model seen by this gateway, by state (ready, draining)",
+            ["model", "state"], registry=r,
+        )
+        self.pool_min_replicas = Gauge(
+            "eaas_pool_min_replicas", "fewest ready replicas of any function of the model (0: some cannot be served)",
+            ["model"], registry=r,
+        )
+        self._pool_view: Any = None
 
     # --- hooks for the expert client -------------------------------------------------
 
@@ -67,6 +86,20 @@ class GatewayMetrics:
         """Count ``n`` expert function calls of ``model`` re-sent to another replica."""
         self.expert_failovers.labels(model=model).inc(n)
 
+    def record_cancellation(self, endpoint: str) -> None:
+        """Count one request cancelled because its client disconnected."""
+        self.cancellations.labels(endpoint=endpoint).inc()
+
+    def bind_pool(self, view: Any) -> None:
+        """Export the pool seen by an expert client: ``view()`` returns
+        ``{"model": str, "ready": int, "draining": int, "min_replicas": int}`` (read at each scrape)."""
+        self._pool_view = view
+
     def render(self) -> bytes:
-        """The Prometheus text exposition of this registry."""
+        """The Prometheus text exposition of this registry (pool gauges refreshed first)."""
+        if self._pool_view is not None:
+            view = self._pool_view()
+            for state in ("ready", "draining"):
+                self.pool_workers.labels(model=view["model"], state=state).set(view[state])
+            self.pool_min_replicas.labels(model=view["model"]).set(view["min_replicas"])
         return generate_latest(self.registry)

@@ -32,7 +32,7 @@ from typing import Any, Callable
 import torch
 from transformers import DynamicCache
 
-from eaas.errors import EaaSError, NonFiniteLogits
+from eaas.errors import EaaSError, NonFiniteLogits, Overloaded
 from eaas.gateway.kvbatch import merge_caches, split_cache
 from eaas.gateway.metrics import GatewayMetrics
 from eaas.gateway.sampling import SamplingParams, select_token
@@ -117,6 +117,7 @@ class _Sequence:
     params: SamplingParams
     arrival_s: float
     text: TextStream
+    queued: bool = True  # counted in the runner's admission backlog until its prefill starts or it ends
     generator: torch.Generator | None = None
     cache: DynamicCache | None = None
     output_ids: list[int] = field(default_factory=list)
@@ -146,6 +147,9 @@ class ModelRunner:
         max_prefills_per_step: prompts prefilled between two decode steps at most.
         max_model_len: prompt + generated tokens at most; default: the config's
             ``max_position_embeddings``.
+        max_waiting_requests: sequences submitted but not yet prefilled, at most;
+            beyond it :meth:`submit_all` refuses with :class:`~eaas.errors.Overloaded`.
+        max_waiting_tokens: prompt tokens of those sequences, at most.
     """
 
     def __init__(
@@ -157,6 +161,8 @@ class ModelRunner:
         max_batch_size: int = 32,
         max_prefills_per_step: int = 4,
         max_model_len: int | None = None,
+        max_waiting_requests: int = 256,
+        max_waiting_tokens: int = 1 << 18,
     ) -> None:
         self.model = model
         self.tokenizer = tokenizer
@@ -185,6 +191,11 @@ class ModelRunner:
         self.started = threading.Event()
         self.last_tick_s = time.monotonic()
         self.step_failures = 0
+        self.max_waiting_requests = max_waiting_requests
+        self.max_waiting_tokens = max_waiting_tokens
+        self._backlog_lock = threading.Lock()
+        self._backlog_requests = 0
+        self._backlog_tokens = 0
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -232,11 +243,52 @@ class ModelRunner:
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
     ) -> GenerationHandle:
-        """Queue one sequence; events arrive on the returned handle in ``loop``."""
-        handle = GenerationHandle(f"seq-{next(_ids)}", list(prompt_ids), loop or asyncio.get_running_loop())
-        seq = _Sequence(handle, params, time.monotonic(), TextStream(self.tokenizer, params.stop))
-        self._inbox.put(seq)
-        return handle
+        """Queue one sequence; events arrive on the returned handle in ``loop``.
+
+        Raises:
+            Overloaded: the admission backlog is full (see :meth:`submit_all`).
+        """
+        return self.submit_all([prompt_ids], params, loop)[0]
+
+    def submit_all(
+        self, prompts: list[list[int]], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
+    ) -> list[GenerationHandle]:
+        """Queue several sequences of one request, all or none.
+
+        Overload is refused, not queued forever: when the sequences submitted but
+        not yet prefilled would exceed ``max_waiting_requests`` or their prompt tokens
+        ``max_waiting_tokens``, nothing is queued (NVIDIA Dynamo and vLLM's router refuse
+        the same way, 529/429, when their workers are saturated).
+
+        Raises:
+            Overloaded: the backlog is full; retry after ``retry_after_s``.
+        """
+        loop = loop or asyncio.get_running_loop()
+        tokens = sum(len(p) for p in prompts)
+        with self._backlog_lock:
+            if (self._backlog_requests + len(prompts) > self.max_waiting_requests
+                    or self._backlog_tokens + tokens > self.max_waiting_tokens):
+                if self.metrics is not None:
+                    self.metrics.rejected.labels(model=self.name).inc()
+                raise Overloaded(
+                    f"model {self.name!r} is overloaded: {self._backlog_requests} requests"
+                    f" ({self._backlog_tokens} prompt tokens) already wait for a batch slot"
+                    f" (limits {self.max_waiting_requests} / {self.max_waiting_tokens}); retry later")
+            self._backlog_requests += len(prompts)
+            self._backlog_tokens += tokens
+        handles = []
+        for prompt_ids in prompts:
+            handle = GenerationHandle(f"seq-{next(_ids)}", list(prompt_ids), loop)
+            self._inbox.put(_Sequence(handle, params, time.monotonic(), TextStream(self.tokenizer, params.stop)))
+            handles.append(handle)
+        return handles
+
+    def _leave_backlog(self, seq: _Sequence) -> None:
+        if seq.queued:
+            seq.queued = False
+            with self._backlog_lock:
+                self._backlog_requests -= 1
+                self._backlog_tokens -= len(seq.prompt_ids)
 
     def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
         """Run ``fn(model)`` in the runner thread between two steps."""
@@ -317,6 +369,7 @@ class ModelRunner:
                 self._finish(seq, FinishReason.CANCELLED)
 
     def _prefill(self, seq: _Sequence) -> None:
+        self._leave_backlog(seq)
         device = self.model.device
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)  # [1, P]
         cache = DynamicCache()
@@ -406,6 +459,7 @@ class ModelRunner:
             self._count_finish(reason)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
+        self._leave_backlog(seq)
         seq.cache = None
         seq.handle._deliver(GenerationEvent(finish_reason=reason, error=error))
         self._count_finish(reason)

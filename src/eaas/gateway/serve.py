@@ -45,17 +45,18 @@ def eaas_hooks(client: Any) -> dict[str, Any]:
 
     metrics = GatewayMetrics()
     client.metrics = metrics
+    metrics.bind_pool(client.pool_summary)
 
     def readiness() -> tuple[bool, dict[str, Any]]:
         missing = client.missing_functions()
         return (not missing, {"model": client.model, "functions_without_replica": len(missing), "examples": missing[:5]})
 
-    def invoke(function_id: str, x: Any) -> Any:
+    def invoke(function_id: str, x: Any, cancelled: Any = None) -> Any:
         if not function_id.startswith(client.model + "/"):
             from eaas.errors import NotFound
 
             raise NotFound(f"unknown function {function_id!r}")
-        return client.invoke(function_id, x)
+        return client.invoke(function_id, x, cancelled=cancelled)
 
     return {"readiness": readiness, "function_invoker": invoke, "metrics": metrics}
 
@@ -75,19 +76,38 @@ def build_gateway(
     import torch
     from transformers import AutoTokenizer
 
-    from eaas.gateway.app import create_app
-    from eaas.gateway.runner import ModelRunner
-
     model_dir = Path(model_dir)
     if not (model_dir / "config.json").is_file():
         raise CheckpointError(f"{model_dir} has no config.json: not a checkpoint directory")
     torch.set_num_threads(settings.torch_threads)
+    client = None
     if monolithic:
         model = load_monolithic(model_dir)
     else:
         model, client = load_attention_client(model_dir, settings)
-        app_kw = {**eaas_hooks(client), **app_kw}
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    runner = ModelRunner(model, tokenizer, name=name or model_dir.name, max_batch_size=settings.max_batch_size)
-    log.info("gateway: model %s loaded (%s)", runner.name, "monolithic" if monolithic else "attention client")
-    return create_app(settings, runner, **app_kw)
+    log.info("gateway: model %s loaded (%s)", name or model_dir.name, "monolithic" if monolithic else "attention client")
+    return assemble_gateway(model, tokenizer, name or model_dir.name, settings, client=client, **app_kw)
+
+
+def assemble_gateway(model: Any, tokenizer: Any, name: str, settings: Settings, *, client: Any = None,
+                     **app_kw: Any) -> FastAPI:
+    """The one place a gateway app is put together: a runner for ``model`` with the settings'
+    batch and queue bounds, the expert client's hooks when there is one, and the app.
+
+    Args:
+        model: a transformers causal LM (monolithic or an attention client).
+        tokenizer: its tokenizer.
+        name: the model id clients use.
+        settings: ``max_batch_size``, ``max_waiting_requests``, ``max_waiting_tokens`` and the app's.
+        client: the :class:`~eaas.platform.client.ExpertClient` behind ``model``, if any.
+        **app_kw: override :func:`eaas.gateway.app.create_app` hooks.
+    """
+    from eaas.gateway.app import create_app
+    from eaas.gateway.runner import ModelRunner
+
+    runner = ModelRunner(model, tokenizer, name=name, max_batch_size=settings.max_batch_size,
+                         max_waiting_requests=settings.max_waiting_requests,
+                         max_waiting_tokens=settings.max_waiting_tokens)
+    hooks = eaas_hooks(client) if client is not None else {}
+    return create_app(settings, runner, **{**hooks, **app_kw})

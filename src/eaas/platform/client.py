@@ -39,7 +39,7 @@ import torch
 import zmq
 
 from eaas.backoff import backoff_s
-from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
+from eaas.errors import Cancelled, EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.platform.dispatch import ExpertRows, choose_replica, combine, plan_layer
 from eaas.platform.protocol import decode_header, encode_header, now_ms, recv_frames, send_frames
 from eaas.platform.transport.select import local_capabilities, make_client_channel, select_transport
@@ -140,6 +140,7 @@ class ExpertClient:
         self._conns: dict[str, _Conn] = {}
         self._table: dict[str, list[WorkerRecord]] = {}
         self._live: dict[str, int] = {}  # worker id -> epoch, ready or draining
+        self._draining: frozenset[str] = frozenset()
         self._missing_since: dict[str, float] = {}  # function id -> first seen with no replica (monotonic)
         self._table_lock = threading.Lock()
         self._call_lock = threading.Lock()
@@ -170,6 +171,7 @@ class ExpertClient:
         with self._table_lock:
             self._table = table
             self._live = live
+            self._draining = frozenset(draining)
             for fid in [f for f in self._missing_since if table.get(f)]:
                 del self._missing_since[fid]
 
@@ -195,6 +197,14 @@ class ExpertClient:
         """Ready replicas of a function in the current routing table."""
         with self._table_lock:
             return list(self._table.get(fid, ()))
+
+    def pool_summary(self) -> dict[str, Any]:
+        """The pool as this client sees it: ``{"model", "ready", "draining", "min_replicas"}``
+        (worker counts, and the fewest ready replicas of any function of the model)."""
+        with self._table_lock:
+            ready = len(set(self._live) - self._draining)
+            mins = min((len(reps) for reps in self._table.values()), default=0)
+            return {"model": self.model, "ready": ready, "draining": len(self._draining), "min_replicas": mins}
 
     def missing_functions(self) -> list[str]:
         """Functions of the model with no ready replica right now."""
@@ -314,20 +324,28 @@ class ExpertClient:
         y = self._run(x, items, row)
         return combine(hidden_states, plan, y, top_k_weights)
 
-    def invoke(self, function_id: str, x: torch.Tensor) -> torch.Tensor:
+    def invoke(self, function_id: str, x: torch.Tensor, cancelled: threading.Event | None = None) -> torch.Tensor:
         """Compute one function on ``x[N, D]`` remotely: ``y[N, D] = f(x)``.
+
+        Args:
+            cancelled: if set by the time this call gets its turn (calls are serialised),
+                nothing is sent and :class:`~eaas.errors.Cancelled` is raised.
 
         Raises:
             NoReplicaAvailable, ExpertTimeout, RemoteError: as :meth:`forward`.
+            Cancelled: ``cancelled`` was set before the call started.
         """
         x = x.detach().contiguous()
         n = x.shape[0]
         if n == 0:
             return torch.empty_like(x)
-        return self._run(x, [_Item(function_id, torch.arange(n), 0)], n)
+        return self._run(x, [_Item(function_id, torch.arange(n), 0)], n, cancelled)
 
-    def _run(self, x: torch.Tensor, items: list[_Item], total_rows: int) -> torch.Tensor:
+    def _run(self, x: torch.Tensor, items: list[_Item], total_rows: int,
+             cancelled: threading.Event | None = None) -> torch.Tensor:
         with self._call_lock:
+            if cancelled is not None and cancelled.is_set():
+                raise Cancelled("the caller cancelled this call before it was sent")
             self.stats.calls += 1
             return self._run_locked(x, items, total_rows)
 

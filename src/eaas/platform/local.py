@@ -223,16 +223,13 @@ class LocalDeployment:
         import torch
         from transformers import AutoTokenizer
 
-        from eaas.gateway.app import create_app
-        from eaas.gateway.runner import ModelRunner
-        from eaas.gateway.serve import eaas_hooks
+        from eaas.gateway.serve import assemble_gateway
         from eaas.platform.integration import load_model
 
         torch.set_num_threads(self.settings.torch_threads)
         model, self.client = load_model(self.model_name, settings=self.settings, registry=self.registry)
         tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        runner = ModelRunner(model, tokenizer, name=self.model_name, max_batch_size=self.settings.max_batch_size)
-        return create_app(self.settings, runner, **eaas_hooks(self.client))
+        return assemble_gateway(model, tokenizer, self.model_name, self.settings, client=self.client)
 
     def record_state(self, gateway_url: str) -> bool:
         """Write the state file so admin commands in other shells find this deployment.
