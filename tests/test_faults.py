@@ -224,3 +224,44 @@ def test_gateway_metrics_show_the_pool_and_a_drained_worker_leaving(registry, re
         if procs[0].poll() is None:
             procs[0].send_signal(signal.SIGCONT)
         client.close()
+
+
+def test_a_frozen_serving_loop_does_not_lose_the_lease(registry, registered, workers) -> None:  # type: ignore[no-untyped-def]
+    """The lease is kept by a process of its own: a worker frozen for 3 lease TTLs (SIGSTOP: harsher
+    than a call holding the GIL) keeps its registration and its epoch, and serves after it resumes."""
+    model = registered("mixtral")
+    (proc,) = workers(model, ["all"])
+    (w,) = wait_workers_ready(registry, model, 1)
+    ttl = w.lease_ttl_s
+    proc.send_signal(signal.SIGSTOP)
+    stopped_at = time.time()
+    try:
+        def renewed_while_frozen() -> bool:
+            rec = next(r for r in registry.workers(model) if r.id == w.id)  # StopIteration = lease lost
+            return rec.heartbeat_at_s > stopped_at + 3 * ttl
+
+        wait_for(renewed_while_frozen, 6 * ttl + 10, interval_s=0.1, what="renewals while the worker is frozen")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    (back,) = wait_workers_ready(registry, model, 1)
+    assert back.id == w.id and back.epoch == w.epoch  # the same incarnation: it never left
+    client = ExpertClient(registry, model, _settings(registry))
+    try:
+        _call(client, torch.Generator().manual_seed(3))
+    finally:
+        client.close()
+
+
+def test_a_worker_stalled_past_its_limit_comes_back_as_a_new_incarnation(registry, registered, workers, eaas_env) -> None:  # type: ignore[no-untyped-def]
+    model = registered("mixtral")
+    (proc,) = workers(model, ["all"], env={**eaas_env, "EAAS_WORKER_STALL_S": "1.0", "EAAS_LEASE_TTL_S": "1.5"})
+    (w,) = wait_workers_ready(registry, model, 1)
+    proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_for(lambda: (registry.reap_expired() or True) and w.id not in registry.worker_ids(), 20,
+                 interval_s=0.1, what="the stalled worker's lease expired")
+    finally:
+        proc.send_signal(signal.SIGCONT)
+    back = wait_for(lambda: next((r for r in registry.workers(model) if r.id == w.id), None), 20,
+                    what="the worker registered again")
+    assert back.epoch > w.epoch and back.pid == w.pid

@@ -54,6 +54,9 @@ class Settings(BaseSettings):
     # --- leases ---
     lease_ttl_s: float = Field(3.0, gt=0, description="worker lease TTL")
     heartbeat_interval_s: float = Field(0.5, gt=0, description="heartbeat period (< lease_ttl_s)")
+    worker_stall_s: float = Field(
+        120.0, gt=0, description="a worker whose serving loop made no progress this long stops renewing its lease"
+    )
     routing_refresh_s: float = Field(2.0, gt=0, description="client full re-read of the routing table")
 
     # --- compute ---

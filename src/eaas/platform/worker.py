@@ -1,12 +1,14 @@
 """The expert worker: a warm, stateless server of one shard's expert functions.
 
 Life (DESIGN.md, "Worker"): load the shard (before registering: warm pool) ->
-bind a ZeroMQ ROUTER socket (loopback unless told otherwise) -> register under
-a lease -> serve -> on SIGTERM or an admin ``drain``: state ``draining``, finish
-everything queued, deregister, exit 0. A heartbeat thread renews the lease and
-reports queue depth, tokens served and busy fraction; torch releases the GIL
-while computing, so a long batch cannot starve it. ``kill -9`` leaves a lease
-that expires within its TTL.
+bind a ZeroMQ ROUTER socket (loopback unless told otherwise) -> run every hosted
+function once (warm-up) -> register under a lease -> serve -> on SIGTERM or an
+admin ``drain``: state ``draining`` (announced at once), finish everything queued,
+deregister, exit 0. The lease is renewed by a keeper *process*
+(:mod:`eaas.platform.lease`) that reads queue depth, tokens served and busy time
+from a shared page, so no computation, however long it holds the GIL, can starve
+it; every registration is a new incarnation (epoch). ``kill -9`` leaves a lease
+that expires within its TTL (the keeper dies with the worker).
 
 Serving loop (continuous batching across clients): take every message waiting
 on the socket, answer control messages and bad input at once (a bad message
@@ -17,6 +19,7 @@ expert runs once (:meth:`eaas.functions.ExpertShard.forward`).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -31,11 +34,12 @@ from typing import Any
 import torch
 import zmq
 
-from eaas.errors import EaaSError, ProtocolError
+from eaas.errors import EaaSError, ProtocolError, RegistryError
+from eaas.platform.lease import LeaseBoard, start_keeper
 from eaas.platform.outbox import ReplyOutbox
 from eaas.platform.protocol import Header, now_ms, recv_frames
 from eaas.platform.transport.select import WorkerEndpoint
-from eaas.registry.records import WorkerRecord, WorkerState, WorkerStats
+from eaas.registry.records import WorkerRecord, WorkerState
 from eaas.registry.store import Registry
 from eaas.settings import Settings
 
@@ -122,12 +126,10 @@ class ExpertWorker:
             bound = f"tcp://{adv}:{bound.rsplit(':', 1)[1]}"
         self.endpoint = bound
         self._draining = threading.Event()
-        self._drain_announced = False
         self.drain_started_s: float | None = None
         self.received_after_drain = 0  # invokes that arrived more than 100 ms after the drain was announced
-        self._wake = threading.Event()
-        self._stopped = threading.Event()
-        self.epoch = 0
+        self._board: LeaseBoard | None = None
+        self._keeper: Any = None
         self.warmup_ms: float | None = None
         self._pending: list[_Pending] = []
         self._lock = threading.Lock()
@@ -138,7 +140,6 @@ class ExpertWorker:
         self.cross_client_batches = 0
         self.function_tokens: Counter[str] = Counter()
         self._busy_s = 0.0
-        self._busy_mark = (time.monotonic(), 0.0)
         self.started_at_s = time.time()
 
     # --- registry ------------------------------------------------------------
@@ -153,64 +154,67 @@ class ExpertWorker:
             heartbeat_at_s=time.time(), lease_ttl_s=self.settings.lease_ttl_s, warmup_ms=self.warmup_ms or 0.0,
         )  # fmt: skip
 
-    def stats(self) -> WorkerStats:
-        """A heartbeat's snapshot of queue depth and counters."""
+    def queue_depth(self) -> tuple[int, int]:
+        """(rows, requests) waiting for a batch."""
         with self._lock:
-            q_tokens = sum(p.x.shape[0] for p in self._pending)
-            q_reqs = len(self._pending)
-        now = time.monotonic()
-        last_t, last_busy = self._busy_mark
-        busy = self._busy_s
-        self._busy_mark = (now, busy)
-        frac = min(1.0, (busy - last_busy) / max(1e-6, now - last_t))
-        return WorkerStats(
+            return sum(p.x.shape[0] for p in self._pending), len(self._pending)
+
+    def _publish(self) -> None:
+        """Write the counters to the lease board (the keeper reports them at its next beat)."""
+        q_tokens, q_reqs = self.queue_depth()
+        self._board.publish(
             queue_tokens=q_tokens, queue_requests=q_reqs, tokens_served=self.tokens_served,
-            requests_served=self.requests_served, batches=self.batches, busy_fraction=frac,
-            function_tokens=dict(self.function_tokens), cross_client_batches=self.cross_client_batches,
-            replies_dropped=self.outbox.dropped,
+            requests_served=self.requests_served, batches=self.batches,
+            cross_client_batches=self.cross_client_batches, replies_dropped=self.outbox.dropped,
+            busy_s=self._busy_s, function_tokens=dict(self.function_tokens),
         )  # fmt: skip
 
-    def _heartbeat_loop(self) -> None:
-        """Renew the lease every ``heartbeat_interval_s``; announce a drain the moment it begins.
+    def _start_keeper(self, timeout_s: float) -> None:
+        """Start the lease keeper and wait until it has registered this worker (epoch > 0).
 
-        Survives any exception of one beat (logged, retried next beat).
+        Raises:
+            RegistryError: the keeper exited or did not register within ``timeout_s``.
         """
-        interval = self.settings.heartbeat_interval_s
-        while not self._stopped.is_set():
-            self._wake.wait(interval)
-            self._wake.clear()
-            if self._stopped.is_set():
-                return
-            try:
-                self._announce_drain()
-                state = self.registry.heartbeat(self.id, self.settings.lease_ttl_s, self.stats())
-                if state is None and not self._draining.is_set():
-                    self.epoch = self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
-                    log.warning("worker %s: lease lost (expired or removed); registered again as a new"
-                                " incarnation, epoch %d", self.id, self.epoch)
-                elif state is WorkerState.DRAINING and not self._draining.is_set():
-                    log.info("worker %s: drain requested through the registry", self.id)
-                    self._drain_announced = True
-                    self.drain_started_s = time.monotonic()
-                    self._draining.set()
-            except Exception as e:  # noqa: BLE001 - a Redis blip or a bug in one beat: keep beating
-                log.warning("worker %s: heartbeat failed: %s", self.id, e)
+        rec = self.record(WorkerState.READY)
+        before = self._board.epoch
+        self._keeper = start_keeper(self._board, json.dumps({"hash": rec.to_hash(), "shard": list(rec.shard)}))
+        deadline = time.monotonic() + timeout_s
+        while self._board.epoch == before:
+            if self._keeper.poll() is not None:
+                raise RegistryError(f"worker {self.id}: its lease keeper exited ({self._keeper.returncode})"
+                                    " before registering it; see the log above")
+            if time.monotonic() > deadline:
+                raise RegistryError(f"worker {self.id}: not registered within {timeout_s:g} s")
+            time.sleep(0.01)
 
-    def _announce_drain(self) -> None:
-        """Set state ``draining`` in the registry (publishes it) once the drain has begun."""
-        if self._draining.is_set() and not self._drain_announced:
-            self.registry.set_worker_state(self.id, WorkerState.DRAINING)
-            self._drain_announced = True
-            self.drain_started_s = time.monotonic()
-            log.info("worker %s: draining announced", self.id)
+    @property
+    def epoch(self) -> int:
+        """This worker's current incarnation (registry epoch; 0 before it registered)."""
+        return self._board.epoch if self._board is not None else 0
+
+    def _watch_lease(self) -> None:
+        """Once per loop: an operator's drain, a dead keeper (restarted: a new incarnation)."""
+        board = self._board
+        if board.admin_drain and not self._draining.is_set():
+            log.info("worker %s: drain requested through the registry", self.id)
+            self._draining.set()
+        if self.drain_started_s is None and board.drain_announced_s:
+            self.drain_started_s = board.drain_announced_s
+        if self._keeper is not None and self._keeper.poll() is not None and not self._draining.is_set():
+            log.warning("worker %s: lease keeper exited (%s); starting a new one", self.id, self._keeper.returncode)
+            try:
+                self._start_keeper(self.settings.startup_timeout_s)
+            except EaaSError as e:
+                log.error("worker %s: %s", self.id, e)
 
     # --- serving ---------------------------------------------------------------
 
     def request_drain(self, *_: Any) -> None:
-        """Begin draining (signal-handler safe): the heartbeat thread announces it at once,
-        so clients stop sending new work while the current batch still runs."""
+        """Begin draining (signal-handler safe): the lease keeper announces it at once, so
+        clients stop sending new work while the current batch still runs."""
         self._draining.set()
-        self._wake.set()
+        if self._board is not None:
+            self._board.request_drain()
 
     def _receive(self, timeout_ms: int) -> bool:
         """Move every waiting message off the socket; answer control/bad ones. True if any came."""
@@ -331,32 +335,37 @@ class ExpertWorker:
             signal.signal(signal.SIGINT, self.request_drain)
         if self.warmup_ms is None:
             self.warm_up()
-        self.epoch = self.registry.register_worker(self.record(WorkerState.READY), self.settings.lease_ttl_s)
-        hb = threading.Thread(target=self._heartbeat_loop, name=f"heartbeat-{self.id}", daemon=True)
-        hb.start()
-        log.info("worker %s: serving %d functions at %s", self.id, len(self._fid_to_pair), self.endpoint)
+        self._board = LeaseBoard()
+        self._board.tick()
+        self._publish()
+        try:
+            self._start_keeper(self.settings.startup_timeout_s + 10)
+        finally:
+            self._board.unlink()  # both processes hold the mapping: the file is not needed any more
+        log.info("worker %s: serving %d functions at %s (epoch %d)", self.id, len(self._fid_to_pair), self.endpoint,
+                 self.epoch)
         idle_since: float | None = None
         grace_s = max(0.5, 2 * self.settings.heartbeat_interval_s)
-        last_sweep = time.monotonic()
+        last_sweep = last_publish = time.monotonic()
         try:
             while True:
+                self._board.tick()
                 got = self._receive(timeout_ms=0 if self._pending else 50)
                 batch = self._take_batch()
                 if batch:
                     self._run_batch(batch)
                 if self.outbox.owed:
                     self.outbox.flush()
-                if time.monotonic() - last_sweep > 5.0:
+                now = time.monotonic()
+                if now - last_publish >= 0.1:
+                    self._publish()
+                    self._watch_lease()
+                    last_publish = now
+                if now - last_sweep > 5.0:
                     self.endpoint_io.sweep()
-                    last_sweep = time.monotonic()
+                    last_sweep = now
                 if not self._draining.is_set():
                     continue
-                if not self._drain_announced:  # the heartbeat thread normally did this already
-                    try:
-                        self._announce_drain()
-                    except EaaSError as e:
-                        log.warning("worker %s: could not announce drain: %s", self.id, e)
-                        self._drain_announced = True
                 if got or batch or self._pending:
                     idle_since = None
                 elif idle_since is None:
@@ -364,9 +373,7 @@ class ExpertWorker:
                 elif time.monotonic() - idle_since >= grace_s:
                     break
         finally:
-            self._stopped.set()
-            self._wake.set()
-            hb.join(timeout=5)
+            self._stop_keeper()
             try:
                 self.registry.deregister_worker(self.id)
             except EaaSError as e:
@@ -376,6 +383,16 @@ class ExpertWorker:
                  " the drain was announced)", self.id, self.requests_served, self.tokens_served,
                  self.received_after_drain)
         return 0
+
+    def _stop_keeper(self) -> None:
+        if self._board is not None:
+            self._board.request_stop()
+        if self._keeper is not None:
+            try:
+                self._keeper.wait(5)
+            except Exception:  # noqa: BLE001 - a keeper that does not stop is killed
+                self._keeper.kill()
+                self._keeper.wait(5)
 
     def close(self) -> None:
         """Close the socket and release the mappings of peers that are gone."""
