@@ -236,19 +236,20 @@ def layer(
 
 @app.command("failover")
 def failover(
-    duration_s: float = typer.Option(40.0, "--duration-s", min=5.0, help="length of each phase (s)"),
-    kill_interval_s: float = typer.Option(10.0, "--kill-interval-s", min=1.0, help="time between SIGKILLs (s)"),
-    max_kills: int = typer.Option(3, "--kills", min=1, help="SIGKILLs in the kill phase at most"),
-    concurrency: int = typer.Option(8, "--concurrency", min=1, help="closed-loop clients"),
-    max_tokens: int = typer.Option(16, "--max-tokens", min=1, help="output tokens per request"),
+    rounds: int = typer.Option(6, "--rounds", min=1, help="paired baseline/fault windows"),
+    window_s: float = typer.Option(12.0, "--window-s", min=4.0, help="length of each window (s)"),
+    kill_at_s: float = typer.Option(3.0, "--kill-at-s", min=0.5, help="when the SIGKILL comes in a fault window (s)"),
+    concurrency: int = typer.Option(8, "--concurrency", min=1, help="closed-loop streaming clients"),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="output tokens per request"),
     workers: int = typer.Option(3, "--workers", min=2, help="expert workers of the deployment"),
     replicas: int = typer.Option(2, "--replicas", min=2, help="replicas of every expert (>= 2)"),
     seed: int = typer.Option(0, "--seed", help="seed of the victim choice"),
     workdir: str = typer.Option(None, "--workdir", help="state/cache/log directory of the deployment (default: a temp dir)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
-    png: str = typer.Option(None, "--png", help="write tokens/s and p99 over time, kills marked, to this PNG"),
+    png: str = typer.Option(None, "--png", help="write tokens/s and p99 over a window, the kill marked, to this PNG"),
 ) -> None:
-    """Same closed-loop load with and without periodic worker SIGKILLs: throughput loss, failures, p99."""
+    """Paired windows of the same streamed load with and without a worker SIGKILL: the loss as a
+    median with a 95 % interval, the recovery pause (longest token gap at a kill), failures, p99."""
     import json
     from pathlib import Path
 
@@ -257,9 +258,8 @@ def failover(
     from eaas.errors import EaaSError
     from eaas.platform import bench_failover as bf
 
-    cfg = bf.FailoverBenchConfig(duration_s=duration_s, kill_interval_s=kill_interval_s, max_kills=max_kills,
-                                 concurrency=concurrency, max_tokens=max_tokens, workers=workers, replicas=replicas,
-                                 seed=seed)  # fmt: skip
+    cfg = bf.FailoverBenchConfig(rounds=rounds, window_s=window_s, kill_at_s=kill_at_s, concurrency=concurrency,
+                                 max_tokens=max_tokens, workers=workers, replicas=replicas, seed=seed)  # fmt: skip
     err = Console(stderr=True)
     try:
         with err.status("starting") as status:

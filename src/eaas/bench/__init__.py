@@ -1,0 +1,1 @@
+"""Benchmarks and their harnesses (never imported by the runtime; see DESIGN.md, layout)."""
