@@ -225,3 +225,23 @@ def test_config_refuses_a_downscale_delay_shorter_than_the_window():
     with pytest.raises(ConfigError, match="downscale_delay_s=3.0 must be >= look_back_s=10.0"):
         AutoscalerConfig(look_back_s=10.0, downscale_delay_s=3.0)
     AutoscalerConfig(look_back_s=10.0, downscale_delay_s=10.0)  # equal is fine
+
+
+@pytest.mark.parametrize(
+    "candidates, count, expect",
+    [
+        # starting workers first, newest first; then ready ones, least loaded first
+        ([("r1", True, 1.0, 5.0), ("s1", False, 2.0, 0.0), ("s2", False, 3.0, 0.0), ("r2", True, 4.0, 1.0)], 3,
+         ["s2", "s1", "r2"]),
+        # among equally loaded ready workers, the newest goes
+        ([("old", True, 1.0, 2.0), ("new", True, 9.0, 2.0), ("busy", True, 5.0, 7.0)], 2, ["new", "old"]),
+        # never more than asked, never a negative count
+        ([("a", True, 1.0, 0.0)], 0, []),
+        ([("a", True, 1.0, 0.0)], -1, []),
+        ([("a", True, 1.0, 0.0), ("b", False, 0.5, 0.0)], 5, ["b", "a"]),
+    ],
+)
+def test_choose_victims(candidates, count, expect):
+    from eaas.platform.autoscale.policy import VictimCandidate, choose_victims
+
+    assert choose_victims([VictimCandidate(*c) for c in candidates], count) == expect

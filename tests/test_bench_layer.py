@@ -8,7 +8,7 @@ import sys
 
 import pytest
 
-from eaas.platform.bench_layer import run_layer_bench
+from eaas.bench.layer import run_layer_bench
 
 
 def test_bench_layer_cli_json_and_png(tmp_path):

@@ -25,7 +25,7 @@ def test_max_token_gap_counts_the_wait_for_the_first_token():
 
 
 def test_failover_windows_count_tokens_by_arrival_and_the_pause_at_the_kill():
-    from eaas.platform.bench_failover import FailoverBenchConfig, Sample, _result, _window
+    from eaas.bench.failover import FailoverBenchConfig, Sample, _result, _window
 
     # two streams; the second stalls 1.2 s around t=3 (the "kill")
     a = Sample(0.0, 4.0, True, 200, 8, tuple(0.5 * i for i in range(1, 9)))

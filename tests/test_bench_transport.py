@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from eaas.platform.bench_transport import _time_interleaved, parse_size
+from eaas.bench.transport import _time_interleaved, parse_size
 
 
 def test_bench_transport_cli_json_and_png(tmp_path):

@@ -8,7 +8,6 @@ import os
 import subprocess
 import sys
 
-import pytest
 import torch
 
 from eaas.functions import inspect_checkpoint, write_tiny_checkpoint

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import threading
 
 import pytest
 import torch
@@ -14,7 +12,7 @@ from eaas.platform.client import ExpertClient
 from eaas.platform.integration import load_model
 from eaas.registry import Registry
 from eaas.settings import get_settings
-from eaas.testing import start_worker, wait_for, wait_workers_ready
+from eaas.testing import wait_for, wait_workers_ready
 
 FAMILIES = ["mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"]
 

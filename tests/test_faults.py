@@ -89,7 +89,7 @@ def test_work_in_flight_to_a_draining_worker_is_not_failed_over(registry, regist
         t.start()  # each call sends to both replicas (least-loaded choice): one request now waits on the victim
         wait_for(lambda: client.stats.requests >= 4, 10, what="the call sent its requests")
         registry.set_worker_state(victim.id, WorkerState.DRAINING)
-        wait_for(lambda: victim.id not in {w.id for reps in client._table.values() for w in reps}, 5,
+        wait_for(lambda: victim.id not in {w.id for reps in client.routing.table().values() for w in reps}, 5,
                  what="the client saw the drain")
         # The client's wait loop checks its in-flight requests every <= 50 ms: give it 20 checks to
         # (wrongly) fail the victim's request over while the victim cannot answer. Asserting that
@@ -127,7 +127,7 @@ def test_a_worker_that_lost_its_lease_comes_back_as_a_new_incarnation(registry, 
                                       and r.epoch > w.epoch and r.state is WorkerState.READY), None), 20,
                         what="the worker registered again")
         assert back.pid == procs[0].pid
-        wait_for(lambda: client._live.get(w.id) == back.epoch, 10, what="the client saw the new incarnation")
+        wait_for(lambda: client.routing.epoch_of(w.id) == back.epoch, 10, what="the client saw the new incarnation")
         for _ in range(5):
             y = client.invoke(f"{model}/0/3", x)
             torch.testing.assert_close(y, ref.forward(x, [((0, 3), 5)]), rtol=0, atol=1e-6)

@@ -13,19 +13,16 @@ from eaas.platform.protocol import (
     ERROR_CODES,
     PROTOCOL_VERSION,
     Header,
-    check_functions,
-    check_payload_frames,
-    decode_header,
     encode_header,
     error_frames,
     invoke_header,
     now_ms,
-    peek_request_id,
     raise_if_error,
     reply_header,
     tensor_buffer,
     tensor_from_buffer,
 )
+from eaas.platform.decode import check_functions, check_payload_frames, decode_header, peek_request_id
 from eaas.platform.transport.select import WorkerEndpoint
 
 LIMIT = 64 << 20

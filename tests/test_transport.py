@@ -17,9 +17,10 @@ from eaas.testing import wait_for
 import torch
 
 from eaas.errors import TransportError
-from eaas.platform.protocol import Header, decode_header, encode_header, invoke_header, now_ms
+from eaas.platform.protocol import Header, encode_header, invoke_header, now_ms
+from eaas.platform.decode import decode_header
 from eaas.platform.transport import WorkerEndpoint, local_capabilities, select_transport
-from eaas.platform.transport.echo import PairClient
+from eaas.bench.echo import PairClient
 from eaas.platform.transport.shm import ARENA_NAME_RE, Allocator, ShmArena, ShmClientChannel, sweep_stale_arenas
 
 LIMIT = 64 << 20
@@ -36,7 +37,7 @@ def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
 
 
 def start_echo(bind: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "eaas.platform.transport.echo", "--bind", bind, *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "eaas.bench.echo", "--bind", bind, *extra],
                             stdout=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     line = _read_line(proc, 60)
@@ -217,7 +218,7 @@ def test_allocator_first_fit_and_merge():
 
 CLIENT = textwrap.dedent("""
     import sys, torch
-    from eaas.platform.transport.echo import PairClient
+    from eaas.bench.echo import PairClient
     c = PairClient(sys.argv[1], "shm", arena_bytes=1 << 20)
     c.connect(timeout_s=30)
     x = torch.randn(16, 16)

@@ -26,7 +26,7 @@ def echo_cuda():
 
 
 def _client(ep, arena_bytes=8 << 20):
-    from eaas.platform.transport.echo import PairClient
+    from eaas.bench.echo import PairClient
 
     c = PairClient(ep, "cuda_ipc", arena_bytes=arena_bytes, device="cuda:0")
     c.connect(timeout_s=60)
@@ -71,7 +71,8 @@ def test_cuda_ipc_event_ordering_under_async_writes(echo_cuda):
 
 
 def test_cuda_ipc_bad_offset_is_refused(echo_cuda):
-    from eaas.platform.protocol import decode_header, encode_header, invoke_header, now_ms
+    from eaas.platform.protocol import encode_header, invoke_header, now_ms
+    from eaas.platform.decode import decode_header
 
     c = _client(echo_cuda, arena_bytes=1 << 20)
     try:

@@ -33,7 +33,7 @@ def test_nixl_capability_advertised():
 
 
 def test_nixl_many_round_trips_reuse_slots(echo_nixl):
-    from eaas.platform.transport.echo import PairClient
+    from eaas.bench.echo import PairClient
 
     c = PairClient(echo_nixl, "nixl", arena_bytes=1 << 20)
     try:

@@ -217,7 +217,7 @@ def test_worker_logs_live_in_a_folder_of_this_deployment(up: Up) -> None:
 
 
 def test_old_deployment_log_folders_are_pruned(tmp_path: Path) -> None:
-    from eaas.platform.local import deployment_log_dir
+    from eaas.deploy import deployment_log_dir
 
     logs = tmp_path / "logs"
     for i in range(7):

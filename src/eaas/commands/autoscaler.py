@@ -6,18 +6,14 @@ environment variables (e.g. ``EAAS_AUTOSCALER_MIN_REPLICAS=2``) < flags.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-import os
 import signal
 import threading
-from collections.abc import Mapping
 from typing import Any, Optional
 
 import typer
 
 from eaas.commands.common import cli_errors, err_console
-from eaas.errors import ConfigError
 
 log = logging.getLogger(__name__)
 

@@ -34,7 +34,7 @@ def autoscale(
 
     try:
         if not simulate:
-            from eaas.platform.autoscale.live import run_live
+            from eaas.bench.autoscale_live import run_live
 
             live_s = 45.0 if duration_s == 3600.0 else duration_s  # live: a short trace unless told
             result = run_live(trace, duration_s=live_s, seed=seed, zipf_s=zipf_s, max_replicas=min(max_replicas, 2), slo_ms=slo_ms)
@@ -59,7 +59,7 @@ def _emit(result: dict, json_out: bool, png: str | None) -> None:
 
     from rich.console import Console
 
-    from eaas.platform.autoscale.report import plot_timeline, summary_table
+    from eaas.bench.autoscale_report import plot_timeline, summary_table
 
     if png:
         plot_timeline(result, Path(png))
@@ -92,7 +92,7 @@ def serve(
     from rich.console import Console
 
     from eaas.errors import EaaSError
-    from eaas.gateway import bench_serve as bs
+    from eaas.bench import serve as bs
 
     if (url is None) == (model_dir is None):
         typer.echo("eaas bench serve: give exactly one of --url or --model", err=True)
@@ -136,7 +136,7 @@ def transport(
 
     from rich.console import Console
 
-    from eaas.platform import bench_transport as bt
+    from eaas.bench import transport as bt
 
     try:
         cfg = bt.TransportBenchConfig(payload_bytes=tuple(bt.parse_size(s) for s in sizes.split(",") if s.strip()),
@@ -195,7 +195,7 @@ def layer(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
     from eaas.errors import EaaSError
-    from eaas.platform import bench_layer as bl
+    from eaas.bench import layer as bl
 
     try:
         ts = [int(t) for t in tokens.split(",") if t.strip()]
@@ -256,7 +256,7 @@ def failover(
     from rich.console import Console
 
     from eaas.errors import EaaSError
-    from eaas.platform import bench_failover as bf
+    from eaas.bench import failover as bf
 
     cfg = bf.FailoverBenchConfig(rounds=rounds, window_s=window_s, kill_at_s=kill_at_s, concurrency=concurrency,
                                  max_tokens=max_tokens, workers=workers, replicas=replicas, seed=seed)  # fmt: skip

@@ -57,7 +57,7 @@ def up(
 
     import uvicorn  # heavy imports only once the cheap checks passed
 
-    from eaas.platform.local import LocalDeployment, UpConfig
+    from eaas.deploy import LocalDeployment, UpConfig
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.signal(signal.SIGINT, lambda *_: stop.set())

@@ -26,7 +26,7 @@ from typing import Any, Callable
 
 import torch
 
-from eaas.errors import UnsupportedArchitecture
+from eaas.errors import NotFound, UnsupportedArchitecture
 
 PER_EXPERT = "per_expert"
 FUSED = "fused"
@@ -252,3 +252,21 @@ def experts_modules(model: torch.nn.Module) -> dict[int, torch.nn.Module]:
                 f"{family.model_type}: no experts module at {path!r} in {type(model).__name__}"
             )
     return out
+
+
+def moe_block(model: torch.nn.Module, layer: int) -> torch.nn.Module:
+    """The sparse MoE block (router + experts) of decoder layer ``layer`` of a transformers
+    ``*ForCausalLM`` (``model.model.layers[layer].block_sparse_moe`` for Mixtral, ``.mlp`` for
+    the others, per the families above).
+
+    Raises:
+        NotFound: the layer does not exist, or it is a dense layer without an MoE block.
+    """
+    layers = model.model.layers  # type: ignore[union-attr]
+    if not 0 <= layer < len(layers):
+        raise NotFound(f"layer {layer} does not exist; the model has layers 0..{len(layers) - 1}")
+    for attr in ("block_sparse_moe", "mlp"):
+        block = getattr(layers[layer], attr, None)
+        if block is not None and hasattr(block, "experts"):
+            return block
+    raise NotFound(f"layer {layer} has no MoE block (dense layer)")

@@ -7,7 +7,6 @@ Endpoints: ``GET /v1/models``, ``POST /v1/completions``, ``POST /v1/chat/complet
 
 from __future__ import annotations
 
-import asyncio
 import concurrent.futures
 import hmac
 import inspect
@@ -23,9 +22,10 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from eaas.errors import Cancelled
+from eaas.functions.families import moe_block
 from eaas.gateway.cancel import await_or_cancel, new_request_id
 from eaas.gateway.completions import handle_generation
-from eaas.gateway.errors import APIError, bad_request, install_handlers, not_found
+from eaas.gateway.errors import APIError, install_handlers, not_found
 from eaas.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from eaas.gateway.middleware import BodyLimitMiddleware, LatencyMiddleware
 from eaas.gateway.runner import ModelRunner
@@ -47,22 +47,6 @@ _SAFETENSORS_BODY = {
         "content": {"application/octet-stream": {"schema": {"type": "string", "format": "binary"}}},
     }
 }
-
-
-def _moe_block(model: Any, layer: int) -> torch.nn.Module:
-    """The sparse MoE block (router + experts) of decoder layer ``layer``.
-
-    Raises:
-        APIError: 404 when the layer does not exist or has no MoE block (a dense layer).
-    """
-    layers = model.model.layers
-    if not 0 <= layer < len(layers):
-        raise not_found(f"layer {layer} does not exist; the model has layers 0..{len(layers) - 1}", param="layer")
-    for attr in ("block_sparse_moe", "mlp"):
-        block = getattr(layers[layer], attr, None)
-        if block is not None and hasattr(block, "experts"):
-            return block
-    raise not_found(f"layer {layer} has no MoE block (dense layer)", param="layer")
 
 
 def _invoke_unless_cancelled(invoker: Any, function_id: str, x: torch.Tensor, cancelled: threading.Event) -> Any:
@@ -191,7 +175,7 @@ def create_app(
         x = read_matrix(await request.body(), "hidden_states", runner.hidden_size, settings.max_batch_tokens)
 
         def run(m: Any) -> dict[str, torch.Tensor]:
-            block = _moe_block(m, layer)
+            block = moe_block(m, layer)
             param = next(block.parameters(), None)
             h = x.to(device=m.device, dtype=param.dtype if param is not None else x.dtype).unsqueeze(0)  # [1, T, D]
             out = block(h)

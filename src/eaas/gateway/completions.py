@@ -19,7 +19,8 @@ from starlette.types import Receive, Scope, Send
 
 from eaas.gateway.cancel import CLIENT_CLOSED, note_cancelled, wait_disconnect
 from eaas.gateway.errors import bad_request, error_body, error_response, to_api_error
-from eaas.gateway.runner import FinishReason, GenerationEvent, GenerationHandle, ModelRunner
+from eaas.gateway.handles import FinishReason, GenerationEvent, GenerationHandle
+from eaas.gateway.runner import ModelRunner
 from eaas.gateway.sampling import SamplingParams
 from eaas.gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
 

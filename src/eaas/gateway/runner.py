@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import enum
 import inspect
 import itertools
 import logging
@@ -34,6 +33,7 @@ from transformers import DynamicCache
 
 from eaas.errors import EaaSError, NonFiniteLogits, Overloaded
 from eaas.gateway.kvbatch import merge_caches, split_cache
+from eaas.gateway.handles import FinishReason, GenerationEvent, GenerationHandle
 from eaas.gateway.metrics import GatewayMetrics
 from eaas.gateway.sampling import SamplingParams, select_token
 from eaas.gateway.textstream import TextStream
@@ -44,69 +44,6 @@ _ids = itertools.count()
 
 IDLE_TICK_S = 1.0
 """An idle runner thread wakes this often (seconds), so its liveness stays visible."""
-
-
-class FinishReason(str, enum.Enum):
-    """Why a sequence stopped (OpenAI ``finish_reason`` values, plus ``cancelled``)."""
-    STOP = "stop"
-    LENGTH = "length"
-    CANCELLED = "cancelled"
-    ERROR = "error"
-
-
-@dataclass(frozen=True, slots=True)
-class GenerationEvent:
-    """What one step produced for one sequence.
-
-    Attributes:
-        token_ids: tokens generated in this step (usually one).
-        text: text released in this step (may be empty while held back).
-        finish_reason: set on the sequence's last event.
-        error: the exception that ended the sequence (``finish_reason == ERROR``).
-    """
-
-    token_ids: tuple[int, ...] = ()
-    text: str = ""
-    finish_reason: FinishReason | None = None
-    error: BaseException | None = None
-
-
-class GenerationHandle:
-    """The caller's side of one sequence: an async iterator of events, and cancel()."""
-
-    def __init__(self, request_id: str, prompt_ids: list[int], loop: asyncio.AbstractEventLoop) -> None:
-        self.request_id = request_id
-        self.prompt_ids = prompt_ids
-        self._loop = loop
-        self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
-        self._cancelled = threading.Event()
-        self.token_ids: list[int] = []
-
-    @property
-    def cancelled(self) -> bool:
-        return self._cancelled.is_set()
-
-    def cancel(self) -> None:
-        """Stop generating this sequence at the next step (idempotent, thread-safe)."""
-        self._cancelled.set()
-
-    def _deliver(self, event: GenerationEvent) -> None:  # runner thread
-        try:
-            self._loop.call_soon_threadsafe(self._queue.put_nowait, event)
-        except RuntimeError:  # the caller's loop is closed: nobody listens any more
-            self.cancel()
-
-    async def next_event(self) -> GenerationEvent:
-        event = await self._queue.get()
-        self.token_ids.extend(event.token_ids)
-        return event
-
-    async def __aiter__(self):
-        while True:
-            event = await self.next_event()
-            yield event
-            if event.finish_reason is not None:
-                return
 
 
 @dataclass(eq=False)

@@ -8,7 +8,6 @@ Format (https://huggingface.co/docs/safetensors): 8-byte little-endian header le
 from __future__ import annotations
 
 import json
-import math
 import struct
 
 import torch

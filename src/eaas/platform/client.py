@@ -18,8 +18,9 @@ top_k_weights[T, K])`` into requests to expert workers and back into
    :class:`~eaas.errors.NoReplicaAvailable`.
 4. **Combine** in the eager loop's order and dtype (:func:`~eaas.platform.dispatch.combine`).
 
-The routing table (function -> ready replicas) is re-read from the registry
-when a membership event arrives and every ``routing_refresh_s``.
+The routing table (function -> ready replicas) is kept by a
+:class:`~eaas.platform.routing.RoutingView`; the sockets and transport channels,
+one per worker incarnation, by :class:`~eaas.platform.connections.Connections`.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ import random
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,9 +40,12 @@ import zmq
 
 from eaas.backoff import backoff_s
 from eaas.errors import Cancelled, EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
-from eaas.platform.dispatch import ExpertRows, choose_replica, combine, plan_layer
-from eaas.platform.protocol import decode_header, encode_header, now_ms, recv_frames, send_frames
-from eaas.platform.transport.select import local_capabilities, make_client_channel, select_transport
+from eaas.functions.spec import function_id
+from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
+from eaas.platform.dispatch import choose_replica, combine, plan_layer
+from eaas.platform.protocol import now_ms, recv_frames, send_frames
+from eaas.platform.decode import decode_header
+from eaas.platform.routing import RoutingView
 from eaas.registry.records import WorkerRecord
 from eaas.registry.store import Registry
 from eaas.settings import Settings, get_settings
@@ -52,19 +55,6 @@ log = logging.getLogger(__name__)
 #: error codes after which the same rows may succeed on another replica
 RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena",
                              "bad_handle", "reply_dropped"})
-_HELLO_TIMEOUT_S = 2.0
-_CONNECT_TIMEOUT_MS = 250
-
-
-@dataclass(slots=True)
-class _Conn:
-    """One client–worker pair: a DEALER socket, its monitor and the transport channel."""
-
-    worker: WorkerRecord
-    sock: zmq.Socket
-    monitor: zmq.Socket
-    channel: Any
-    transport: str
 
 
 @dataclass(slots=True)
@@ -132,150 +122,40 @@ class ExpertClient:
         self.num_experts = int(spec["num_experts"])
         self.hidden_size = int(spec["hidden_size"])
         self.transport = transport or self.settings.transport
-        self.caps = local_capabilities("cpu")
         self.stats = ClientStats()
         self.metrics: Any = None  # optional: record_expert_call(n, model), record_failover(n, model)
         self._rng = random.Random(seed)
-        self._ctx = zmq.Context.instance()
-        self._conns: dict[str, _Conn] = {}
-        self._table: dict[str, list[WorkerRecord]] = {}
-        self._live: dict[str, int] = {}  # worker id -> epoch, ready or draining
-        self._draining: frozenset[str] = frozenset()
-        self._missing_since: dict[str, float] = {}  # function id -> first seen with no replica (monotonic)
-        self._table_lock = threading.Lock()
+        self._conns = Connections(model, self.settings, self.transport)
         self._call_lock = threading.Lock()
-        self._refresh_now = threading.Event()
         self._stop = threading.Event()
         self._ids = itertools.count()
         self._id_prefix = f"{os.getpid():x}.{random.getrandbits(24):06x}."
         self._fid_cache: dict[tuple[int, int], str] = {}
         self._suspect_until: dict[str, float] = {}  # worker id -> monotonic time
         self._strikes: dict[str, int] = {}  # worker id -> failures in a row
-        self.refresh()
-        self._thread = threading.Thread(target=self._watch, name=f"eaas-routing-{model}", daemon=True)
-        self._thread.start()
+        self.routing = RoutingView(registry, model, self.settings.routing_refresh_s)
 
-    # --- routing table -----------------------------------------------------------
+    # --- routing ---------------------------------------------------------------------
 
     def refresh(self) -> None:
-        """Re-read the routing table from the registry (2 round trips).
-
-        New work goes to *ready* replicas only; requests already sent to a worker that
-        is *draining* keep waiting for its reply (no failover, no double compute). A
-        worker id seen with a new epoch is a new incarnation: requests in flight to
-        the old one are failed over and its connection is replaced.
-        """
-        table, draining = self.registry.routing(self.model)
-        live = {w.id: w.epoch for reps in table.values() for w in reps}
-        live.update({wid: w.epoch for wid, w in draining.items()})
-        with self._table_lock:
-            self._table = table
-            self._live = live
-            self._draining = frozenset(draining)
-            for fid in [f for f in self._missing_since if table.get(f)]:
-                del self._missing_since[fid]
-
-    def _watch(self) -> None:
-        """Background: refresh on membership events and periodically; reap expired leases."""
-        last_full = time.monotonic()
-        while not self._stop.is_set():
-            try:
-                for ev in self.registry.events(timeout_s=0.1, stop=self._stop):
-                    now = time.monotonic()
-                    due = now - last_full >= self.settings.routing_refresh_s
-                    if ev is not None or due or self._refresh_now.is_set():
-                        self._refresh_now.clear()
-                        if due:
-                            self.registry.reap_expired()
-                            last_full = now
-                        self.refresh()
-            except EaaSError as e:
-                log.warning("client %s: routing watch failed (%s); retrying", self.model, e)
-                self._stop.wait(0.5)
+        """Re-read the routing table from the registry now (see :class:`~eaas.platform.routing.RoutingView`)."""
+        self.routing.refresh()
 
     def ready_replicas(self, fid: str) -> list[WorkerRecord]:
         """Ready replicas of a function in the current routing table."""
-        with self._table_lock:
-            return list(self._table.get(fid, ()))
-
-    def pool_summary(self) -> dict[str, Any]:
-        """The pool as this client sees it: ``{"model", "ready", "draining", "min_replicas"}``
-        (worker counts, and the fewest ready replicas of any function of the model)."""
-        with self._table_lock:
-            ready = len(set(self._live) - self._draining)
-            mins = min((len(reps) for reps in self._table.values()), default=0)
-            return {"model": self.model, "ready": ready, "draining": len(self._draining), "min_replicas": mins}
+        return self.routing.ready_replicas(fid)
 
     def missing_functions(self) -> list[str]:
         """Functions of the model with no ready replica right now."""
-        with self._table_lock:
-            return [f for f, reps in self._table.items() if not reps]
+        return self.routing.missing_functions()
 
-    # --- connections --------------------------------------------------------------
+    def pool_summary(self) -> dict[str, Any]:
+        """The pool as this client sees it (see :meth:`RoutingView.pool_summary`)."""
+        return self.routing.pool_summary()
 
-    def _conn(self, worker: WorkerRecord) -> _Conn:
-        c = self._conns.get(worker.id)
-        if c is not None and c.worker.endpoint == worker.endpoint and c.worker.epoch == worker.epoch:
-            return c
-        if c is not None:
-            self._drop_conn(worker.id)
-        sock = self._ctx.socket(zmq.DEALER)
-        sock.setsockopt(zmq.LINGER, 0)
-        sock.setsockopt(zmq.IMMEDIATE, 1)
-        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
-        sock.connect(worker.endpoint)
-        name = "inline"
-        try:
-            name = select_transport(self.caps, worker.capabilities, self.transport)
-        except TransportError as e:
-            log.warning("client %s: %s; using inline with worker %s", self.model, e, worker.id)
-        channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes)
-        c = _Conn(worker, sock, monitor, channel, name)
-        hello = channel.hello_header()
-        if hello is not None and not self._handshake(c, hello):
-            channel.close()
-            c.channel, c.transport = make_client_channel("inline"), "inline"
-        self._conns[worker.id] = c
-        log.info("client %s: connected to worker %s at %s via %s", self.model, worker.id, worker.endpoint, c.transport)
-        return c
-
-    def _handshake(self, c: _Conn, hello: Any) -> bool:
-        if not c.sock.poll(_CONNECT_TIMEOUT_MS, zmq.POLLOUT):
-            raise TransportError(f"worker {c.worker.id} at {c.worker.endpoint} is not reachable")
-        c.sock.send(encode_header(hello), zmq.NOBLOCK)
-        deadline = time.monotonic() + _HELLO_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if not c.sock.poll(50):
-                continue
-            frames = c.sock.recv_multipart(copy=False)
-            try:
-                h = decode_header(frames[0], max_message_bytes=self.settings.max_message_bytes, check_deadline=False)
-            except ProtocolError:
-                continue
-            if h.kind == "hello_ack" and h.id == hello.id:
-                try:
-                    c.channel.on_hello_ack(h)
-                    return True
-                except EaaSError as e:
-                    log.warning("client %s: worker %s refused %s: %s", self.model, c.worker.id, c.transport, e)
-                    return False
-            if h.kind == "error" and h.id == hello.id:
-                log.warning("client %s: worker %s refused %s: %s", self.model, c.worker.id, c.transport, h.error)
-                return False
-        log.warning("client %s: no hello_ack from %s within %.1fs", self.model, c.worker.id, _HELLO_TIMEOUT_S)
-        return False
-
-    def _drop_conn(self, wid: str) -> None:
-        c = self._conns.pop(wid, None)
-        if c is None:
-            return
-        try:
-            c.channel.close()
-        except Exception:  # noqa: BLE001 - closing a broken channel
-            pass
-        c.sock.disable_monitor()
-        c.monitor.close(linger=0)
-        c.sock.close(linger=0)
+    def transports(self) -> dict[str, str]:
+        """Worker id -> transport of each open connection (``inline``, ``shm``, ...)."""
+        return self._conns.transports()
 
     # --- calls --------------------------------------------------------------------
 
@@ -283,7 +163,7 @@ class ExpertClient:
         key = (layer, expert)
         fid = self._fid_cache.get(key)
         if fid is None:
-            fid = self._fid_cache[key] = f"{self.model}/{layer}/{expert}"
+            fid = self._fid_cache[key] = function_id(self.model, layer, expert)
         return fid
 
     def forward(
@@ -368,16 +248,15 @@ class ExpertClient:
                         log.warning("client %s: no ready replica for %d function(s); waiting", self.model, len(unplaced))
                     for it in unplaced:
                         it.tried.clear()  # a replica that failed earlier may be back
-                    self._refresh_now.set()
-                    self._wait_for_routing(min(0.05, max(0.0, call_deadline - now)))
-                    self.refresh()
+                    self.routing.request_refresh()
+                    self._stop.wait(min(0.05, max(0.0, call_deadline - now)))
+                    self.routing.refresh()
                 pending = unplaced
                 if not inflight:
                     continue
             self._collect(y, inflight, pending, load)
             now = time.monotonic()
-            with self._table_lock:
-                live = dict(self._live)
+            live = self.routing.live_epochs()
             for rid, fl in list(inflight.items()):
                 gone = live.get(fl.wid) != fl.epoch
                 if now >= fl.deadline_s or gone:
@@ -404,14 +283,9 @@ class ExpertClient:
         if now >= call_deadline:
             raise NoReplicaAvailable(sorted({i.fid for i in unplaced}), f"waited {self.settings.call_deadline_ms} ms")
         grace_s = self.settings.no_replica_grace_ms / 1000
-        with self._table_lock:
-            missing = sorted({it.fid for it in unplaced if not self._table.get(it.fid)})
-            since = [self._missing_since.setdefault(fid, now) for fid in missing]
-        if missing and now - min(since) >= grace_s:
-            raise NoReplicaAvailable(missing, f"no live replica for {(now - min(since)) * 1000:.0f} ms")
-
-    def _wait_for_routing(self, timeout_s: float) -> None:
-        self._stop.wait(timeout_s)
+        missing, since = self.routing.without_replica_since({it.fid for it in unplaced}, now)
+        if since is not None and now - since >= grace_s:
+            raise NoReplicaAvailable(missing, f"no live replica for {(now - since) * 1000:.0f} ms")
 
     def _dispatch(
         self, x: torch.Tensor, pending: list[_Item], inflight: dict[str, _InFlight],
@@ -421,8 +295,7 @@ class ExpertClient:
         by_worker: dict[str, list[_Item]] = {}
         workers: dict[str, WorkerRecord] = {}
         unplaced: list[_Item] = []
-        with self._table_lock:
-            table = self._table
+        table = self.routing.table()
         for it in pending:
             reps = table.get(it.fid, [])
             base = {w.id: load[w.id] + w.queue_tokens for w in reps}
@@ -441,7 +314,7 @@ class ExpertClient:
                 self._send(x, workers[wid], its, inflight, attempt_deadline_s, call_deadline_s)
             except (zmq.ZMQError, EaaSError) as e:
                 log.warning("client %s: sending to worker %s failed: %s", self.model, wid, e)
-                self._drop_conn(wid)
+                self._conns.drop(wid)
                 self._mark_suspect(wid)
                 for it in its:
                     it.tried.add(wid)
@@ -453,7 +326,7 @@ class ExpertClient:
         self, x: torch.Tensor, worker: WorkerRecord, its: list[_Item], inflight: dict[str, _InFlight],
         attempt_deadline_s: float, call_deadline_s: float,
     ) -> None:
-        c = self._conn(worker)
+        c = self._conns.connect(worker)
         n = sum(it.rows.numel() for it in its)
         slot = c.channel.alloc(n, x.shape[1], x.dtype)
         idx = its[0].rows if len(its) == 1 else torch.cat([it.rows for it in its])
@@ -461,7 +334,7 @@ class ExpertClient:
         rid = f"{self._id_prefix}{next(self._ids)}"
         deadline_ms = now_ms() + int(max(0.0, call_deadline_s - time.monotonic()) * 1000)
         frames = c.channel.invoke_frames(slot, rid, [(it.fid, it.rows.numel()) for it in its], deadline_ms)
-        if not c.sock.poll(_CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+        if not c.sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
             c.channel.release(slot)
             raise TransportError(f"worker {worker.id} at {worker.endpoint} is not reachable")
         send_frames(c.sock, frames, zmq.NOBLOCK)
@@ -487,7 +360,7 @@ class ExpertClient:
             if c.sock in events:
                 self._on_replies(wid, c, y, inflight, pending, load)
 
-    def _on_monitor(self, wid: str, c: _Conn, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
+    def _on_monitor(self, wid: str, c: Conn, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
         disconnected = False
         while True:
             try:
@@ -500,9 +373,9 @@ class ExpertClient:
         if disconnected:
             for rid in [r for r, fl in inflight.items() if fl.wid == wid]:
                 self._fail(rid, inflight, pending, load, "connection dropped")
-            self._drop_conn(wid)
+            self._conns.drop(wid)
 
-    def _on_replies(self, wid: str, c: _Conn, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
+    def _on_replies(self, wid: str, c: Conn, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
         while True:
             try:
                 frames = recv_frames(c.sock, zmq.NOBLOCK, 1)  # header as bytes, payload as frames
@@ -579,23 +452,11 @@ class ExpertClient:
     def close(self) -> None:
         """Stop the routing thread and close every connection (frees shared arenas)."""
         self._stop.set()
-        self._thread.join(timeout=2)
-        for wid in list(self._conns):
-            try:
-                bye = self._conns[wid].channel
-                self._conns[wid].sock.send(encode_header(_bye()), zmq.NOBLOCK)
-            except Exception:  # noqa: BLE001
-                pass
-            self._drop_conn(wid)
+        self.routing.close()
+        self._conns.close()
 
     def __enter__(self) -> "ExpertClient":
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _bye() -> Any:
-    from eaas.platform.protocol import Header
-
-    return Header(kind="bye", id="bye")

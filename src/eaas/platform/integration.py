@@ -152,16 +152,17 @@ def load_client_model(checkpoint: str | Path, dtype: torch.dtype | str | None = 
     config = AutoConfig.from_pretrained(path)
     kwargs: dict[str, Any] = {"experts_implementation": IMPLEMENTATION_NAME}
     kwargs["dtype"] = dtype if dtype is not None else "auto"
-    with experts_without_weights(config.model_type), _quiet_unexpected_keys():
+    with experts_without_weights(config.model_type), quiet_transformers():
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     model.eval()
     return model
 
 
 @contextlib.contextmanager
-def _quiet_unexpected_keys() -> Iterator[None]:
-    """Silence transformers while loading: the expert tensors on disk are 'unexpected' by design,
-    and its tensor-parallel notes and progress bars mean nothing for an attention client."""
+def quiet_transformers() -> Iterator[None]:
+    """Silence transformers while loading: the expert tensors on disk are 'unexpected' by design for
+    an attention client, and its tensor-parallel notes and progress bars are noise (benchmarks keep
+    stdout JSON). Restores the verbosity and progress bars afterwards."""
     from transformers.utils import logging as hf_logging
 
     level = hf_logging.get_verbosity()

@@ -94,6 +94,7 @@ class PoolMember:
         pid: process id (0 if unknown).
         local: this pool object started it (it can signal and reap it).
         record: its registry record (``None`` while starting).
+        launched_at_s: unix time its process started (0 if unknown).
     """
 
     worker_id: str
@@ -102,6 +103,7 @@ class PoolMember:
     pid: int
     local: bool
     record: WorkerRecord | None = None
+    launched_at_s: float = 0.0
 
 
 class LocalPool:
@@ -231,14 +233,14 @@ class LocalPool:
         registered = set()
         for r in records:
             registered.add(r.id)
-            members.append(PoolMember(r.id, r.shard_name, r.state, r.pid, r.id in self._procs, r))
+            members.append(PoolMember(r.id, r.shard_name, r.state, r.pid, r.id in self._procs, r, r.started_at_s))
         with self._lock:
             self._seen_registered.update(registered & set(self._procs))
             for wid, h in self._handles.items():
                 if wid in registered or (model is not None and h.model != model):
                     continue
                 state = WorkerState.DRAINING if wid in self._seen_registered else WorkerState.STARTING
-                members.append(PoolMember(wid, h.shard_name, state, h.pid, True, None))
+                members.append(PoolMember(wid, h.shard_name, state, h.pid, True, None, h.started_at_s))
         return members
 
     def by_shard(self, model: str | None = None) -> dict[str, list[PoolMember]]:

@@ -22,26 +22,24 @@ Header fields (``v`` and ``kind`` always; the rest per kind):
 ``error``, ``code``   human text and machine code (``error``)
 ====================  =====================================================
 
-Nothing is pickled. :func:`decode_header` validates every field — and the declared
+Nothing is pickled. :func:`eaas.platform.decode.decode_header` validates every field — and the declared
 payload size against a limit — before anything proportional to the payload is
 allocated; each failure raises :class:`~eaas.errors.ProtocolError` whose ``code`` is
 one of :data:`ERROR_CODES`. Unknown functions are the worker's check: pass
-``known_functions`` to :func:`check_functions` (or to the transport endpoint).
+``known_functions`` to :func:`eaas.platform.decode.check_functions` (or to the transport endpoint).
 """
 
 from __future__ import annotations
 
 import time
 import warnings
-from collections.abc import Container, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from types import MappingProxyType
 from typing import Any, NamedTuple, Union
 
-import msgpack
 import torch
 import zmq
 from msgpack import packb as _packb
-from msgpack import unpackb as _unpackb
 
 from eaas.errors import ProtocolError
 
@@ -300,205 +298,6 @@ def tensor_from_buffer(buf: memoryview, dtype: torch.dtype, shape: tuple[int, in
             warnings.simplefilter("ignore", UserWarning)
             return torch.frombuffer(buf, dtype=dtype).view(shape)
     return torch.frombuffer(buf, dtype=dtype).view(shape)
-
-
-# --- decoding / validation --------------------------------------------------------
-
-
-def _fail(msg: str, code: str) -> ProtocolError:
-    return ProtocolError(msg, code)
-
-
-def _int(d: Mapping[str, Any], key: str, *, lo: int = 0) -> int:
-    val = d.get(key)
-    if type(val) is not int or val < lo:
-        raise _fail(f"field {key!r} must be an int >= {lo}, got {val!r:.80}", "bad_field")
-    return val
-
-
-def _str(d: Mapping[str, Any], key: str, max_len: int = 256) -> str:
-    val = d.get(key)
-    if not isinstance(val, str) or len(val) > max_len:
-        raise _fail(f"field {key!r} must be a string of <= {max_len} chars, got {val!r:.80}", "bad_field")
-    return val
-
-
-def peek_request_id(raw: Frame) -> str | int | None:
-    """Best-effort request id of a (possibly malformed) header, for error replies."""
-    try:
-        buf = frame_buffer(raw)
-        if len(buf) > MAX_HEADER_BYTES:
-            return None
-        d = msgpack.unpackb(buf, raw=False, strict_map_key=True)
-        rid = d.get("id") if isinstance(d, dict) else None
-        if (type(rid) is int) or (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS):
-            return rid
-    except Exception:  # noqa: BLE001 - anything malformed means "no id"
-        pass
-    return None
-
-
-def _handle(d: Mapping[str, Any]) -> dict[str, Any]:
-    h = d.get("handle", {})
-    if not isinstance(h, dict) or len(h) > MAX_HANDLE_ITEMS:
-        raise _fail("field 'handle' must be a map of <= 32 items", "bad_handle")
-    for k, val in h.items():
-        if not isinstance(k, str):
-            raise _fail("handle keys must be strings", "bad_handle")
-        if isinstance(val, bool) or not isinstance(val, (int, str, bytes)):
-            if not (isinstance(val, list) and len(val) <= MAX_HANDLE_ITEMS
-                    and all(isinstance(x, (int, bytes)) and not isinstance(x, bool) for x in val)):
-                raise _fail(f"handle[{k!r}] has an unsupported type", "bad_handle")
-        if isinstance(val, (str, bytes)) and len(val) > MAX_HANDLE_VALUE_BYTES:
-            raise _fail(f"handle[{k!r}] is too long", "bad_handle")
-    return h
-
-
-def decode_header(
-    raw: Frame,
-    *,
-    max_message_bytes: int,
-    now_ms_: int | None = None,
-    check_deadline: bool = True,
-) -> Header:
-    """Decode and validate frame 0. Allocates nothing proportional to the payload.
-
-    Args:
-        raw: frame 0 (bytes, memoryview or ``zmq.Frame``).
-        max_message_bytes: largest payload (``rows * hidden * itemsize``) accepted.
-        now_ms_: current epoch ms (injected for tests); default :func:`now_ms`.
-        check_deadline: reject an ``invoke`` whose ``deadline_ms`` has passed.
-
-    Raises:
-        ProtocolError: with ``code`` from :data:`ERROR_CODES`.
-    """
-    if type(raw) is bytes:
-        data: Any = raw
-        n = len(raw)
-    elif type(raw) is _ZmqFrame:  # received frame: its length is known, a small copy unpacks fastest
-        n = len(raw)
-        data = raw.bytes if 0 < n <= MAX_HEADER_BYTES else None
-    else:
-        try:
-            data = frame_buffer(raw)
-        except TypeError as e:
-            raise _fail(f"header frame is not bytes: {e}", "bad_header") from None
-        n = data.nbytes
-        if 0 < n <= MAX_HEADER_BYTES and type(raw) is not memoryview:
-            small = getattr(raw, "bytes", None)  # zmq.Frame: a small copy unpacks faster than a view
-            if type(small) is bytes:
-                data = small
-    if n == 0 or n > MAX_HEADER_BYTES:
-        raise _fail(f"header frame of {n} bytes (must be 1..{MAX_HEADER_BYTES})", "bad_header")
-    try:
-        # msgpack bounds every container by the input length, so this cannot blow up.
-        d = _unpackb(data, raw=False, strict_map_key=True)
-    except Exception as e:  # noqa: BLE001 - msgpack raises a zoo of types
-        raise _fail(f"header is not valid msgpack: {type(e).__name__}: {e}", "bad_header") from None
-    if type(d) is not dict:
-        raise _fail(f"header must be a map, got {type(d).__name__}", "bad_header")
-    v = d.get("v")
-    if type(v) is not int or v != PROTOCOL_VERSION:
-        raise _fail(f"protocol version {v!r:.40} not supported (expected {PROTOCOL_VERSION})", "bad_version")
-    kind = d.get("kind")
-    if kind not in KINDS:
-        raise _fail(f"unknown message kind {kind!r:.40}", "bad_kind")
-    rid = d.get("id", 0)
-    if not ((type(rid) is int) or (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS)):
-        raise _fail(f"field 'id' must be an int or a string of <= {MAX_ID_CHARS} chars", "bad_field")
-
-    if kind == "invoke" or kind == "reply":
-        pass
-    elif kind in ("ping", "pong", "bye"):
-        return Header(kind=kind, id=rid)
-    elif kind == "error":
-        code = d.get("code", "remote_error")
-        return Header(kind=kind, id=rid, status="error", error=_str(d, "error", 4096),
-                      code=code if isinstance(code, str) else "remote_error")
-    transport = d.get("transport")
-    if transport not in TRANSPORTS:
-        raise _fail(f"unknown transport {transport!r:.40}", "bad_transport")
-    handle = d.get("handle")
-    handle = _NO_HANDLE if handle is None else _handle(d)
-    if kind == "hello" or kind == "hello_ack":
-        return Header(kind=kind, id=rid, transport=transport, handle=handle)
-
-    # invoke / reply: a payload is declared.
-    dtype = d.get("dtype")
-    itemsize = _ITEMSIZE.get(dtype) if type(dtype) is str else None
-    if itemsize is None:
-        raise _fail(f"dtype {dtype!r:.40} not allowed (allowed: {sorted(DTYPES)})", "bad_dtype")
-    shape = d.get("shape")
-    if (type(shape) is not list or len(shape) != 2
-            or type(shape[0]) is not int or type(shape[1]) is not int or shape[0] < 0 or shape[1] < 0):
-        raise _fail(f"shape must be [rows, hidden] of ints >= 0, got {shape!r:.80}", "bad_shape")
-    rows, hidden = shape
-    nbytes = rows * hidden * itemsize  # python ints: no overflow
-    if nbytes > max_message_bytes:
-        raise _fail(f"declared payload of {nbytes} bytes exceeds the limit of {max_message_bytes}", "too_large")
-
-    if kind == "reply":
-        status = d.get("status", "ok")
-        if status != "ok":
-            raise _fail(f"reply status {status!r:.40} (expected 'ok')", "bad_field")
-        return Header(kind=kind, id=rid, status="ok", dtype=dtype, shape=(rows, hidden),
-                      transport=transport, handle=handle)
-
-    deadline_ms = d.get("deadline_ms")
-    if type(deadline_ms) is not int or deadline_ms < 0:
-        deadline_ms = _int(d, "deadline_ms")  # raises bad_field with the message
-    segs_raw = d.get("segments")
-    if type(segs_raw) is not list or len(segs_raw) > MAX_SEGMENTS:
-        raise _fail(f"field 'segments' must be a list of <= {MAX_SEGMENTS} [function_id, rows]", "bad_segments")
-    segments: list[tuple[str, int]] = []
-    total = 0
-    for seg in segs_raw:
-        if (type(seg) is not list or len(seg) != 2 or type(seg[0]) is not str
-                or not seg[0] or len(seg[0]) > 256 or type(seg[1]) is not int or seg[1] < 0):
-            raise _fail(f"bad segment {seg!r:.80} (expected [function_id, rows >= 0])", "bad_segments")
-        segments.append((seg[0], seg[1]))
-        total += seg[1]
-    if total != rows:
-        raise _fail(f"segment rows sum to {total} but shape[0] is {rows}", "bad_segments")
-    if check_deadline:
-        now = now_ms() if now_ms_ is None else now_ms_
-        if deadline_ms <= now:
-            raise _fail(f"deadline passed {now - deadline_ms} ms ago", "deadline_exceeded")
-    return Header(kind=kind, id=rid, deadline_ms=deadline_ms, segments=tuple(segments),
-                  dtype=dtype, shape=(rows, hidden), transport=transport, handle=handle)
-
-
-def check_functions(h: Header, known_functions: Container[str]) -> None:
-    """Reject an invoke naming a function this worker does not host.
-
-    Raises:
-        ProtocolError: ``unknown_function``.
-    """
-    for fid, _ in h.segments:
-        if fid not in known_functions:
-            raise _fail(f"function {fid!r} is not hosted here", "unknown_function")
-
-
-def check_payload_frames(h: Header, frames: Sequence[Frame]) -> memoryview | None:
-    """Check the payload frames of an inline message; return the payload buffer.
-
-    Args:
-        h: decoded header (``invoke`` or ``reply``).
-        frames: the frames after frame 0.
-
-    Raises:
-        ProtocolError: ``size_mismatch`` when there is not exactly one frame of
-            ``h.nbytes`` bytes (zero frames allowed for an empty payload).
-    """
-    if h.nbytes == 0 and not frames:
-        return None
-    if len(frames) != 1:
-        raise _fail(f"expected 1 payload frame, got {len(frames)}", "size_mismatch")
-    buf = frame_buffer(frames[0])
-    if buf.nbytes != h.nbytes:
-        raise _fail(f"payload frame has {buf.nbytes} bytes, shape {list(h.shape or ())} {h.dtype} "
-                    f"needs {h.nbytes}", "size_mismatch")
-    return buf
 
 
 # --- socket helpers (hot path) -------------------------------------------------------

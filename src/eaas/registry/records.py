@@ -18,9 +18,9 @@ from typing import Any
 class WorkerState(str, enum.Enum):
     """Lifecycle of an expert worker (DESIGN.md, "Registry")."""
 
-    STARTING = "starting"
-    READY = "ready"
-    DRAINING = "draining"
+    STARTING = "starting"  # launched, loading weights: counts toward a target, not as capacity
+    READY = "ready"  # registered and serving
+    DRAINING = "draining"  # finishing its queue before exit: takes no new work
 
 
 class EventKind(str, enum.Enum):

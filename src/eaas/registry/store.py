@@ -21,73 +21,11 @@ import redis
 from eaas.errors import NotFound, RegistryError, RegistryUnavailable
 from eaas.registry.keys import Keys, check_name
 from eaas.registry.records import Event, EventKind, WorkerRecord, WorkerState, WorkerStats
+from eaas.registry.scripts import HEARTBEAT, REAP, REGISTER_WORKER, SET_STATE
 
 log = logging.getLogger(__name__)
 
 _CHUNK = 1000
-
-# KEYS: worker hash, workers index, shard set, events channel
-# ARGV: ttl_ms, worker id, n fields, field/value pairs..., then function ids
-_REGISTER_WORKER = """
-local ttl = tonumber(ARGV[1]); local wid = ARGV[2]; local nf = tonumber(ARGV[3])
-local prefix = ARGV[4]
-local fields = {}
-for i = 5, 4 + 2 * nf do fields[#fields + 1] = ARGV[i] end
-for i = 5 + 2 * nf, #ARGV do
-  if redis.call('EXISTS', prefix .. ':function:' .. ARGV[i]) == 0 then
-    return redis.error_reply('unknown function ' .. ARGV[i])
-  end
-end
-local epoch = redis.call('INCR', prefix .. ':epoch')
-redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(fields))
-redis.call('HSET', KEYS[1], 'epoch', epoch)
-redis.call('PEXPIRE', KEYS[1], ttl)
-redis.call('SADD', KEYS[2], wid)
-redis.call('DEL', KEYS[3])
-for i = 5 + 2 * nf, #ARGV do
-  redis.call('SADD', KEYS[3], ARGV[i])
-  redis.call('SADD', prefix .. ':function:' .. ARGV[i] .. ':replicas', wid)
-end
-return epoch
-"""
-
-# KEYS: worker hash. ARGV: ttl_ms, field/value pairs. Returns the state, or false if the lease is gone.
-_HEARTBEAT = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return false end
-if #ARGV > 1 then redis.call('HSET', KEYS[1], unpack(ARGV, 2)) end
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[1]))
-return redis.call('HGET', KEYS[1], 'state')
-"""
-
-# KEYS: workers index. ARGV: prefix, [only this worker id]. Removes workers whose lease is gone
-# (or the given worker unconditionally) from the index and every hosting set; returns their ids.
-_REAP = """
-local prefix = ARGV[1]
-local ids
-if ARGV[2] then ids = {ARGV[2]} else ids = redis.call('SMEMBERS', KEYS[1]) end
-local gone = {}
-for _, wid in ipairs(ids) do
-  local wkey = prefix .. ':worker:' .. wid
-  if ARGV[2] or redis.call('EXISTS', wkey) == 0 then
-    local shard = wkey .. ':shard'
-    for _, fid in ipairs(redis.call('SMEMBERS', shard)) do
-      redis.call('SREM', prefix .. ':function:' .. fid .. ':replicas', wid)
-    end
-    redis.call('DEL', shard, wkey)
-    if redis.call('SREM', KEYS[1], wid) == 1 then gone[#gone + 1] = wid end
-  end
-end
-return gone
-"""
-
-# KEYS: worker hash. ARGV: state. Sets the state if the worker exists; returns 1/0.
-_SET_STATE = """
-if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'state', ARGV[1])
-return 1
-"""
-
 
 def _s(v: Any) -> str:
     return v.decode() if isinstance(v, bytes) else str(v)
@@ -107,10 +45,10 @@ class Registry:
     def __init__(self, client: redis.Redis, prefix: str = "eaas") -> None:
         self.redis = client
         self.keys = Keys(prefix)
-        self._register_worker = client.register_script(_REGISTER_WORKER)
-        self._heartbeat = client.register_script(_HEARTBEAT)
-        self._reap = client.register_script(_REAP)
-        self._set_state = client.register_script(_SET_STATE)
+        self._register_worker = client.register_script(REGISTER_WORKER)
+        self._heartbeat = client.register_script(HEARTBEAT)
+        self._reap = client.register_script(REAP)
+        self._set_state = client.register_script(SET_STATE)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "eaas", timeout_s: float = 2.0) -> "Registry":

@@ -40,13 +40,14 @@ from eaas.platform.autoscale.policy import (
     FunctionMetrics,
     MetricsSnapshot,
     PolicyState,
+    VictimCandidate,
     WorkerMetrics,
-    WorkerState,
+    choose_victims,
     decide,
 )
 from eaas.platform.pool import LocalPool, PoolMember
-from eaas.registry.records import WorkerRecord
-from eaas.registry.records import WorkerState as RegState
+from eaas.registry.records import WorkerRecord, WorkerState
+from eaas.functions.spec import parse_function_id
 from eaas.registry.store import Registry
 
 log = logging.getLogger(__name__)
@@ -59,14 +60,14 @@ def spec_from_functions(function_ids: list[str] | tuple[str, ...]) -> str:
     """A shard SPEC hosting exactly these ``{model}/{layer}/{expert}`` ids (``L:e1,e2;...``)."""
     by_layer: dict[int, list[int]] = {}
     for fid in function_ids:
-        _, layer, expert = fid.rsplit("/", 2)
-        by_layer.setdefault(int(layer), []).append(int(expert))
+        _, layer, expert = parse_function_id(fid)
+        by_layer.setdefault(layer, []).append(expert)
     return ";".join(f"{l}:{','.join(map(str, sorted(es)))}" for l, es in sorted(by_layer.items()))
 
 
 def hot_shard(function_id: str) -> tuple[str, str]:
     """(shard name, SPEC) of the extra worker for a hot function ``{model}/{layer}/{expert}``."""
-    _, layer, expert = function_id.rsplit("/", 2)
+    _, layer, expert = parse_function_id(function_id)
     return f"{HOT_PREFIX}{layer}-{expert}", f"{layer}:{expert}"
 
 
@@ -190,7 +191,7 @@ class Autoscaler:
             if m.shard_name not in self.shards and m.record is not None:
                 self.shards[m.shard_name] = spec_from_functions(m.record.shard)
                 log.info("shard %s: adopted from the registry (%s)", m.shard_name, self.shards[m.shard_name])
-            state = WorkerState(m.state.value)
+            state = m.state
             if m.record is None:  # a child still loading: counts toward the target now
                 workers.append(WorkerMetrics(m.worker_id, m.shard_name, state, now_s))
                 continue
@@ -246,7 +247,7 @@ class Autoscaler:
         starting: dict[str, int] = {}
         draining: dict[str, int] = {}
         for m in members:
-            bucket = {RegState.READY: ready, RegState.STARTING: starting, RegState.DRAINING: draining}[m.state]
+            bucket = {WorkerState.READY: ready, WorkerState.STARTING: starting, WorkerState.DRAINING: draining}[m.state]
             bucket[m.shard_name] = bucket.get(m.shard_name, 0) + 1
         for shard in set(desired) | set(ready) | set(starting) | set(draining):
             self._g_desired.labels(shard).set(desired.get(shard, 0))
@@ -263,7 +264,7 @@ class Autoscaler:
         started: list[str] = []
         drained: list[str] = []
         for shard, want in sorted(desired.items()):
-            active = [m for m in members if m.shard_name == shard and m.state is not RegState.DRAINING]
+            active = [m for m in members if m.shard_name == shard and m.state is not WorkerState.DRAINING]
             if len(active) < want:
                 spec = specs.get(shard)
                 if spec is None:
@@ -279,13 +280,12 @@ class Autoscaler:
                     self._c_actions.labels("start").inc()
                     log.info("autoscaler %s: shard %s: started %s (%d -> %d)", self.model, shard, h.worker_id, len(active), want)
             elif len(active) > want:
-                # loading ones first (newest first), then the least loaded ready ones
-                def cost(m: PoolMember) -> tuple[int, float, float]:
-                    if m.record is None:
-                        return (0, 0.0, 0.0)
-                    return (1, float(m.record.queue_tokens), m.record.busy_fraction)
-
-                for m in sorted(active, key=cost)[: len(active) - want]:
+                by_id = {m.worker_id: m for m in active}
+                victims = choose_victims([VictimCandidate(
+                    m.worker_id, m.record is not None, m.launched_at_s,
+                    float(m.record.queue_tokens) + m.record.busy_fraction if m.record is not None else 0.0,
+                ) for m in active], len(active) - want)
+                for m in (by_id[v] for v in victims):
                     try:
                         self.pool.drain(m.worker_id, wait=False)
                     except EaaSError as e:

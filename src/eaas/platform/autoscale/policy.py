@@ -30,20 +30,12 @@ replicas go through the same delays.
 
 from __future__ import annotations
 
-import enum
 import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
 from eaas.platform.autoscale.config import AutoscalerConfig
-
-
-class WorkerState(str, enum.Enum):
-    """Life cycle of a worker as the autoscaler sees it."""
-
-    STARTING = "starting"  # launched, loading weights: counts toward the target, not capacity
-    READY = "ready"  # registered and serving
-    DRAINING = "draining"  # finishing its queue before exit: neither capacity nor load
+from eaas.registry.records import WorkerState  # the one life cycle: starting, ready, draining
 
 
 @dataclass(frozen=True, slots=True)
@@ -329,3 +321,35 @@ def _decide_hot(
                 reasons[shard] += f"; hot {fid}: +{ts.replicas} ({note})"
     return hot_extra, new_hot
 
+
+
+@dataclass(frozen=True, slots=True)
+class VictimCandidate:
+    """A worker of a shard that is being scaled down.
+
+    Attributes:
+        worker_id: its id (any hashable the caller uses).
+        ready: it serves already (``False``: still starting, loading weights).
+        launched_s: when it was started (clock of the caller).
+        load: how busy it is, lower is cheaper to drain (queued tokens, or time until free).
+    """
+
+    worker_id: object
+    ready: bool
+    launched_s: float
+    load: float = 0.0
+
+
+def choose_victims(candidates: list[VictimCandidate], count: int) -> list[object]:
+    """Which ``count`` workers a scale-down removes, in order.
+
+    Starting workers go first, newest first: they serve nothing yet and have cost the
+    least. Then ready workers, least loaded first (the shortest drain, the least work
+    re-queued nowhere: a drain loses nothing), the newest among equals.
+    Used by the live mechanism and by the simulator alike.
+
+    Returns:
+        The chosen worker ids (at most ``count``).
+    """
+    order = sorted(candidates, key=lambda c: (c.ready, c.load if c.ready else 0.0, -c.launched_s))
+    return [c.worker_id for c in order[: max(0, count)]]

@@ -37,7 +37,9 @@ from eaas.platform.autoscale.policy import (
     MetricsSnapshot,
     PolicyState,
     WorkerMetrics,
+    VictimCandidate,
     WorkerState,
+    choose_victims,
     decide,
 )
 from eaas.platform.autoscale.traces import Trace, TraceSpec
@@ -130,19 +132,18 @@ class _Pool:
         return [w for w in self.workers if w.shard == shard and w.state is not WorkerState.DRAINING and w.retire_s == math.inf]
 
     def shrink(self, shard: int, count: int, now_s: float) -> None:
-        """Cancel starting workers (newest first), then drain the least loaded."""
-        live = self.live(shard)
-        starting = sorted((w for w in live if w.state is WorkerState.STARTING), key=lambda w: -w.launched_s)
-        for w in starting[:count]:
-            w.retire_s = now_s
-        count -= min(count, len(starting))
-        if count == 0:
-            return
+        """Remove ``count`` workers as the live mechanism would (:func:`~eaas.platform.autoscale.policy.choose_victims`):
+        starting ones are cancelled, ready ones drain (they finish what they were given)."""
         heap = self.heaps[shard]
         free_at = dict((wid, fa) for fa, wid in heap)
-        victims = sorted(free_at, key=lambda wid: (free_at[wid], -wid))[:count]
+        cands = [VictimCandidate(w.wid, w.state is WorkerState.READY, w.launched_s,
+                                 free_at.get(w.wid, now_s) - now_s) for w in self.live(shard)]
+        victims = [int(v) for v in choose_victims(cands, count)]  # type: ignore[call-overload]
         for wid in victims:
             w = self.workers[wid]
+            if w.state is WorkerState.STARTING:
+                w.retire_s = now_s
+                continue
             w.state = WorkerState.DRAINING
             w.free_at_s = free_at[wid]
             w.retire_s = max(now_s, w.free_at_s)

@@ -240,7 +240,7 @@ class CudaIpcWorkerSide:
                 pass
 
     def sweep(self) -> int:
-        from eaas.platform.transport.shm import pid_alive
+        from eaas.procs import pid_alive
 
         dead = [p for p, st in self._peers.items() if type(st["pid"]) is int and not pid_alive(st["pid"])]
         for p in dead:

@@ -21,12 +21,12 @@ from eaas.platform.protocol import (
     DTYPES as _DTYPES,
     Frame,
     Header,
-    check_payload_frames,
     encode_invoke,
     encode_reply,
     tensor_buffer,
     tensor_from_buffer,
 )
+from eaas.platform.decode import check_payload_frames
 from eaas.platform.transport.base import Slot
 
 

@@ -22,17 +22,8 @@ from typing import Any, NamedTuple
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.protocol import (
-    TRANSPORTS,
-    Frame,
-    Header,
-    check_functions,
-    decode_header,
-    encode_header,
-    error_frames,
-    now_ms,
-    peek_request_id,
-)
+from eaas.platform.protocol import TRANSPORTS, Frame, Header, encode_header, error_frames, now_ms
+from eaas.platform.decode import check_functions, decode_header, peek_request_id
 from eaas.platform.transport.base import ClientChannel
 from eaas.platform.transport.inline import InlineClientChannel, InlineWorkerSide
 from eaas.platform.transport.shm import SHM_DIR, ShmClientChannel, ShmWorkerSide

@@ -32,6 +32,7 @@ from collections.abc import Hashable, Sequence
 import torch
 
 from eaas.errors import ProtocolError, TransportError
+from eaas.procs import pid_alive
 from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
 from eaas.platform.transport.base import ArenaSlots, Slot, write_reply
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
@@ -63,17 +64,6 @@ def _unlink(name: str) -> bool:
 def _unlink_owned_at_exit() -> None:
     for name in list(_owned_names):
         _unlink(name)
-
-
-def pid_alive(pid: int) -> bool:
-    """True when a process with this pid exists (in our pid namespace)."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def sweep_stale_arenas(shm_dir: str = SHM_DIR) -> list[str]:

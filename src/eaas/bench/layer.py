@@ -27,12 +27,11 @@ output scale, must be <= 1e-5); the worst error is reported in ``config``.
 
 from __future__ import annotations
 
-import contextlib
 import statistics
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -45,32 +44,6 @@ EXACT_RTOL = 1e-5
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     scale = float(ref.abs().max()) or 1.0
     return float((out.float() - ref.float()).abs().max()) / scale
-
-
-def _moe_block(model: Any, layer: int) -> torch.nn.Module:
-    """The sparse MoE block (router + experts) of decoder layer ``layer``."""
-    dec = model.model.layers[layer]
-    for name in ("mlp", "block_sparse_moe"):
-        blk = getattr(dec, name, None)
-        if blk is not None and hasattr(blk, "experts"):
-            return blk
-    raise RuntimeError(f"decoder layer {layer} has no sparse MoE block")
-
-
-@contextlib.contextmanager
-def _quiet_transformers() -> Iterator[None]:
-    """No loading progress bars or sharding notes from transformers while loading (stdout stays JSON)."""
-    from transformers.utils import logging as tlog
-
-    level, bars = tlog.get_verbosity(), tlog.is_progress_bar_enabled()
-    tlog.set_verbosity_error()
-    tlog.disable_progress_bar()
-    try:
-        yield
-    finally:
-        tlog.set_verbosity(level)
-        if bars:
-            tlog.enable_progress_bar()
 
 
 def _call(block: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -122,7 +95,8 @@ def run_layer_bench(
 
     from eaas.functions import inspect_checkpoint, write_tiny_checkpoint
     from eaas.platform.client import ExpertClient
-    from eaas.platform.integration import bind_experts, load_client_model
+    from eaas.functions.families import moe_block
+    from eaas.platform.integration import bind_experts, load_client_model, quiet_transformers
     from eaas.platform.pool import LocalPool
     from eaas.platform.shards import plan_pool
     from eaas.registry.server import RedisServer
@@ -160,13 +134,13 @@ def run_layer_bench(
             report(f"starting {workers} workers", 0.0)
             plan = plan_pool(experts, workers, replicas)
             handles = [pool.start(p.shard_name, p.spec, model) for p in plan]
-            with _quiet_transformers():
+            with quiet_transformers():
                 kw = {"experts_implementation": monolithic_impl} if monolithic_impl else {}
                 mono_model = AutoModelForCausalLM.from_pretrained(ckpt, **kw).eval()
                 eaas_model = load_client_model(ckpt)
-            mono = _moe_block(mono_model, layer)
+            mono = moe_block(mono_model, layer)
             mono_impl = str(getattr(mono_model.config, "_experts_implementation", None) or "eager")
-            eaas = _moe_block(eaas_model, layer)
+            eaas = moe_block(eaas_model, layer)
             pool.wait_ready(handles, timeout_s=180)
             client = ExpertClient(registry, model, settings, seed=seed)
             bind_experts(eaas_model, client, model)
@@ -227,7 +201,7 @@ def run_layer_bench(
                 "replicas": replicas,
                 "shards": [p.spec for p in plan],
                 "transport": transport,
-                "transports_used": sorted({c.transport for c in client._conns.values()}),
+                "transports_used": sorted(set(client.transports().values())),
                 "thread_budget": {
                     "total": budget,
                     "monolithic_threads": budget,

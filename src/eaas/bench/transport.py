@@ -3,7 +3,7 @@
 For each payload size (``P`` bytes, a float32 ``[P / 4 / D, D]`` tensor) and each
 transport, a client does what the real client does per request — gather the rows
 into ``slot.x`` (copy 1), send, wait for the reply, read ``y`` into its output
-(copy 2), release — against an echo peer (``eaas.platform.transport.echo``) in a
+(copy 2), release — against an echo peer (``eaas.bench.echo``) in a
 separate process over real loopback sockets. In the same run it measures two
 baselines:
 
@@ -115,7 +115,7 @@ def _time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int
 
 
 def _start_peer(bind: str, *extra: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, "-m", "eaas.platform.transport.echo", "--bind", bind, *extra],
+    proc = subprocess.Popen([sys.executable, "-m", "eaas.bench.echo", "--bind", bind, *extra],
                             stdout=subprocess.PIPE, text=True, env={**os.environ, "NIXL_LOG_LEVEL": "WARN"})
     return proc, bind
 
@@ -181,7 +181,7 @@ def _measure(cfg: TransportBenchConfig, clients: dict[str, Any], raw: zmq.Socket
 
 def run_benchmark(cfg: TransportBenchConfig, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Run the benchmark; return ``{"benchmark": "transport", "config", "rows", "checks"}``."""
-    from eaas.platform.transport.echo import PairClient
+    from eaas.bench.echo import PairClient
     from eaas.platform.transport.nixl import nixl_available
 
     torch.set_num_threads(cfg.torch_threads)
@@ -232,7 +232,7 @@ def run_benchmark(cfg: TransportBenchConfig, progress: Callable[[str], None] | N
                 proc.kill()
         ctx.term()
     config = {**asdict(cfg), "transports": transports, "skipped": skipped, "dtype": "float32",
-              "cpus": os.cpu_count(), "peer": "echo subprocess (eaas.platform.transport.echo)"}
+              "cpus": os.cpu_count(), "peer": "echo subprocess (eaas.bench.echo)"}
     rows.sort(key=lambda r: r["payload_bytes"])  # stable: phase order within a size
     return {"benchmark": "transport", "config": config, "rows": rows, "checks": _checks(rows)}
 

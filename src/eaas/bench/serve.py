@@ -12,7 +12,6 @@ import asyncio
 import contextlib
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -24,6 +23,7 @@ import httpx
 import numpy as np
 
 from eaas.errors import ConfigError
+from eaas.registry.server import free_port
 
 
 @dataclass(frozen=True, slots=True)
@@ -120,12 +120,6 @@ async def run_level(url: str, model: str, concurrency: int, cfg: ServeBenchConfi
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None) -> None:
     """Poll ``{url}/readyz`` until 200 or ``timeout_s`` passes (then raise)."""
     deadline = time.monotonic() + timeout_s
@@ -142,7 +136,7 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
 @contextlib.contextmanager
 def local_gateway(model_dir: Path, *, monolithic: bool = True, torch_threads: int = 1) -> Iterator[str]:
     """Start ``eaas gateway`` on a free loopback port in a subprocess; yield its URL."""
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(model_dir), "--port", str(port),
            "--host", "127.0.0.1", "--torch-threads", str(torch_threads)]
     if monolithic:

@@ -1,6 +1,6 @@
 """An echo peer and a minimal synchronous pair client, for tests and benchmarks.
 
-``python -m eaas.platform.transport.echo --bind ipc:///tmp/x.sock`` serves a ROUTER
+``python -m eaas.bench.echo --bind ipc:///tmp/x.sock`` serves a ROUTER
 socket through :class:`WorkerEndpoint` and answers every invoke with ``y = x``
 (written back through the transport, as a worker would); ``--raw`` echoes frames
 untouched (the bare ZeroMQ baseline). It prints ``READY <endpoint>`` once bound and
@@ -21,15 +21,8 @@ import torch
 import zmq
 
 from eaas.errors import ExpertTimeout, TransportError
-from eaas.platform.protocol import (
-    Header,
-    decode_header,
-    encode_header,
-    now_ms,
-    raise_if_error,
-    recv_frames,
-    send_frames,
-)
+from eaas.platform.protocol import Header, encode_header, now_ms, raise_if_error, recv_frames, send_frames
+from eaas.platform.decode import decode_header
 from eaas.platform.transport.base import ClientChannel
 from eaas.platform.transport.select import WorkerEndpoint, make_client_channel
 

@@ -1,0 +1,148 @@
+"""The attention client's connections to expert workers: one per worker incarnation.
+
+Each is a ZeroMQ DEALER socket (``IMMEDIATE``: nothing is queued for a peer that is
+not connected), a monitor socket that reports disconnects, and the data-plane channel
+chosen for the pair (:func:`~eaas.platform.transport.select.select_transport`). A
+channel that needs a handshake (``shm``, ``cuda_ipc``, ``nixl``) sends ``hello`` and
+waits up to 2 s for ``hello_ack``; a refusal or silence falls back to ``inline``.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import zmq
+
+from eaas.errors import EaaSError, ProtocolError, TransportError
+from eaas.platform.protocol import Header, encode_header
+from eaas.platform.decode import decode_header
+from eaas.platform.transport.select import local_capabilities, make_client_channel, select_transport
+from eaas.registry.records import WorkerRecord
+from eaas.settings import Settings
+
+log = logging.getLogger(__name__)
+
+HELLO_TIMEOUT_S = 2.0
+CONNECT_TIMEOUT_MS = 250
+
+
+@dataclass(slots=True)
+class Conn:
+    """One client–worker pair: a DEALER socket, its monitor and the transport channel."""
+
+    worker: WorkerRecord
+    sock: zmq.Socket
+    monitor: zmq.Socket
+    channel: Any
+    transport: str
+
+
+class Connections:
+    """Open connections by worker id; reconnects when a worker's endpoint or epoch changes.
+
+    Args:
+        model: for log lines.
+        settings: ``max_message_bytes``, ``shm_arena_bytes``.
+        transport: ``auto`` (per pair) or a forced transport name.
+    """
+
+    def __init__(self, model: str, settings: Settings, transport: str) -> None:
+        self.model, self.settings, self.transport = model, settings, transport
+        self.caps = local_capabilities("cpu")
+        self._ctx = zmq.Context.instance()
+        self._conns: dict[str, Conn] = {}
+
+    def __contains__(self, wid: str) -> bool:
+        return wid in self._conns
+
+    def __getitem__(self, wid: str) -> Conn:
+        return self._conns[wid]
+
+    def get(self, wid: str) -> Conn | None:
+        return self._conns.get(wid)
+
+    def connect(self, worker: WorkerRecord) -> Conn:
+        """The connection to this incarnation of ``worker`` (opened, with its handshake, if needed).
+
+        Raises:
+            TransportError: a handshake was needed and the worker is not reachable.
+        """
+        c = self._conns.get(worker.id)
+        if c is not None and c.worker.endpoint == worker.endpoint and c.worker.epoch == worker.epoch:
+            return c
+        if c is not None:
+            self.drop(worker.id)
+        sock = self._ctx.socket(zmq.DEALER)
+        sock.setsockopt(zmq.LINGER, 0)
+        sock.setsockopt(zmq.IMMEDIATE, 1)
+        monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
+        sock.connect(worker.endpoint)
+        name = "inline"
+        try:
+            name = select_transport(self.caps, worker.capabilities, self.transport)
+        except TransportError as e:
+            log.warning("client %s: %s; using inline with worker %s", self.model, e, worker.id)
+        channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes)
+        c = Conn(worker, sock, monitor, channel, name)
+        hello = channel.hello_header()
+        if hello is not None and not self._handshake(c, hello):
+            channel.close()
+            c.channel, c.transport = make_client_channel("inline"), "inline"
+        self._conns[worker.id] = c
+        log.info("client %s: connected to worker %s at %s via %s", self.model, worker.id, worker.endpoint, c.transport)
+        return c
+
+    def _handshake(self, c: Conn, hello: Any) -> bool:
+        if not c.sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+            raise TransportError(f"worker {c.worker.id} at {c.worker.endpoint} is not reachable")
+        c.sock.send(encode_header(hello), zmq.NOBLOCK)
+        deadline = time.monotonic() + HELLO_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not c.sock.poll(50):
+                continue
+            frames = c.sock.recv_multipart(copy=False)
+            try:
+                h = decode_header(frames[0], max_message_bytes=self.settings.max_message_bytes, check_deadline=False)
+            except ProtocolError:
+                continue
+            if h.kind == "hello_ack" and h.id == hello.id:
+                try:
+                    c.channel.on_hello_ack(h)
+                    return True
+                except EaaSError as e:
+                    log.warning("client %s: worker %s refused %s: %s", self.model, c.worker.id, c.transport, e)
+                    return False
+            if h.kind == "error" and h.id == hello.id:
+                log.warning("client %s: worker %s refused %s: %s", self.model, c.worker.id, c.transport, h.error)
+                return False
+        log.warning("client %s: no hello_ack from %s within %.1fs", self.model, c.worker.id, HELLO_TIMEOUT_S)
+        return False
+
+    def drop(self, wid: str) -> None:
+        """Close the connection to ``wid`` (its channel, monitor and socket), if any."""
+        c = self._conns.pop(wid, None)
+        if c is None:
+            return
+        try:
+            c.channel.close()
+        except Exception:  # noqa: BLE001 - closing a broken channel
+            pass
+        c.sock.disable_monitor()
+        c.monitor.close(linger=0)
+        c.sock.close(linger=0)
+
+    def transports(self) -> dict[str, str]:
+        """Worker id -> the transport its open connection uses."""
+        return {wid: c.transport for wid, c in self._conns.items()}
+
+    def close(self) -> None:
+        """Say ``bye`` to every worker (it frees the pair's state at once) and close everything."""
+        for wid in list(self._conns):
+            try:
+                self._conns[wid].sock.send(encode_header(Header(kind="bye", id="bye")), zmq.NOBLOCK)
+            except Exception:  # noqa: BLE001 - a dead peer needs no goodbye
+                pass
+            self.drop(wid)
