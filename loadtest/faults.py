@@ -24,7 +24,7 @@ from pathlib import Path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eaas.bench.failover import FaultInjector, ready_workers
+    from eaas.bench.harness import FaultInjector, ready_workers
     from eaas.registry import Registry
     from eaas.registry.deployment import resolve
     from eaas.settings import get_settings

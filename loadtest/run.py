@@ -90,7 +90,7 @@ def summarize(stats_csv: Path) -> dict[str, dict[str, float]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from eaas.bench.failover import FaultInjector, UpProcess, ready_workers, wait_pool_size
+    from eaas.bench.harness import FaultInjector, UpProcess, ready_workers, wait_pool_size
     from eaas.registry import Registry
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -17,7 +17,7 @@ import pytest
 if importlib.util.find_spec("locust") is None:
     pytest.skip("locust is not installed (pip install -e '.[loadtest]')", allow_module_level=True)
 
-from eaas.bench.failover import UpProcess, ready_workers, wait_pool_size  # noqa: E402
+from eaas.bench.harness import UpProcess, ready_workers, wait_pool_size  # noqa: E402
 
 LOADTEST = Path(__file__).resolve().parents[1] / "loadtest"
 NAMES = {("POST", "completion [short]"), ("POST", "completion [long]"), ("POST", "completion [stream]"),

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from eaas.errors import ConfigError, EaaSError
-from eaas.registry.deployment import clear_state, read_state, write_state
+from eaas.registry.deployment import claim_state, clear_state
 from eaas.registry.server import RedisServer
 from eaas.registry.store import Registry
 from eaas.settings import Settings
@@ -179,7 +179,7 @@ class LocalDeployment:
 
     def _wait_workers(self, handles: list[Any], timeout_s: float = 300.0) -> None:
         """Wait for every worker to be ready, reporting progress; fail fast if one exits."""
-        from eaas.platform.pool import PoolError
+        from eaas.platform.pool import PoolError, WorkerExitedEarly
 
         total, deadline = len(handles), time.monotonic() + timeout_s
         while True:
@@ -190,7 +190,7 @@ class LocalDeployment:
             try:
                 self.pool.wait_ready(left[:1], timeout_s=0.25)
             except PoolError as e:
-                if "before ready" in str(e) or time.monotonic() > deadline:
+                if isinstance(e, WorkerExitedEarly) or time.monotonic() > deadline:
                     raise
 
     def _is_ready(self, worker_id: str) -> bool:
@@ -238,11 +238,10 @@ class LocalDeployment:
         commands keep finding it); returns False then, and this one is reached
         through ``EAAS_REDIS_URL`` / ``EAAS_PREFIX``.
         """
-        other = read_state(self.settings)
-        if other is not None and other.redis_url != self.redis_url:
+        other = claim_state(self.settings.model_copy(update={"redis_url": self.redis_url}), self.redis_url, gateway_url)
+        if other is not None:
             log.warning("up: deployment of pid %d is recorded in %s; not replacing it", other.pid, self.settings.state_file)
             return False
-        write_state(self.settings.model_copy(update={"redis_url": self.redis_url}), self.redis_url, gateway_url)
         return True
 
     @property

@@ -96,6 +96,16 @@ class Cancelled(EaaSError):
     """The caller gave up on the work (its HTTP client disconnected) before it ran."""
 
 
+class ExpertComputeError(EaaSError):
+    """An expert worker failed computing a request (a server fault, never the caller's).
+
+    Attributes:
+        code: ``"internal"``, the wire code of its error reply (retryable on another replica).
+    """
+
+    code = "internal"
+
+
 class ExpertTimeout(EaaSError):
     """An expert call did not complete before its deadline."""
 

@@ -6,6 +6,9 @@ import time
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
+if TYPE_CHECKING:
+    import subprocess
+
 T = TypeVar("T")
 
 

@@ -19,10 +19,8 @@ from __future__ import annotations
 import logging
 import math
 import queue
-import tempfile
 import threading
 import time
-import uuid
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -30,16 +28,92 @@ from typing import Any
 import numpy as np
 import torch
 
+from eaas.bench.harness import Stack, local_stack
+from eaas.functions import write_tiny_checkpoint
 from eaas.platform.autoscale.config import AutoscalerConfig
 from eaas.platform.autoscale.mechanism import Autoscaler
 from eaas.platform.autoscale.simulate import PAPER_SAVED_FRACTION
 from eaas.platform.autoscale.traces import TraceSpec, make_trace
+from eaas.registry.records import WorkerState
+from eaas.testing import wait_for
 
 log = logging.getLogger(__name__)
 
 CAPACITY_PROBE_S = 3.0  # closed-loop probe of one worker
 SAMPLE_S = 0.5  # timeline / worker-seconds sampling period
 MAX_DRAIN_AFTER_TRACE_S = 20.0  # bound on waiting for the last requests
+
+
+def _probe_capacity(st: Stack, client: Any, fids: list[str], hidden: int, tokens_per_request: int,
+                    seed: int) -> tuple[float, float]:
+    """One worker's closed-loop capacity (tokens/s) and the busy fraction its heartbeat shows at it."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(tokens_per_request, hidden, generator=g)
+    n_tok, t0 = 0, time.monotonic()
+    while time.monotonic() - t0 < CAPACITY_PROBE_S:
+        client.invoke(fids[n_tok // tokens_per_request % len(fids)], x)
+        n_tok += tokens_per_request
+    capacity = n_tok / (time.monotonic() - t0)
+    busy = [w.busy_fraction for w in st.registry.workers(st.model)]
+    # the probe's busy heartbeats must not start the trace as "load"
+    wait_for(lambda: all(w.busy_fraction < 0.05 for w in st.registry.workers(st.model)), timeout_s=5.0)
+    return capacity, (max(busy) if busy else 0.1)
+
+
+def _replay(trace: Any, clients: list[Any], fids: list[str], hidden: int, st: Stack, scaler: Autoscaler,
+            capacity: float, duration_s: float) -> tuple[np.ndarray, list[str], list[dict[str, Any]], float]:
+    """Open-loop replay of ``trace`` through ``clients``; samples the pool every ``SAMPLE_S``.
+
+    Returns (latency per request in s, inf when failed; failure examples; timeline; worker-seconds).
+    """
+    work: queue.Queue[tuple[float, int, int] | None] = queue.Queue()
+    latency = np.full(trace.num_requests, np.inf)
+    failures: list[str] = []
+
+    def serve(client: Any) -> None:
+        while (item := work.get()) is not None:
+            i, (due, f, n) = item[0], item[1:]
+            try:
+                client.invoke(fids[f], torch.randn(n, hidden))
+                latency[i] = time.monotonic() - due
+            except Exception as e:  # noqa: BLE001 - counted as a failed request
+                failures.append(repr(e))
+
+    threads = [threading.Thread(target=serve, args=(c,), daemon=True) for c in clients]
+    for t in threads:
+        t.start()
+    timeline: list[dict[str, Any]] = []
+    start = time.monotonic()
+    next_sample, k, worker_s = start, 0, 0.0
+    while k < trace.num_requests or time.monotonic() < start + duration_s:
+        now = time.monotonic()
+        while k < trace.num_requests and start + trace.arrival_s[k] <= now:
+            work.put((k, start + float(trace.arrival_s[k]), int(trace.function[k]), int(trace.tokens[k])))  # type: ignore[arg-type]
+            k += 1
+        if now >= next_sample:
+            members = st.pool.workers(st.model)
+            timeline.append(_sample(trace, members, scaler, now - start, capacity))
+            worker_s += len(members) * SAMPLE_S
+            next_sample += SAMPLE_S
+        time.sleep(min(0.005, max(0.0, next_sample - time.monotonic())))
+    for _ in threads:
+        work.put(None)
+    for t in threads:
+        t.join(timeout=MAX_DRAIN_AFTER_TRACE_S)
+    return latency, failures, timeline, worker_s
+
+
+def _sample(trace: Any, members: list[Any], scaler: Autoscaler, t_s: float, capacity: float) -> dict[str, Any]:
+    """One timeline point: offered load, the ideal and the smoothed replica counts, the pool by state."""
+    states = [m.state for m in members]
+    window = (trace.arrival_s >= t_s - SAMPLE_S) & (trace.arrival_s < t_s)
+    offered = float(trace.tokens[window].sum()) / SAMPLE_S
+    last = scaler.history[-1] if scaler.history else None
+    return {"t_s": round(t_s, 2), "offered_tokens_per_s": round(offered, 1),
+            "ideal_replicas": round(offered / capacity, 2),
+            "load_replicas": None if last is None else round(last.load.get("shard-0", 0.0), 2),
+            "replicas": len(members), "ready": states.count(WorkerState.READY),
+            "starting": states.count(WorkerState.STARTING), "draining": states.count(WorkerState.DRAINING)}  # fmt: skip
 
 
 def run_live(
@@ -53,48 +127,32 @@ def run_live(
     num_clients: int = 3,
     tokens_per_request: int = 64,
 ) -> dict[str, Any]:
-    """Run the live benchmark; returns the bench JSON object (``"mode": "live"``)."""
-    from eaas.functions import inspect_checkpoint, write_tiny_checkpoint
-    from eaas.platform.client import ExpertClient
-    from eaas.platform.pool import LocalPool
-    from eaas.registry.records import WorkerState
-    from eaas.registry.server import RedisServer
-    from eaas.registry.store import Registry
-    from eaas.settings import get_settings
-    from eaas.testing import wait_for
+    """Run the live benchmark; returns the bench JSON object (``"mode": "live"``).
 
-    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="eaas-bench-") as tmp:
-        prefix = f"bench{uuid.uuid4().hex[:6]}"
-        registry = Registry.from_url(server.url, prefix)
-        spec, fns = inspect_checkpoint(write_tiny_checkpoint("mixtral", Path(tmp) / "tiny", layers=2, experts=8))
-        registry.register_model(spec.to_dict(), [f.to_dict() for f in fns])
-        model, hidden = spec.name, int(spec.to_dict()["hidden_size"])
-        fids = registry.function_ids(model)
-        settings = get_settings(redis_url=server.url, prefix=prefix)
-        pool = LocalPool(registry, redis_url=server.url, log_dir=Path(tmp) / "logs")
+    Steps: measure one worker's start-up time and closed-loop capacity; derive the
+    autoscaler's config from them; replay an open-loop trace at 80 % of that capacity at
+    its peak while the autoscaler runs; count worker-seconds against a static pool sized
+    for the peak.
+    """
+    from eaas.platform.client import ExpertClient
+    from eaas.settings import get_settings
+
+    def write(tmp: Path) -> Path:
+        return write_tiny_checkpoint("mixtral", tmp / "tiny", layers=2, experts=8)
+
+    with local_stack(write, tag="bench") as st:
+        model, hidden = st.model, int(st.spec.to_dict()["hidden_size"])
+        fids = st.registry.function_ids(model)
+        settings = get_settings(redis_url=st.redis_url, prefix=st.registry.prefix)
         clients: list[Any] = []
         stop = threading.Event()
         try:
-            # 1. start-up time of one worker (launch -> ready in the registry)
             t0 = time.monotonic()
-            pool.wait_ready([pool.start("shard-0", "all", model)], timeout_s=120)
+            st.pool.wait_ready([st.pool.start("shard-0", "all", model)], timeout_s=120)
             startup_s = time.monotonic() - t0
-
-            # 2. capacity: one client, closed loop
-            clients = [ExpertClient(registry, model, settings, seed=i) for i in range(num_clients)]
-            g = torch.Generator().manual_seed(seed)
-            x = torch.randn(tokens_per_request, hidden, generator=g)
-            n_tok, busy, t0 = 0, [], time.monotonic()
-            while time.monotonic() - t0 < CAPACITY_PROBE_S:
-                clients[0].invoke(fids[n_tok // tokens_per_request % len(fids)], x)
-                n_tok += tokens_per_request
-            capacity = n_tok / (time.monotonic() - t0)
-            busy = [w.busy_fraction for w in registry.workers(model)]
-            busy_at_capacity = max(busy) if busy else 0.1
-            # the probe's busy heartbeats must not start the trace as "load"
-            wait_for(lambda: all(w.busy_fraction < 0.05 for w in registry.workers(model)), timeout_s=5.0)
-
-            # 3. config: one replica is "full" at half the busy fraction it shows at capacity
+            clients = [ExpertClient(st.registry, model, settings, seed=i) for i in range(num_clients)]
+            capacity, busy_at_capacity = _probe_capacity(st, clients[0], fids, hidden, tokens_per_request, seed)
+            # one replica is "full" at half the busy fraction it shows at capacity
             config = AutoscalerConfig(min_replicas=1, max_replicas=max_replicas, upscale_delay_s=2.0, downscale_delay_s=5.0,
                                       look_back_s=2.0, target_busy_fraction=min(1.0, max(0.01, busy_at_capacity / 2)),
                                       target_queue_tokens_per_replica=4 * tokens_per_request, metrics_stale_s=3.0)  # fmt: skip
@@ -102,61 +160,14 @@ def run_live(
                               mean_tokens_per_request=tokens_per_request, num_functions=len(fids), num_shards=1,
                               zipf_s=zipf_s, seed=seed)  # fmt: skip
             trace = make_trace(tspec)
-            scaler = Autoscaler(registry, model, config, pool=pool, shards={"shard-0": "all"}, tick_s=0.5)
-            runner = threading.Thread(target=scaler.run, args=(stop,), daemon=True)
-            runner.start()
-
-            # 4. open-loop replay
-            work: queue.Queue[tuple[float, int, int] | None] = queue.Queue()
-            latency = np.full(trace.num_requests, np.inf)
-            failures: list[str] = []
-
-            def serve(client: Any) -> None:
-                while (item := work.get()) is not None:
-                    i, (due, f, n) = item[0], item[1:]
-                    try:
-                        client.invoke(fids[f], torch.randn(n, hidden))
-                        latency[i] = time.monotonic() - due
-                    except Exception as e:  # noqa: BLE001 - counted as a failed request
-                        failures.append(repr(e))
-
-            threads = [threading.Thread(target=serve, args=(c,), daemon=True) for c in clients]
-            for t in threads:
-                t.start()
-            timeline: list[dict[str, Any]] = []
-            start = time.monotonic()
-            next_sample, k, worker_s = start, 0, 0.0
-            while k < trace.num_requests or time.monotonic() < start + duration_s:
-                now = time.monotonic()
-                while k < trace.num_requests and start + trace.arrival_s[k] <= now:
-                    work.put((k, start + float(trace.arrival_s[k]), int(trace.function[k]), int(trace.tokens[k])))  # type: ignore[arg-type]
-                    k += 1
-                if now >= next_sample:
-                    members = pool.workers(model)
-                    states = [m.state for m in members]
-                    t_s = now - start
-                    window = (trace.arrival_s >= t_s - SAMPLE_S) & (trace.arrival_s < t_s)
-                    offered = float(trace.tokens[window].sum()) / SAMPLE_S
-                    last = scaler.history[-1] if scaler.history else None
-                    timeline.append({"t_s": round(t_s, 2), "offered_tokens_per_s": round(offered, 1),
-                                     "ideal_replicas": round(offered / capacity, 2),
-                                     "load_replicas": None if last is None else round(last.load.get("shard-0", 0.0), 2),
-                                     "replicas": len(members), "ready": states.count(WorkerState.READY),
-                                     "starting": states.count(WorkerState.STARTING),
-                                     "draining": states.count(WorkerState.DRAINING)})  # fmt: skip
-                    worker_s += len(members) * SAMPLE_S
-                    next_sample += SAMPLE_S
-                time.sleep(min(0.005, max(0.0, next_sample - time.monotonic())))
-            for _ in threads:
-                work.put(None)
-            for t in threads:
-                t.join(timeout=MAX_DRAIN_AFTER_TRACE_S)
+            scaler = Autoscaler(st.registry, model, config, pool=st.pool, shards={"shard-0": "all"}, tick_s=0.5)
+            threading.Thread(target=scaler.run, args=(stop,), daemon=True).start()
+            latency, failures, timeline, worker_s = _replay(trace, clients, fids, hidden, st, scaler, capacity,
+                                                            duration_s)  # fmt: skip
         finally:
             stop.set()
             for c in clients:
                 c.close()
-            pool.stop_all(timeout_s=20)
-            registry.close()
 
     done = np.isfinite(latency)
     ok = latency[done]

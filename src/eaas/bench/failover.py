@@ -1,31 +1,25 @@
-"""``eaas bench failover``: throughput under periodic worker kills vs the same load without.
+"""``eaas bench failover``: throughput and recovery pause under worker kills, with an error bar.
 
 One fresh ``eaas up`` (private Redis, tiny Mixtral, autoscaler on, every expert on
-``>= 2`` replicas) serves a constant closed-loop load — ``concurrency`` clients
-each sending the same completion (``max_tokens`` tokens, ``ignore_eos``) back to
-back — for ``duration_s`` twice: a *baseline* phase, and a *kills* phase during
-which a :class:`FaultInjector` SIGKILLs a random ready worker every
-``kill_interval_s`` (bounded count, and only while the pool is at full size, so
-every expert keeps a replica). The autoscaler replaces each killed worker (its
-shard drops below ``min_replicas``); the pool is back to its size before the
-next phase or kill. Reported: output tokens/s in both, the relative loss, failed
-requests, p99 latency. The EaaS paper reports < 2 % loss under failures.
-
-The same :class:`FaultInjector` drives ``loadtest/faults.py`` and
-:class:`UpProcess` starts the deployment for ``loadtest/run.py``.
+``>= 2`` replicas) serves a closed-loop *streamed* load — ``concurrency`` clients each
+sending the same completion (``max_tokens`` tokens, ``ignore_eos``) back to back — in
+``rounds`` pairs of adjacent windows: a baseline window, then a window in which a
+:class:`~eaas.bench.harness.FaultInjector` SIGKILLs one random ready worker
+``kill_at_s`` in (only while the pool is at full size, so every expert keeps a
+replica; the autoscaler replaces the victim before the next pair). Tokens are counted
+by arrival time. Reported: the loss as the median of the per-pair losses with a
+distribution-free 95 % interval, the recovery pause (the longest token gap of the
+streams in flight at each kill, against the same offset without one), failed
+requests and p99 latency. The EaaS paper reports < 2 % loss under failures.
 """
 
 from __future__ import annotations
 
-import csv
 import json
 import logging
 import math
 import os
 import random
-import signal
-import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -34,235 +28,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from eaas.bench.harness import FaultInjector, Kill, UpProcess, ready_workers, wait_pool_size
 from eaas.bench.stats import max_token_gap, median_ci
-from eaas.errors import EaaSError
-from eaas.registry.records import WorkerState
-from eaas.registry.store import Registry
 
 log = logging.getLogger(__name__)
 
 PROMPT = "The expert said"
-
-
-class FailoverBenchError(EaaSError):
-    """The benchmark's deployment did not start, or did not recover in time."""
-
-
-# --- the deployment -----------------------------------------------------------------
-
-
-class UpProcess:
-    """A fresh ``eaas up`` in a subprocess: isolated state/cache dirs, a private Redis, a free port.
-
-    Args:
-        workdir: directory for ``state/``, ``cache/`` (the tiny model is written once here) and ``up.log``.
-        workers: ``--workers``.
-        replicas: ``--replicas``.
-        autoscale: run the autoscaler (it replaces killed workers).
-        port: gateway port (0: a free one).
-        extra_env: more environment for ``eaas up`` (e.g. ``EAAS_API_KEYS``).
-        ready_timeout_s: how long to wait for ``/readyz``.
-    """
-
-    def __init__(self, workdir: Path, *, workers: int = 3, replicas: int = 2, autoscale: bool = True, port: int = 0,
-                 extra_env: dict[str, str] | None = None, ready_timeout_s: float = 240.0) -> None:  # fmt: skip
-        from eaas.registry.server import free_port
-
-        self.workdir = Path(workdir)
-        self.workers, self.replicas, self.autoscale = workers, replicas, autoscale
-        self.port = port or free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.ready_timeout_s = ready_timeout_s
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("EAAS_")}
-        self.env.update(EAAS_STATE_DIR=str(self.workdir / "state"), EAAS_CACHE_DIR=str(self.workdir / "cache"),
-                        OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200", **(extra_env or {}))  # fmt: skip
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.log_path = self.workdir / "up.log"
-        self._registry: Registry | None = None
-
-    def start(self) -> "UpProcess":
-        """Launch and wait for ``/readyz`` (raises :class:`FailoverBenchError` with the log tail on failure)."""
-        import httpx
-
-        self.workdir.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "eaas.cli", "up", "--port", str(self.port), "--workers", str(self.workers),
-               "--replicas", str(self.replicas), "--autoscale" if self.autoscale else "--no-autoscale"]  # fmt: skip
-        with open(self.log_path, "ab") as out:
-            self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL)  # fmt: skip
-        deadline = time.monotonic() + self.ready_timeout_s
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise FailoverBenchError(f"eaas up exited with {self.proc.returncode}:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/readyz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.25)
-        self.stop()
-        raise FailoverBenchError(f"eaas up not ready after {self.ready_timeout_s:g}s:\n{self.log_tail()}")
-
-    def log_tail(self, max_bytes: int = 3000) -> str:
-        try:
-            return self.log_path.read_bytes()[-max_bytes:].decode(errors="replace")
-        except OSError:
-            return ""
-
-    @property
-    def state(self) -> dict[str, Any]:
-        return json.loads((self.workdir / "state" / "deployment.json").read_text())
-
-    def registry(self) -> Registry:
-        """The deployment's registry (from its state file; one connection, reused)."""
-        if self._registry is None:
-            st = self.state
-            self._registry = Registry.from_url(st["redis_url"], st["prefix"])
-        return self._registry
-
-    def stop(self, timeout_s: float = 90.0) -> int | None:
-        """SIGTERM (workers drain, state file removed); SIGKILL after ``timeout_s``. Returns the exit code."""
-        if self._registry is not None:
-            self._registry.close()
-            self._registry = None
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                log.warning("eaas up: still alive %gs after SIGTERM, SIGKILL", timeout_s)
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def __enter__(self) -> "UpProcess":
-        return self.start()
-
-    def __exit__(self, *_: object) -> None:
-        self.stop()
-
-
-def ready_workers(registry: Registry, model: str | None = None) -> list[Any]:
-    """Registry records of the ready workers (of ``model``)."""
-    return [w for w in registry.workers(model) if w.state is WorkerState.READY]
-
-
-def wait_pool_size(registry: Registry, size: int, timeout_s: float, model: str | None = None) -> float:
-    """Wait until ``size`` workers are ready; returns the seconds waited.
-
-    Raises:
-        FailoverBenchError: not back to ``size`` within ``timeout_s``.
-    """
-    t0 = time.monotonic()
-    while True:
-        if len(ready_workers(registry, model)) >= size:
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout_s:
-            raise FailoverBenchError(f"pool not back to {size} ready workers after {timeout_s:g}s")
-        time.sleep(0.2)
-
-
-# --- fault injection ------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class Kill:
-    """One SIGKILL: unix time, worker id and pid, and ready workers just before."""
-
-    at_s: float
-    worker_id: str
-    pid: int
-    ready_before: int
-
-
-class FaultInjector:
-    """SIGKILL a random ready worker every ``interval_s``, at most ``max_kills`` times.
-
-    A kill happens only while at least ``min_ready`` workers are ready (so with
-    ``min_ready`` = the pool size, the previous victim has been replaced first and
-    every expert keeps a replica); a kill that waits for that slips, it is not
-    skipped. Only workers on this host (same pid namespace) can be killed.
-
-    Args:
-        registry: the deployment's registry.
-        interval_s: time from the start (or the previous kill) to the next kill.
-        max_kills: bound on the number of kills.
-        min_ready: ready workers required before a kill.
-        model: only this model's workers (default: any).
-        seed: seed of the victim choice.
-    """
-
-    def __init__(self, registry: Registry, *, interval_s: float, max_kills: int, min_ready: int = 2,
-                 model: str | None = None, seed: int = 0) -> None:  # fmt: skip
-        self.registry, self.interval_s, self.max_kills = registry, interval_s, max_kills
-        self.min_ready, self.model = min_ready, model
-        self.rng = random.Random(seed)
-        self.kills: list[Kill] = []
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
-
-    def run(self, until_s: float | None = None) -> list[Kill]:
-        """Kill on schedule until ``max_kills`` are done, :meth:`stop` is called, or unix time ``until_s``."""
-        next_s = time.time() + self.interval_s
-        while len(self.kills) < self.max_kills and not self._stop.is_set():
-            now = time.time()
-            if until_s is not None and now >= until_s:
-                break
-            if now < next_s:
-                self._stop.wait(min(0.2, next_s - now))
-                continue
-            try:
-                ready = ready_workers(self.registry, self.model)
-            except EaaSError as e:
-                log.warning("faults: registry read failed: %s", e)
-                self._stop.wait(0.2)
-                continue
-            victims = [w for w in ready if w.pid > 0]
-            if len(ready) < self.min_ready or not victims:
-                self._stop.wait(0.2)  # the previous victim is not replaced yet: slip
-                continue
-            w = self.rng.choice(victims)
-            try:
-                os.kill(w.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                continue
-            self.kills.append(Kill(time.time(), w.id, w.pid, len(ready)))
-            log.info("faults: worker %s (pid %d) SIGKILLed, %d were ready", w.id, w.pid, len(ready))
-            next_s = time.time() + self.interval_s
-        return self.kills
-
-    def start(self, until_s: float | None = None) -> "FaultInjector":
-        self._thread = threading.Thread(target=self.run, args=(until_s,), name="eaas-faults", daemon=True)
-        self._thread.start()
-        return self
-
-    def wait(self, timeout_s: float) -> bool:
-        """Wait for the kill schedule to end (at most ``timeout_s``); True when it has."""
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-            return not self._thread.is_alive()
-        return True
-
-    def stop(self) -> list[Kill]:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        return self.kills
-
-    def write(self, path: Path) -> None:
-        """The kills as CSV (``.csv``) or JSON (anything else): at_s, worker_id, pid, ready_before."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        rows = [asdict(k) for k in self.kills]
-        if path.suffix == ".csv":
-            with open(path, "w", newline="") as f:
-                wr = csv.DictWriter(f, fieldnames=["at_s", "worker_id", "pid", "ready_before"])
-                wr.writeheader()
-                wr.writerows(rows)
-        else:
-            path.write_text(json.dumps(rows, indent=1))
 
 
 # --- the load ---------------------------------------------------------------------------

@@ -28,14 +28,20 @@ output scale, must be <= 1e-5); the worst error is reported in ``config``.
 from __future__ import annotations
 
 import statistics
-import tempfile
 import time
-import uuid
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from eaas.bench.harness import local_stack
+from eaas.functions import write_tiny_checkpoint
+from eaas.functions.families import moe_block
+from eaas.platform.client import ExpertClient
+from eaas.platform.integration import bind_experts, load_client_model, quiet_transformers
+from eaas.platform.shards import plan_pool
+from eaas.settings import get_settings
 
 DEFAULT_TOKENS = (16, 128, 512, 2048)
 EXACT_RTOL = 1e-5
@@ -91,137 +97,52 @@ def run_layer_bench(
     Raises:
         EaaSError: the registry, the pool or a layer call failed.
     """
-    from transformers import AutoModelForCausalLM
-
-    from eaas.functions import inspect_checkpoint, write_tiny_checkpoint
-    from eaas.platform.client import ExpertClient
-    from eaas.functions.families import moe_block
-    from eaas.platform.integration import bind_experts, load_client_model, quiet_transformers
-    from eaas.platform.pool import LocalPool
-    from eaas.platform.shards import plan_pool
-    from eaas.registry.server import RedisServer
-    from eaas.registry.store import Registry
-    from eaas.settings import get_settings
-
     tokens = [int(t) for t in tokens]
     if not tokens or min(tokens) < 1:
         raise ValueError(f"tokens must be positive, got {tokens}")
     if repeats < 1 or warmup < 0 or workers < 1 or worker_threads < 1:
         raise ValueError("repeats, workers and worker_threads must be >= 1, warmup >= 0")
     report = progress or (lambda _msg, _frac: None)
-    budget = workers * worker_threads
-    layer = 0
     saved_threads = torch.get_num_threads()
-    steps = len(tokens) * 2 * (warmup + repeats)
     load_before = _load_avg()
-    done = 0
 
-    with RedisServer() as server, tempfile.TemporaryDirectory(prefix="eaas-bench-layer-") as tmp:
+    def write(tmp: Path) -> Path:
         report("writing the checkpoint", 0.0)
-        prefix = f"benchlayer{uuid.uuid4().hex[:6]}"
-        registry = Registry.from_url(server.url, prefix)
-        ckpt = write_tiny_checkpoint("mixtral", Path(tmp) / "mixtral-layer", layers=1, hidden=hidden,
+        return write_tiny_checkpoint("mixtral", tmp / "mixtral-layer", layers=1, hidden=hidden,
                                      intermediate=intermediate, experts=experts, top_k=top_k,
                                      dtype="float32", seed=seed)  # fmt: skip
-        spec, fns = inspect_checkpoint(ckpt)
-        registry.register_model(spec.to_dict(), [f.to_dict() for f in fns])
-        model = spec.name
-        settings = get_settings(redis_url=server.url, prefix=prefix, transport=transport)
-        pool = LocalPool(registry, redis_url=server.url, log_dir=Path(tmp) / "logs", torch_threads=worker_threads,
-                         env={"EAAS_TRANSPORT": transport})  # fmt: skip
+
+    with local_stack(write, torch_threads=worker_threads, env={"EAAS_TRANSPORT": transport}, tag="benchlayer") as st:
         client = None
         try:
             report(f"starting {workers} workers", 0.0)
             plan = plan_pool(experts, workers, replicas)
-            handles = [pool.start(p.shard_name, p.spec, model) for p in plan]
-            with quiet_transformers():
-                kw = {"experts_implementation": monolithic_impl} if monolithic_impl else {}
-                mono_model = AutoModelForCausalLM.from_pretrained(ckpt, **kw).eval()
-                eaas_model = load_client_model(ckpt)
-            mono = moe_block(mono_model, layer)
-            mono_impl = str(getattr(mono_model.config, "_experts_implementation", None) or "eager")
-            eaas = moe_block(eaas_model, layer)
-            pool.wait_ready(handles, timeout_s=180)
-            client = ExpertClient(registry, model, settings, seed=seed)
-            bind_experts(eaas_model, client, model)
-
-            rows: list[dict[str, Any]] = []
-            worst_err = 0.0
+            handles = [st.pool.start(p.shard_name, p.spec, st.model) for p in plan]
+            mono, eaas, mono_impl, eaas_model = _load_blocks(st.checkpoint, monolithic_impl)
+            st.pool.wait_ready(handles, timeout_s=180)
+            settings = get_settings(redis_url=st.redis_url, prefix=st.registry.prefix, transport=transport)
+            client = ExpertClient(st.registry, st.model, settings, seed=seed)
+            bind_experts(eaas_model, client, st.model)
+            timer = _Timer(mono, eaas, workers * worker_threads, warmup, repeats, len(tokens), report)
             gen = torch.Generator().manual_seed(seed + 1)
-            for t in tokens:
-                x = torch.randn(1, t, hidden, generator=gen)
-                mono_s: list[float] = []
-                eaas_s: list[float] = []
-                err = None
-                with torch.inference_mode():
-                    for i in range(warmup + repeats):
-                        timed = i >= warmup
-                        torch.set_num_threads(budget)
-                        t0 = time.perf_counter()
-                        ref = _call(mono, x)
-                        dt = time.perf_counter() - t0
-                        if timed:
-                            mono_s.append(dt)
-                        done += 1
-                        torch.set_num_threads(1)
-                        t0 = time.perf_counter()
-                        out = _call(eaas, x)
-                        dt = time.perf_counter() - t0
-                        if timed:
-                            eaas_s.append(dt)
-                        if err is None:  # the first EaaS call of this T vs the monolithic output
-                            err = _rel_err(out, ref)
-                        done += 1
-                        report(f"T={t}: {'timed' if timed else 'warm-up'} call {i + 1}/{warmup + repeats}", done / steps)
-                assert err is not None
-                worst_err = max(worst_err, err)
-                m, e = statistics.median(mono_s), statistics.median(eaas_s)
-                rows.append({
-                    "tokens": t,
-                    "eaas_tokens_per_s": t / e,
-                    "monolithic_tokens_per_s": t / m,
-                    "ratio": m / e,
-                    "eaas_ms": e * 1000,
-                    "monolithic_ms": m * 1000,
-                    "eaas_best_ms": min(eaas_s) * 1000,
-                    "monolithic_best_ms": min(mono_s) * 1000,
-                    "ratio_best": min(mono_s) / min(eaas_s),
-                    "max_rel_err": err,
-                })  # fmt: skip
-            stats = client.stats
+            rows = [timer.row(t, torch.randn(1, t, hidden, generator=gen)) for t in tokens]
+            worst_err = max(r["max_rel_err"] for r in rows)
             config = {
-                "arch": "mixtral",
-                "hidden": hidden,
-                "intermediate": intermediate,
-                "experts": experts,
-                "top_k": top_k,
-                "dtype": "float32",
-                "layer": layer,
-                "workers": workers,
-                "replicas": replicas,
-                "shards": [p.spec for p in plan],
-                "transport": transport,
+                "arch": "mixtral", "hidden": hidden, "intermediate": intermediate, "experts": experts,
+                "top_k": top_k, "dtype": "float32", "layer": 0, "workers": workers, "replicas": replicas,
+                "shards": [p.spec for p in plan], "transport": transport,
                 "transports_used": sorted(set(client.transports().values())),
                 "thread_budget": {
-                    "total": budget,
-                    "monolithic_threads": budget,
-                    "worker_threads": worker_threads,
-                    "client_threads": 1,
+                    "total": workers * worker_threads, "monolithic_threads": workers * worker_threads,
+                    "worker_threads": worker_threads, "client_threads": 1,
                     "note": "the client runs router + combine on 1 thread and otherwise waits on sockets",
                 },
-                "cpu_count": _cpu_count(),
-                "load_avg_1m": {"before": load_before, "after": _load_avg()},
+                "cpu_count": _cpu_count(), "load_avg_1m": {"before": load_before, "after": _load_avg()},
                 "monolithic": f"transformers {type(mono).__name__} (router + experts), experts_implementation={mono_impl}",
                 "eaas": f"same {type(eaas).__name__}, experts_implementation=eaas (ExpertClient -> {workers} workers, eager experts)",
-                "repeats": repeats,
-                "warmup": warmup,
-                "statistic": "median",
-                "seed": seed,
-                "exact": worst_err <= EXACT_RTOL,
-                "max_rel_err": worst_err,
-                "exact_tolerance": EXACT_RTOL,
-                "client_requests": stats.requests,
-                "client_failovers": stats.failovers,
+                "repeats": repeats, "warmup": warmup, "statistic": "median", "seed": seed,
+                "exact": worst_err <= EXACT_RTOL, "max_rel_err": worst_err, "exact_tolerance": EXACT_RTOL,
+                "client_requests": client.stats.requests, "client_failovers": client.stats.failovers,
                 "versions": _versions(),
             }  # fmt: skip
             report("done", 1.0)
@@ -230,7 +151,58 @@ def run_layer_bench(
             torch.set_num_threads(saved_threads)
             if client is not None:
                 client.close()
-            pool.stop_all(timeout_s=20)
+
+
+def _load_blocks(ckpt: Path, monolithic_impl: str | None) -> tuple[torch.nn.Module, torch.nn.Module, str, Any]:
+    """(monolithic MoE block, attention-client MoE block, the monolithic experts implementation,
+    the attention-client model) of layer 0 of ``ckpt``."""
+    from transformers import AutoModelForCausalLM
+
+    with quiet_transformers():
+        kw = {"experts_implementation": monolithic_impl} if monolithic_impl else {}
+        mono_model = AutoModelForCausalLM.from_pretrained(ckpt, **kw).eval()
+        eaas_model = load_client_model(ckpt)
+    mono_impl = str(getattr(mono_model.config, "_experts_implementation", None) or "eager")
+    return moe_block(mono_model, 0), moe_block(eaas_model, 0), mono_impl, eaas_model
+
+
+class _Timer:
+    """Times both blocks on the same input, interleaved call by call, with the thread budgets
+    of the comparison (the monolithic block gets all threads; the client one)."""
+
+    def __init__(self, mono: torch.nn.Module, eaas: torch.nn.Module, budget: int, warmup: int, repeats: int,
+                 num_t: int, report: Callable[[str, float], None]) -> None:
+        self.mono, self.eaas, self.budget, self.warmup, self.repeats = mono, eaas, budget, warmup, repeats
+        self.report, self.steps, self.done = report, num_t * 2 * (warmup + repeats), 0
+
+    def _timed(self, block: torch.nn.Module, x: torch.Tensor, threads: int) -> tuple[torch.Tensor, float]:
+        torch.set_num_threads(threads)
+        t0 = time.perf_counter()
+        out = _call(block, x)
+        self.done += 1
+        return out, time.perf_counter() - t0
+
+    def row(self, t: int, x: torch.Tensor) -> dict[str, Any]:
+        """One table row for ``x[1, t, D]``: medians, bests, ratios, and the first call's error."""
+        mono_s: list[float] = []
+        eaas_s: list[float] = []
+        err = None
+        with torch.inference_mode():
+            for i in range(self.warmup + self.repeats):
+                ref, dm = self._timed(self.mono, x, self.budget)
+                out, de = self._timed(self.eaas, x, 1)
+                if i >= self.warmup:
+                    mono_s.append(dm)
+                    eaas_s.append(de)
+                if err is None:  # the first EaaS call of this T vs the monolithic output
+                    err = _rel_err(out, ref)
+                phase = "timed" if i >= self.warmup else "warm-up"
+                self.report(f"T={t}: {phase} call {i + 1}/{self.warmup + self.repeats}", self.done / self.steps)
+        m, e = statistics.median(mono_s), statistics.median(eaas_s)
+        return {"tokens": t, "eaas_tokens_per_s": t / e, "monolithic_tokens_per_s": t / m, "ratio": m / e,
+                "eaas_ms": e * 1000, "monolithic_ms": m * 1000, "eaas_best_ms": min(eaas_s) * 1000,
+                "monolithic_best_ms": min(mono_s) * 1000, "ratio_best": min(mono_s) / min(eaas_s),
+                "max_rel_err": float(err if err is not None else 0.0)}  # fmt: skip
 
 
 def _cpu_count() -> int:

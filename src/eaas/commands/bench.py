@@ -7,9 +7,42 @@ only declares the commands.
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
 import typer
 
 app = typer.Typer(help="Benchmarks: a table, --json, and a PNG plot, with ratios against a baseline measured in the same run.", no_args_is_help=True)
+
+
+def _report(name: str, run: Callable[[], dict], *, table: Callable[[dict], Any],
+            plot: Callable[[dict, Path], None] | None, json_out: bool, png: str | None,
+            extra_lines: Callable[[dict], list[str]] = lambda r: []) -> dict:
+    """The tail every benchmark shares: run it (a bad argument or EaaSError: one line, exit 2),
+    write the PNG if asked, print JSON or the table (and any check lines). Returns the result."""
+    from rich.console import Console
+
+    from eaas.errors import EaaSError
+
+    try:
+        result = run()
+    except (EaaSError, ValueError) as exc:
+        typer.echo(f"eaas bench {name}: {exc}", err=True)
+        raise typer.Exit(2) from None
+    if png and plot is not None:
+        plot(result, Path(png))
+    if json_out:
+        typer.echo(json.dumps(result))
+        return result
+    console = Console()
+    console.print(table(result))
+    for line in extra_lines(result):
+        console.print(line, highlight=False)
+    if png:
+        console.print(f"plot: {png}")
+    return result
 
 
 @app.command("autoscale")
@@ -28,47 +61,26 @@ def autoscale(
     slo_ms: float = typer.Option(250.0, "--slo-ms", help="target latency per request"),
 ) -> None:
     """Autoscaled pool vs a static pool sized for the peak: worker-seconds, latency, SLO, failures."""
-    from eaas.errors import EaaSError
+    from eaas.bench.autoscale_report import plot_timeline, summary_table
     from eaas.platform.autoscale import AutoscalerConfig, SimConfig, TraceSpec, make_trace, run_benchmark
     from eaas.platform.autoscale.simulate import default_peak_tokens_per_s
 
-    try:
+    def run() -> dict:
         if not simulate:
             from eaas.bench.autoscale_live import run_live
 
             live_s = 45.0 if duration_s == 3600.0 else duration_s  # live: a short trace unless told
-            result = run_live(trace, duration_s=live_s, seed=seed, zipf_s=zipf_s, max_replicas=min(max_replicas, 2), slo_ms=slo_ms)
-            _emit(result, json_out, png)
-            return
+            return run_live(trace, duration_s=live_s, seed=seed, zipf_s=zipf_s, max_replicas=min(max_replicas, 2),
+                            slo_ms=slo_ms)  # fmt: skip
         config = AutoscalerConfig(max_replicas=max_replicas)
         sim = SimConfig(capacity_tokens_per_s=capacity_tokens_per_s, startup_s=startup_s, slo_ms=slo_ms)
-        probe = TraceSpec(kind=trace, duration_s=duration_s, num_shards=num_shards, num_functions=8 * num_shards, zipf_s=zipf_s, seed=seed)
+        probe = TraceSpec(kind=trace, duration_s=duration_s, num_shards=num_shards, num_functions=8 * num_shards,
+                          zipf_s=zipf_s, seed=seed)  # fmt: skip
         spec = TraceSpec(kind=trace, duration_s=duration_s, num_shards=num_shards, num_functions=8 * num_shards,
                          zipf_s=zipf_s, seed=seed, peak_tokens_per_s=default_peak_tokens_per_s(config, sim, probe))
-        result = run_benchmark(make_trace(spec), config, sim)
-    except EaaSError as exc:
-        typer.echo(f"eaas bench autoscale: {exc}", err=True)
-        raise typer.Exit(2) from None
-    _emit(result, json_out, png)
+        return run_benchmark(make_trace(spec), config, sim)
 
-
-def _emit(result: dict, json_out: bool, png: str | None) -> None:
-    """Print an autoscale result as JSON or a table; write the PNG if asked."""
-    import json
-    from pathlib import Path
-
-    from rich.console import Console
-
-    from eaas.bench.autoscale_report import plot_timeline, summary_table
-
-    if png:
-        plot_timeline(result, Path(png))
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print(summary_table(result))
-        if png:
-            Console().print(f"plot: {png}")
+    _report("autoscale", run, table=summary_table, plot=plot_timeline, json_out=json_out, png=png)
 
 
 @app.command("serve")
@@ -86,36 +98,23 @@ def serve(
 ) -> None:
     """Closed-loop load on a gateway: requests/s, output tokens/s, TTFT and ITL p50/p99 per concurrency."""
     import contextlib
-    import json
-    from pathlib import Path
 
-    from rich.console import Console
-
-    from eaas.errors import EaaSError
     from eaas.bench import serve as bs
 
     if (url is None) == (model_dir is None):
         typer.echo("eaas bench serve: give exactly one of --url or --model", err=True)
         raise typer.Exit(2)
-    try:
+
+    def run() -> dict:
         levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
         cfg = bs.ServeBenchConfig(concurrencies=levels, requests_per_client=requests_per_client,
                                   max_tokens=max_tokens, prompt_words=prompt_words)
         ctx = (bs.local_gateway(Path(model_dir), monolithic=monolithic, torch_threads=torch_threads)
                if model_dir else contextlib.nullcontext(url.rstrip("/")))
         with ctx as target:
-            result = bs.run_benchmark(target, cfg)
-    except (EaaSError, ValueError) as exc:
-        typer.echo(f"eaas bench serve: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if png:
-        bs.plot(result, Path(png))
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print(bs.summary_table(result))
-        if png:
-            Console().print(f"plot: {png}")
+            return bs.run_benchmark(target, cfg)
+
+    _report("serve", run, table=bs.summary_table, plot=bs.plot, json_out=json_out, png=png)
 
 
 @app.command("transport")
@@ -131,39 +130,27 @@ def transport(
     png: str = typer.Option(None, "--png", help="write round trip and ratio vs payload to this PNG"),
 ) -> None:
     """Round trip p50/p99 and bandwidth per transport vs two in-process copies and bare ZeroMQ."""
-    import json
-    from pathlib import Path
-
     from rich.console import Console
 
     from eaas.bench import transport as bt
 
-    try:
+    def run() -> dict:
         cfg = bt.TransportBenchConfig(payload_bytes=tuple(bt.parse_size(s) for s in sizes.split(",") if s.strip()),
                                       transports=tuple(t.strip() for t in transports.split(",") if t.strip()),
                                       iters=iters, block=block, hidden=hidden)
-    except ValueError as exc:
-        typer.echo(f"eaas bench transport: {exc}", err=True)
-        raise typer.Exit(2) from None
-    err = Console(stderr=True)
-    with err.status("starting echo peers") as status:
-        result = bt.run_benchmark(cfg, progress=lambda msg: status.update(msg))
-    if png:
-        bt.plot(result, Path(png))
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        console = Console()
-        console.print(bt.summary_table(result))
-        checks = result["checks"]
-        small = checks["smallest_payload_bytes"] >> 10
-        for label, key in (("shm ratio_vs_copy >= 0.6 at >= 4 MiB", "shm_ratio_vs_copy_ge_0.6_at_4MiB_plus"),
-                           (f"inline_ipc {small} KiB round trip <= 2x bare ZeroMQ", "inline_smallest_within_2x_bare_zmq"),
-                           (f"shm {small} KiB round trip <= 2x bare ZeroMQ", "shm_smallest_within_2x_bare_zmq")):
-            verdict = {True: "yes", False: "no", None: "not measured"}[checks[key]]
-            console.print(f"check: {label}: {verdict}", highlight=False)
-        if png:
-            Console().print(f"plot: {png}")
+        with Console(stderr=True).status("starting echo peers") as status:
+            return bt.run_benchmark(cfg, progress=lambda msg: status.update(msg))
+
+    def checks(result: dict) -> list[str]:
+        c = result["checks"]
+        small = c["smallest_payload_bytes"] >> 10
+        verdict = {True: "yes", False: "no", None: "not measured"}
+        return [f"check: {label}: {verdict[c[key]]}" for label, key in (
+            ("shm ratio_vs_copy >= 0.6 at >= 4 MiB", "shm_ratio_vs_copy_ge_0.6_at_4MiB_plus"),
+            (f"inline_ipc {small} KiB round trip <= 2x bare ZeroMQ", "inline_smallest_within_2x_bare_zmq"),
+            (f"shm {small} KiB round trip <= 2x bare ZeroMQ", "shm_smallest_within_2x_bare_zmq"))]
+
+    _report("transport", run, table=bt.summary_table, plot=bt.plot, json_out=json_out, png=png, extra_lines=checks)
 
 
 @app.command("layer")
@@ -188,46 +175,28 @@ def layer(
     png: str = typer.Option(None, "--png", help="write tokens/s vs T for both to this PNG"),
 ) -> None:
     """One MoE layer: EaaS (W workers) vs the same transformers block monolithically, same thread budget."""
-    import json
-    from pathlib import Path
-
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from eaas.errors import EaaSError
     from eaas.bench import layer as bl
 
-    try:
+    def run() -> dict:
         ts = [int(t) for t in tokens.split(",") if t.strip()]
         if transport not in ("auto", "inline", "shm", "cuda_ipc", "nixl"):
             raise ValueError(f"unknown transport {transport!r}")
         if top_k > experts:
             raise ValueError(f"--top-k {top_k} > --experts {experts}")
-    except ValueError as exc:
-        typer.echo(f"eaas bench layer: {exc}", err=True)
-        raise typer.Exit(2) from None
-    err = Console(stderr=True)
-    try:
-        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=err,
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True),
                       transient=True) as prog:  # fmt: skip
             task = prog.add_task("starting", total=1.0)
-            result = bl.run_layer_bench(
+            return bl.run_layer_bench(
                 ts, workers=workers, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k,
                 replicas=replicas, worker_threads=worker_threads, repeats=repeats, warmup=warmup,
                 transport=transport, seed=seed, monolithic_impl=monolithic_impl,
                 progress=lambda msg, frac: prog.update(task, description=msg, completed=frac),
             )  # fmt: skip
-    except (EaaSError, ValueError) as exc:
-        typer.echo(f"eaas bench layer: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if png:
-        bl.plot(result, Path(png))
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print(bl.summary_table(result))
-        if png:
-            Console().print(f"plot: {png}")
+
+    result = _report("layer", run, table=bl.summary_table, plot=bl.plot, json_out=json_out, png=png)
     if not result["config"]["exact"]:
         typer.echo(f"eaas bench layer: EaaS output differs from monolithic (max rel err "
                    f"{result['config']['max_rel_err']:.2e})", err=True)
@@ -250,29 +219,15 @@ def failover(
 ) -> None:
     """Paired windows of the same streamed load with and without a worker SIGKILL: the loss as a
     median with a 95 % interval, the recovery pause (longest token gap at a kill), failures, p99."""
-    import json
-    from pathlib import Path
-
     from rich.console import Console
 
-    from eaas.errors import EaaSError
     from eaas.bench import failover as bf
 
-    cfg = bf.FailoverBenchConfig(rounds=rounds, window_s=window_s, kill_at_s=kill_at_s, concurrency=concurrency,
-                                 max_tokens=max_tokens, workers=workers, replicas=replicas, seed=seed)  # fmt: skip
-    err = Console(stderr=True)
-    try:
-        with err.status("starting") as status:
-            result = bf.run_failover_bench(cfg, workdir=Path(workdir) if workdir else None,
-                                           progress=lambda msg: status.update(msg))  # fmt: skip
-    except EaaSError as exc:
-        typer.echo(f"eaas bench failover: {exc}", err=True)
-        raise typer.Exit(2) from None
-    if png:
-        bf.plot(result, Path(png))
-    if json_out:
-        typer.echo(json.dumps(result))
-    else:
-        Console().print(bf.summary_table(result))
-        if png:
-            Console().print(f"plot: {png}")
+    def run() -> dict:
+        cfg = bf.FailoverBenchConfig(rounds=rounds, window_s=window_s, kill_at_s=kill_at_s, concurrency=concurrency,
+                                     max_tokens=max_tokens, workers=workers, replicas=replicas, seed=seed)  # fmt: skip
+        with Console(stderr=True).status("starting") as status:
+            return bf.run_failover_bench(cfg, workdir=Path(workdir) if workdir else None,
+                                         progress=lambda msg: status.update(msg))  # fmt: skip
+
+    _report("failover", run, table=bf.summary_table, plot=bf.plot, json_out=json_out, png=png)

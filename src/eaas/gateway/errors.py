@@ -16,6 +16,7 @@ from eaas.errors import (
     CheckpointError,
     ConfigError,
     EaaSError,
+    ExpertComputeError,
     ExpertTimeout,
     NonFiniteLogits,
     NoReplicaAvailable,
@@ -23,6 +24,7 @@ from eaas.errors import (
     Overloaded,
     ProtocolError,
     RegistryUnavailable,
+    RemoteError,
 )
 
 log = logging.getLogger(__name__)
@@ -68,7 +70,12 @@ _EAAS_STATUS: list[tuple[type[EaaSError], int, str, str]] = [
     (ExpertTimeout, 503, "service_unavailable", "expert_timeout"),
     (RegistryUnavailable, 503, "service_unavailable", "registry_unavailable"),
     (NotFound, 404, "not_found_error", "not_found"),
-    (ProtocolError, 400, "invalid_request_error", "bad_request"),
+    # Between the gateway and the workers: a malformed wire message, an error reply or a failed
+    # computation is an upstream (server) fault, never the HTTP caller's. The caller's own bad
+    # input is refused as APIError 400 where it is read (schemas, tensors, completions).
+    (ProtocolError, 502, "upstream_error", "bad_upstream_message"),
+    (RemoteError, 502, "upstream_error", "worker_error"),
+    (ExpertComputeError, 502, "upstream_error", "expert_compute_failed"),
     (ConfigError, 400, "invalid_request_error", "bad_request"),
     (CheckpointError, 500, "server_error", "checkpoint_error"),
     (NonFiniteLogits, 500, "server_error", "non_finite_logits"),

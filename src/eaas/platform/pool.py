@@ -51,6 +51,10 @@ class PoolError(EaaSError):
     """A pool worker failed to start, become ready, or exit."""
 
 
+class WorkerExitedEarly(PoolError):
+    """A worker process exited before it registered ready (its log tail is in the message)."""
+
+
 def _spawner() -> concurrent.futures.ThreadPoolExecutor:
     """The process-wide thread every child is forked from (see module docstring)."""
     global _SPAWNER
@@ -203,7 +207,7 @@ class LocalPool:
             for wid in want:
                 proc = self._procs.get(wid)
                 if wid not in ready and proc is not None and proc.poll() is not None:
-                    raise PoolError(f"worker {wid}: exited with {proc.returncode} before ready; log tail:\n{self.log_tail(wid)}")
+                    raise WorkerExitedEarly(f"worker {wid}: exited with {proc.returncode} before ready; log tail:\n{self.log_tail(wid)}")
             if time.monotonic() > deadline:
                 missing = sorted(set(want) - set(ready))
                 raise PoolError(f"workers {missing} not ready after {timeout_s:g}s")

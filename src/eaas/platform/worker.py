@@ -34,7 +34,7 @@ from typing import Any
 import torch
 import zmq
 
-from eaas.errors import EaaSError, ProtocolError, RegistryError
+from eaas.errors import EaaSError, ExpertComputeError, ProtocolError, RegistryError
 from eaas.platform.lease import LeaseBoard, start_keeper
 from eaas.platform.outbox import ReplyOutbox
 from eaas.platform.protocol import Header, now_ms, recv_frames
@@ -277,7 +277,7 @@ class ExpertWorker:
         except Exception as e:  # noqa: BLE001 - a failed batch answers errors, the worker lives
             log.exception("worker %s: batch of %d requests failed", self.id, len(live))
             for p in live:
-                self._reply_error(p, ProtocolError(f"expert computation failed: {e}", "internal"))
+                self._reply_error(p, ExpertComputeError(f"expert computation failed: {e}"))
             return
         finally:
             self._busy_s += time.monotonic() - t0

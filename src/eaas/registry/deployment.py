@@ -60,6 +60,31 @@ def write_state(settings: Settings, redis_url: str, gateway_url: str = "") -> Pa
     return path
 
 
+def claim_state(settings: Settings, redis_url: str, gateway_url: str = "") -> DeploymentState | None:
+    """Record this process as the deployment, unless another live one is recorded already.
+
+    The read and the write happen under an exclusive ``flock`` on ``deployment.json.lock``,
+    so two ``eaas up`` starting together cannot both think they own the state file.
+
+    Returns:
+        None when this process was recorded; else the live deployment that keeps its place.
+    """
+    import fcntl
+
+    path = Path(settings.state_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_suffix(".json.lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            other = read_state(settings)
+            if other is not None and other.redis_url != redis_url and other.pid != os.getpid():
+                return other
+            write_state(settings, redis_url, gateway_url)
+            return None
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
 def clear_state(settings: Settings) -> None:
     """Remove the state file if this process owns it."""
     path = Path(settings.state_file)
