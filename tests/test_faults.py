@@ -176,14 +176,13 @@ def test_suspect_replicas_back_off_exponentially(registry, registered, n) -> Non
     model = registered("mixtral")
     client = ExpertClient(registry, model, _settings(registry, lease_ttl_s=3.0), seed=1)
     try:
-        delays = []
-        for _ in range(n + 4):
-            t = time.monotonic()
-            client._mark_suspect("w1")
-            delays.append(client._suspect_until["w1"] - t)
+        delays = [client.suspects.mark("w1") for _ in range(n + 4)]
+        assert client.suspects.suspect("w1", time.monotonic())
         uppers = [min(12.0, 0.25 * 2**i) for i in range(len(delays))]
         assert all(u / 2 - 0.01 <= d <= u + 0.01 for d, u in zip(delays, uppers)), delays
         assert delays[-1] > 4 * delays[0]  # grows, capped at 4 lease TTLs
+        client.suspects.clear("w1")  # a good reply: not suspect, and the backoff starts over
+        assert not client.suspects.suspect("w1", time.monotonic()) and client.suspects.mark("w1") <= 0.25
     finally:
         client.close()
 

@@ -1,6 +1,6 @@
 """The caller's side of a generation: events per step, and a handle to await or cancel them.
 
-The model runner thread produces :class:`GenerationEvent`\ s; each request's coroutine
+The model runner thread produces :class:`GenerationEvent` objects; each request's coroutine
 consumes them from its :class:`GenerationHandle` on its own event loop. The only
 crossing between the two threads is ``loop.call_soon_threadsafe`` and a
 ``threading.Event`` for cancellation.

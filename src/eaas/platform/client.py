@@ -11,11 +11,11 @@ top_k_weights[T, K])`` into requests to expert workers and back into
    straight into the pair's transport slot (a shared-memory arena on one host).
 2. Requests to different workers are in flight at once; the call is
    synchronous (transformers calls experts synchronously).
-3. **Failover.** A request that misses its per-attempt deadline, whose worker's
-   connection drops or lease disappears, or that gets a retryable error, is
-   re-sent to another replica; late replies are dropped by request id. With no
-   replica left the call waits for one until the call deadline, then raises
-   :class:`~eaas.errors.NoReplicaAvailable`.
+3. **Failover.** A request that misses its per-attempt deadline, whose connection drops,
+   whose worker's lease (or incarnation) is gone, or that gets a retryable error, is re-sent
+   to another replica; late replies are dropped by request id. Work sent to a *draining*
+   worker is waited for. A function with no live replica fails the call after
+   ``no_replica_grace_ms`` (:class:`~eaas.errors.NoReplicaAvailable`).
 4. **Combine** in the eager loop's order and dtype (:func:`~eaas.platform.dispatch.combine`).
 
 The routing table (function -> ready replicas) is kept by a
@@ -38,23 +38,18 @@ from typing import Any
 import torch
 import zmq
 
-from eaas.backoff import backoff_s
 from eaas.errors import Cancelled, EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.functions.spec import function_id
 from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
 from eaas.platform.dispatch import choose_replica, combine, plan_layer
-from eaas.platform.protocol import now_ms, recv_frames, send_frames
+from eaas.platform.protocol import RETRYABLE_CODES, now_ms, recv_frames, send_frames
 from eaas.platform.decode import decode_header
-from eaas.platform.routing import RoutingView
+from eaas.platform.routing import RoutingView, Suspects
 from eaas.registry.records import WorkerRecord
 from eaas.registry.store import Registry
 from eaas.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-#: error codes after which the same rows may succeed on another replica
-RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena",
-                             "bad_handle", "reply_dropped"})
 
 
 @dataclass(slots=True)
@@ -131,8 +126,7 @@ class ExpertClient:
         self._ids = itertools.count()
         self._id_prefix = f"{os.getpid():x}.{random.getrandbits(24):06x}."
         self._fid_cache: dict[tuple[int, int], str] = {}
-        self._suspect_until: dict[str, float] = {}  # worker id -> monotonic time
-        self._strikes: dict[str, int] = {}  # worker id -> failures in a row
+        self.suspects = Suspects(max(0.25, 4 * self.settings.lease_ttl_s), self._rng)
         self.routing = RoutingView(registry, model, self.settings.routing_refresh_s)
 
     # --- routing ---------------------------------------------------------------------
@@ -301,7 +295,7 @@ class ExpertClient:
             base = {w.id: load[w.id] + w.queue_tokens for w in reps}
             ids = [w.id for w in reps]
             now = time.monotonic()
-            healthy = [w for w in ids if self._suspect_until.get(w, 0.0) <= now]
+            healthy = [w for w in ids if not self.suspects.suspect(w, now)]
             wid = choose_replica(healthy, base, self._rng, it.tried) or choose_replica(ids, base, self._rng, it.tried)
             if wid is None:
                 unplaced.append(it)
@@ -315,7 +309,7 @@ class ExpertClient:
             except (zmq.ZMQError, EaaSError) as e:
                 log.warning("client %s: sending to worker %s failed: %s", self.model, wid, e)
                 self._conns.drop(wid)
-                self._mark_suspect(wid)
+                self.suspects.mark(wid)
                 for it in its:
                     it.tried.add(wid)
                     load[wid] -= it.rows.numel()
@@ -419,20 +413,13 @@ class ExpertClient:
                 load[wid] -= n
             c.channel.release(fl.slot)
             inflight.pop(rid)
-
-    def _mark_suspect(self, wid: str) -> None:
-        """Route around ``wid`` for a while: capped exponential backoff with jitter per failure
-        in a row (0.25 s doubling up to 4 lease TTLs), reset by its next good reply."""
-        strikes = self._strikes.get(wid, 0)
-        self._strikes[wid] = strikes + 1
-        delay = backoff_s(strikes, 0.25, max(0.25, 4 * self.settings.lease_ttl_s), self._rng)
-        self._suspect_until[wid] = time.monotonic() + delay
+            self.suspects.clear(wid)  # a good reply
 
     def _requeue(self, fl: _InFlight, pending: list[_Item], load: Counter[str], reason: str) -> None:
         self.stats.failovers += 1
         if self.metrics is not None:
             self.metrics.record_failover(len(fl.items), self.model)
-        self._mark_suspect(fl.wid)
+        self.suspects.mark(fl.wid)
         log.warning("client %s: failing over %d function(s) from worker %s: %s", self.model, len(fl.items), fl.wid, reason)
         for it in fl.items:
             it.tried.add(fl.wid)

@@ -89,6 +89,10 @@ ERROR_CODES = frozenset({
     "reply_dropped",       # the reply could not be delivered (the client's queue was full); re-send
 })
 
+#: Error codes after which the same rows may succeed on another replica (the client fails over).
+RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena",
+                             "bad_handle", "reply_dropped"})
+
 Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (has .buffer)
 
 

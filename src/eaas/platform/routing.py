@@ -10,10 +10,12 @@ calling thread of :class:`~eaas.platform.client.ExpertClient`.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 import time
 from typing import Any
 
+from eaas.backoff import backoff_s
 from eaas.errors import EaaSError
 from eaas.registry.records import WorkerRecord
 from eaas.registry.store import Registry
@@ -132,3 +134,34 @@ class RoutingView:
         """Stop the watch thread."""
         self._stop.set()
         self._thread.join(timeout=2)
+
+
+class Suspects:
+    """Replicas to route around for a while after they failed (timeout, bad reply, lost connection).
+
+    Each failure in a row extends the worker's suspension by a capped exponential backoff
+    with jitter (:func:`eaas.backoff.backoff_s`: 0.25 s doubling up to ``cap_s``); its next
+    good reply clears it. A suspect replica is still used when no healthy one is left.
+    """
+
+    def __init__(self, cap_s: float, rng: random.Random | None = None) -> None:
+        self.cap_s, self._rng = cap_s, rng
+        self._until: dict[str, float] = {}  # worker id -> monotonic time
+        self._strikes: dict[str, int] = {}  # worker id -> failures in a row
+
+    def mark(self, wid: str) -> float:
+        """One more failure of ``wid``; returns how long it is routed around (s)."""
+        strikes = self._strikes.get(wid, 0)
+        self._strikes[wid] = strikes + 1
+        delay = backoff_s(strikes, 0.25, self.cap_s, self._rng)
+        self._until[wid] = time.monotonic() + delay
+        return delay
+
+    def clear(self, wid: str) -> None:
+        """``wid`` answered well: no longer suspect, and its backoff starts over."""
+        if self._strikes.pop(wid, None) is not None:
+            self._until.pop(wid, None)
+
+    def suspect(self, wid: str, now: float) -> bool:
+        """``wid`` is being routed around at monotonic time ``now``."""
+        return self._until.get(wid, 0.0) > now

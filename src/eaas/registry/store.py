@@ -1,10 +1,9 @@
 """The registry: models, functions, workers and leases in Redis.
 
 Redis is the only source of truth (DESIGN.md, "Registry"). Multi-key updates
-are atomic: model registration and removal run in WATCH/MULTI/EXEC
-transactions, worker registration, heartbeats and the lease reaper are Lua
-scripts, so a crash midway never leaves a half-registered model and there is no
-check-then-act race. Listing N functions costs ``1 + ceil(N / 1000)`` round
+are atomic: model registration and removal run in WATCH/MULTI/EXEC transactions,
+the worker operations are Lua scripts (:mod:`eaas.registry.scripts`), so a crash
+midway never leaves a half-registered model and there is no check-then-act race. Listing N functions costs ``1 + ceil(N / 1000)`` round
 trips (one pipeline per chunk), never one per key.
 """
 
