@@ -20,8 +20,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from eaas.errors import ConfigError, EaaSError
+import torch
+from transformers import AutoTokenizer
+
+from eaas.errors import ConfigError, EaaSError, NotFound
+from eaas.functions import inspect_checkpoint, write_tiny_checkpoint
+from eaas.gateway.serve import assemble_gateway
+from eaas.platform.autoscale.config import AutoscalerConfig, config_from_env
+from eaas.platform.autoscale.mechanism import Autoscaler
+from eaas.platform.integration import load_model
+from eaas.platform.pool import LocalPool, PoolError, WorkerExitedEarly
+from eaas.platform.shards import plan_pool
 from eaas.registry.deployment import claim_state, clear_state
+from eaas.registry.records import WorkerState
 from eaas.registry.server import RedisServer
 from eaas.registry.store import Registry
 from eaas.settings import Settings
@@ -35,7 +46,6 @@ KEEP_LOG_DIRS = 5
 Progress = Callable[[str, int, int], None]
 """``progress(step, done, total)``: a hook for the CLI's progress display."""
 
-
 def _has_chat_template(path: Path) -> bool:
     """The tokenizer in ``path`` has a chat template (its own file, or inside its config)."""
     if (path / "chat_template.jinja").is_file():
@@ -47,8 +57,6 @@ def _has_chat_template(path: Path) -> bool:
 def default_model_dir(settings: Settings) -> Path:
     """The tiny Mixtral checkpoint under the cache directory, written on first use
     (and written again over a copy cached by a version without a chat template)."""
-    from eaas.functions import write_tiny_checkpoint
-
     path = Path(settings.cache_dir) / "models" / TINY_MODEL_NAME
     if not (path / "config.json").is_file() or not _has_chat_template(path):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,7 +108,6 @@ class UpConfig:
         autoscale: run the autoscaler on the local pool.
         max_replicas: autoscaler upper bound per shard group.
     """
-
     model_dir: Path | None = None
     name: str | None = None
     workers: int = 2
@@ -121,7 +128,6 @@ class LocalDeployment:
     Raises (from :meth:`start`):
         RegistryUnavailable, CheckpointError, UnsupportedArchitecture, PoolError, ConfigError.
     """
-
     def __init__(self, settings: Settings, config: UpConfig, progress: Progress | None = None) -> None:
         if config.workers < config.replicas:
             raise ConfigError(f"--workers {config.workers} cannot give every expert {config.replicas} replicas")
@@ -143,10 +149,6 @@ class LocalDeployment:
 
     def start(self) -> Any:
         """Bring everything up; returns the gateway's FastAPI app (serve it with uvicorn)."""
-        from eaas.functions import inspect_checkpoint
-        from eaas.platform.pool import LocalPool
-        from eaas.platform.shards import plan_pool
-
         self.progress("redis", 0, 1)
         if not self.redis_url:
             self.redis = RedisServer().start()
@@ -179,8 +181,6 @@ class LocalDeployment:
 
     def _wait_workers(self, handles: list[Any], timeout_s: float = 300.0) -> None:
         """Wait for every worker to be ready, reporting progress; fail fast if one exits."""
-        from eaas.platform.pool import PoolError, WorkerExitedEarly
-
         total, deadline = len(handles), time.monotonic() + timeout_s
         while True:
             left = [h for h in handles if not self._is_ready(h.worker_id)]
@@ -194,8 +194,6 @@ class LocalDeployment:
                     raise
 
     def _is_ready(self, worker_id: str) -> bool:
-        from eaas.errors import NotFound
-        from eaas.registry.records import WorkerState
 
         try:
             return self.registry.worker(worker_id).state is WorkerState.READY  # type: ignore[union-attr]
@@ -203,9 +201,6 @@ class LocalDeployment:
             return False
 
     def _start_autoscaler(self, plans: list[Any]) -> None:
-        from eaas.platform.autoscale import AutoscalerConfig
-        from eaas.platform.autoscale.config import config_from_env
-        from eaas.platform.autoscale.mechanism import Autoscaler
 
         shards = {p.shard_name: p.spec for p in plans}
         per_shard = min(sum(1 for p in plans if p.shard_name == s) for s in shards)
@@ -220,11 +215,7 @@ class LocalDeployment:
         self._autoscaler_thread.start()
 
     def _build_gateway(self) -> Any:
-        import torch
-        from transformers import AutoTokenizer
 
-        from eaas.gateway.serve import assemble_gateway
-        from eaas.platform.integration import load_model
 
         torch.set_num_threads(self.settings.torch_threads)
         model, self.client = load_model(self.model_name, settings=self.settings, registry=self.registry)
