@@ -57,8 +57,11 @@ def stop(proc: subprocess.Popen) -> None:
             proc.wait()
 
 
-def our_arenas() -> set[str]:
-    return {n for n in os.listdir("/dev/shm") if ARENA_NAME_RE.match(n)}
+def our_arenas(pid: int | None = None) -> set[str]:
+    """Arenas created by ``pid`` (default: this test process; names are ``eaas-{pid}-...``).
+    Other processes on the machine (another test session, a deployment) may hold their own."""
+    mine = f"eaas-{os.getpid() if pid is None else pid}-"
+    return {n for n in os.listdir("/dev/shm") if ARENA_NAME_RE.match(n) and n.startswith(mine)}
 
 
 def wait_until(cond, timeout_s: float, what: str) -> None:
@@ -233,15 +236,15 @@ CLIENT = textwrap.dedent("""
 
 @pytest.mark.parametrize("how", ["exit", "sigkill"])
 def test_no_shm_left_after_client_exits_or_dies(echo_ipc, how):
-    before = our_arenas()
     proc = subprocess.Popen([sys.executable, "-c", CLIENT, echo_ipc, how], stdout=subprocess.PIPE,
                             stdin=subprocess.PIPE, text=True)
     line = _read_line(proc, 60)
     assert line.startswith("DONE"), line
+    assert line.split()[1].startswith(f"eaas-{proc.pid}-")  # the client's arena, named after its pid
     if how == "sigkill":
         proc.send_signal(signal.SIGKILL)
     assert proc.wait(30) in (0, -signal.SIGKILL)
-    assert our_arenas() - before == set()
+    assert our_arenas(proc.pid) == set()
 
 
 def test_no_shm_left_after_worker_sigkilled():
