@@ -156,3 +156,33 @@ def test_config_from_env(env, expected) -> None:  # type: ignore[no-untyped-def]
 
     assert config_from_env(env) == expected
     assert AutoscalerConfig.from_mapping(config_from_env(env)).min_replicas == 3
+
+
+def test_a_fresh_autoscaler_waits_for_a_full_window_before_scaling_down(registry, registered) -> None:  # type: ignore[no-untyped-def]
+    """Issue 21, through the real mechanism and registry: three workers under a light steady load
+    (one replica's worth) and a freshly started autoscaler (look-back 10 s). It asks for 3 until it
+    has seen a full 10 s window of load; a worker that leaves and comes back at second 6 starts
+    the window again, so the scale-down comes at second 17, not 10. Publish-only: the decision is
+    what is tested; a clock is injected so the seconds need no waiting (the heartbeats are real)."""
+    model = registered("mixtral")
+    fids = registry.function_ids(model)
+    spec = spec_from_functions(fids)
+    cfg = AutoscalerConfig(min_replicas=1, max_replicas=6, target_queue_tokens_per_replica=100, upscale_delay_s=10,
+                           downscale_delay_s=10, look_back_s=10, metrics_stale_s=1e6)
+    t = [1000.0]
+    scaler = Autoscaler(registry, model, cfg, pool=None, shards={"shard-0": spec}, clock=lambda: t[0])
+    for i in range(3):
+        registry.register_worker(WorkerRecord(id=f"fake-{i}", model=model, endpoint="tcp://127.0.0.1:1",
+                                              shard=tuple(fids), state=WorkerState.READY, shard_name="shard-0",
+                                              heartbeat_at_s=time.time()), 30)  # fmt: skip
+    desired = []
+    for second in range(22):  # bounded: 22 ticks of a fake second each
+        if second in (6, 7):  # fake-2 drains at 6 and is back (a new worker) at 7
+            registry.set_worker_state("fake-2", WorkerState.DRAINING if second == 6 else WorkerState.READY)
+        for i in range(3):
+            registry.heartbeat(f"fake-{i}", 30, WorkerStats(queue_tokens=10, queue_requests=1))
+        t[0] = 1000.0 + second
+        scaler.tick()
+        desired.append(scaler.desired_replicas()["shard-0"])
+    first_down = next(i for i, n in enumerate(desired) if n < 3)
+    assert first_down == 17, desired  # 10 s after the pool last changed (second 7), not 10 s after start
