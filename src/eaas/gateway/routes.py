@@ -9,6 +9,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import hmac
 import inspect
 import threading
@@ -58,6 +59,12 @@ class GatewayState:
     invoke_pool: concurrent.futures.ThreadPoolExecutor = field(default_factory=lambda: concurrent.futures.ThreadPoolExecutor(
         max_workers=8, thread_name_prefix="eaas-invoke"))
 
+    @functools.cached_property
+    def invoker_takes_cancelled(self) -> bool:
+        """The function invoker accepts ``cancelled=`` (looked up once, not per request)."""
+        fn = self.function_invoker
+        return fn is not None and "cancelled" in inspect.signature(fn).parameters
+
     def runner(self, name: str) -> ModelRunner:
         """The runner serving model ``name``.
 
@@ -76,6 +83,7 @@ class GatewayState:
 
 
 def gateway_state(request: Request) -> GatewayState:
+    """The :class:`GatewayState` of the app serving ``request``."""
     return request.app.state.gateway
 
 
@@ -177,14 +185,14 @@ async def layer_forward(model: str, layer: int, request: Request) -> Response:
     return Response(write_tensors(result), media_type="application/octet-stream")
 
 
-def _invoke_unless_cancelled(invoker: Any, function_id: str, x: torch.Tensor, cancelled: threading.Event) -> Any:
-    """Run ``invoker`` unless the request was cancelled while queued; pass ``cancelled`` on when
+def _invoke_unless_cancelled(gw: GatewayState, function_id: str, x: torch.Tensor, cancelled: threading.Event) -> Any:
+    """Run the invoker unless the request was cancelled while queued; pass ``cancelled`` on when
     the invoker takes it (the expert client re-checks it once it holds its call lock)."""
     if cancelled.is_set():
         raise Cancelled("cancelled before it started")
-    if "cancelled" in inspect.signature(invoker).parameters:
-        return invoker(function_id, x, cancelled=cancelled)
-    return invoker(function_id, x)
+    if gw.invoker_takes_cancelled:
+        return gw.function_invoker(function_id, x, cancelled=cancelled)  # type: ignore[misc]
+    return gw.function_invoker(function_id, x)  # type: ignore[misc]
 
 
 @router.post("/v1/functions/{function_id:path}:invoke", dependencies=_AUTH, response_class=Response,
@@ -197,7 +205,7 @@ async def function_invoke(function_id: str, request: Request) -> Response:
                        type="not_implemented", code="not_configured")
     x = read_matrix(await request.body(), "x", None, gw.settings.max_batch_tokens)
     cancelled = threading.Event()
-    fut = gw.invoke_pool.submit(_invoke_unless_cancelled, gw.function_invoker, function_id, x, cancelled)
+    fut = gw.invoke_pool.submit(_invoke_unless_cancelled, gw, function_id, x, cancelled)
     y = await await_or_cancel(request, fut, metrics=gw.metrics, endpoint="function_invoke",
                               request_id=new_request_id("invoke"), cancelled=cancelled)
     if isinstance(y, Response):

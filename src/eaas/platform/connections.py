@@ -62,6 +62,7 @@ class Connections:
         return self._conns[wid]
 
     def get(self, wid: str) -> Conn | None:
+        """The open connection to ``wid``, or None."""
         return self._conns.get(wid)
 
     def connect(self, worker: WorkerRecord) -> Conn:

@@ -38,16 +38,15 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from typing import Any
 
 log = logging.getLogger(__name__)
 
 # offset 0: seq (q) | 8: tick_s (d) | 16..64: queue_tokens, queue_requests, tokens_served, requests_served,
 # batches, cross_client_batches, replies_dropped (7 q) | 72: busy_s (d) | 80: drain (q) | 88: stop (q)
-# | 96: epoch (q) | 104: admin_drain (q) | 112: keeper_beat_s (d) | 120: drain_announced (q)
+# | 96: epoch (q) | 104: admin_drain (q) | 112: unused | 120: drain_announced_s (d)
 # | 128: json length (q) | 136..: function_tokens JSON
 _STATS = struct.Struct("<qd7qd")
-_OFF_DRAIN, _OFF_STOP, _OFF_EPOCH, _OFF_ADMIN_DRAIN, _OFF_KEEPER_BEAT, _OFF_ANNOUNCED = 80, 88, 96, 104, 112, 120
+_OFF_DRAIN, _OFF_STOP, _OFF_EPOCH, _OFF_ADMIN_DRAIN, _OFF_ANNOUNCED = 80, 88, 96, 104, 120
 _OFF_JSON_LEN, _OFF_JSON = 128, 136
 BOARD_BYTES = 64 << 10
 _Q = struct.Struct("<q")
@@ -95,7 +94,7 @@ class LeaseBoard:
 
     def tick(self) -> None:
         """Mark one iteration of the serving loop (a monotonic timestamp; a few hundred ns)."""
-        _D.pack_into(self._mm, 8, time.monotonic())
+        self.mark_now(8)
 
     def publish(self, *, queue_tokens: int, queue_requests: int, tokens_served: int, requests_served: int,
                 batches: int, cross_client_batches: int, replies_dropped: int, busy_s: float,
@@ -113,10 +112,16 @@ class LeaseBoard:
         self._seq += 1
         _Q.pack_into(self._mm, 0, self._seq)  # even: consistent
 
+    def mark_now(self, offset: int) -> None:
+        """Write the current monotonic time at ``offset`` (a time field of the board)."""
+        _D.pack_into(self._mm, offset, time.monotonic())
+
     def set_flag(self, offset: int, value: int = 1) -> None:
+        """Write an int64 field (a flag or the epoch) at ``offset``."""
         _Q.pack_into(self._mm, offset, value)
 
     def flag(self, offset: int) -> int:
+        """Read the int64 field at ``offset``."""
         return int(_Q.unpack_from(self._mm, offset)[0])
 
     def request_drain(self) -> None:
@@ -124,6 +129,7 @@ class LeaseBoard:
         self.set_flag(_OFF_DRAIN)
 
     def request_stop(self) -> None:
+        """The worker is done: the keeper exits at its next wake-up (<= 20 ms)."""
         self.set_flag(_OFF_STOP)
 
     @property
@@ -140,11 +146,6 @@ class LeaseBoard:
     def drain_announced_s(self) -> float:
         """Monotonic time the keeper announced the drain (0: not yet)."""
         return float(_D.unpack_from(self._mm, _OFF_ANNOUNCED)[0])
-
-    @property
-    def keeper_beat_s(self) -> float:
-        """Monotonic time of the keeper's last successful renewal (0: none yet)."""
-        return float(_D.unpack_from(self._mm, _OFF_KEEPER_BEAT)[0])
 
     # --- keeper side --------------------------------------------------------------
 
@@ -167,12 +168,15 @@ class LeaseBoard:
         raise RuntimeError("lease board: no consistent read")
 
     def last_tick_s(self) -> float:
+        """Monotonic time of the serving loop's last iteration (see :meth:`tick`)."""
         return float(_D.unpack_from(self._mm, 8)[0])
 
     def close(self) -> None:
+        """Unmap the board."""
         self._mm.close()
 
     def unlink(self) -> None:
+        """Remove the board's file (both processes keep their mappings)."""
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -223,12 +227,13 @@ def _keeper_main(path: str) -> int:  # pragma: no cover - runs in the keeper pro
     announced = False
     stalled = False
     last_beat = 0.0
+    busy_mark = (time.monotonic(), board.read().busy_s)  # (when, cumulative busy s) at the last beat
     while not board.flag(_OFF_STOP):
         try:
             if board.flag(_OFF_DRAIN) and not announced:
                 registry.set_worker_state(wid, WorkerState.DRAINING)
                 announced = True
-                _D.pack_into(board._mm, _OFF_ANNOUNCED, time.monotonic())
+                board.mark_now(_OFF_ANNOUNCED)
                 log.info("worker %s: draining announced", wid)
             now = time.monotonic()
             if now - last_beat >= interval:
@@ -240,12 +245,14 @@ def _keeper_main(path: str) -> int:  # pragma: no cover - runs in the keeper pro
                                     " expire", wid, now - board.last_tick_s())
                     stalled = True
                 else:
+                    # busy fraction over the last beat, from the worker's cumulative busy seconds
+                    busy = min(1.0, max(0.0, (st.busy_s - busy_mark[1]) / max(1e-6, now - busy_mark[0])))
+                    busy_mark = (now, st.busy_s)
                     stats = WorkerStats(queue_tokens=st.queue_tokens, queue_requests=st.queue_requests,
                                         tokens_served=st.tokens_served, requests_served=st.requests_served,
-                                        batches=st.batches, busy_fraction=0.0, function_tokens=st.function_tokens,
+                                        batches=st.batches, busy_fraction=busy, function_tokens=st.function_tokens,
                                         cross_client_batches=st.cross_client_batches,
                                         replies_dropped=st.replies_dropped)
-                    stats = _with_busy(stats, st, board)
                     state = registry.heartbeat(wid, ttl, stats)
                     if state is None and not board.flag(_OFF_DRAIN):
                         register()
@@ -255,27 +262,12 @@ def _keeper_main(path: str) -> int:  # pragma: no cover - runs in the keeper pro
                         board.set_flag(_OFF_ADMIN_DRAIN)
                         announced = True
                     stalled = False
-                    _D.pack_into(board._mm, _OFF_KEEPER_BEAT, time.monotonic())
         except (EaaSError, RuntimeError) as e:  # a Redis blip: keep beating
             log.warning("worker %s: heartbeat failed: %s", wid, e)
         except Exception:  # noqa: BLE001 - one bad beat never ends the keeper
             log.exception("worker %s: heartbeat failed", wid)
         time.sleep(0.02)
     return 0
-
-
-_busy_mark: list[tuple[float, float]] = []
-
-
-def _with_busy(stats: Any, st: BoardStats, board: LeaseBoard) -> Any:
-    """Busy fraction over the last beat, from the worker's cumulative busy seconds."""
-    import dataclasses
-
-    now = time.monotonic()
-    last_t, last_busy = _busy_mark[0] if _busy_mark else (now, st.busy_s)
-    _busy_mark[:] = [(now, st.busy_s)]
-    frac = min(1.0, max(0.0, (st.busy_s - last_busy) / max(1e-6, now - last_t)))
-    return dataclasses.replace(stats, busy_fraction=frac)
 
 
 if __name__ == "__main__":  # pragma: no cover
