@@ -62,6 +62,11 @@ class Settings(BaseSettings):
     # --- compute ---
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per process")
     device: str = Field("cpu", description="torch device for expert workers")
+    experts_implementation: str | None = Field(
+        None,
+        description="transformers experts implementation of a monolithic gateway (eager, grouped_mm, batched_mm);"
+        " unset = transformers' default",
+    )
 
     # --- wire / data plane ---
     transport: TransportName = Field("auto", description="data-plane transport")
@@ -70,6 +75,13 @@ class Settings(BaseSettings):
     max_message_bytes: int = Field(1 << 30, gt=0, description="largest tensor payload accepted")
     max_batch_tokens: int = Field(8192, gt=0, description="worker continuous-batching cap (rows)")
     shm_arena_bytes: int = Field(64 << 20, gt=0, description="shared-memory arena per client-worker pair")
+    shm_ring: bool = Field(
+        True, description="same host: invokes and replies through a ring in the shm arena, not ZeroMQ (x86-64)"
+    )
+    spin_cap_us: int = Field(
+        300, ge=0, description="fast path: longest spin before a kernel wait, when a core is free (0 = never spin)"
+    )
+    spin_floor_us: int = Field(50, ge=0, description="fast path: spin at least this long (about one kernel wake-up)")
     reply_send_timeout_ms: int = Field(
         100, ge=0, description="worker: longest wait for room in a client's queue before a reply is dropped"
     )

@@ -20,7 +20,8 @@ top_k_weights[T, K])`` into requests to expert workers and back into
 
 The routing table (function -> ready replicas) is kept by a
 :class:`~eaas.platform.routing.RoutingView`; the sockets and transport channels,
-one per worker incarnation, by :class:`~eaas.platform.connections.Connections`.
+one per worker incarnation, by :class:`~eaas.platform.connections.Connections`; one
+call's dispatch, waiting and failover by :class:`~eaas.platform.inflight.LayerCall`.
 """
 
 from __future__ import annotations
@@ -30,45 +31,24 @@ import logging
 import os
 import random
 import threading
-import time
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-import zmq
 
-from eaas.errors import Cancelled, EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
+from eaas.errors import Cancelled, EaaSError, NoReplicaAvailable
 from eaas.functions.spec import function_id
-from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
-from eaas.platform.dispatch import choose_replica, combine, plan_layer
-from eaas.platform.protocol import RETRYABLE_CODES, now_ms, recv_frames, send_frames
-from eaas.platform.decode import decode_header
+from eaas.platform.connections import Connections
+from eaas.platform.dispatch import combine, plan_layer
+from eaas.platform.inflight import Item, LayerCall
 from eaas.platform.routing import RoutingView, Suspects
+from eaas.platform.waiter import Waiter
 from eaas.registry.records import WorkerRecord
 from eaas.registry.store import Registry
 from eaas.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class _Item:
-    """One expert's rows in a call: where they come from and where their output goes."""
-
-    fid: str
-    rows: torch.Tensor  # [n] indices into the source x
-    out_row: int  # first row of its output in the call's y buffer
-    tried: set[str] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class _InFlight:
-    wid: str
-    slot: Any
-    items: list[_Item]
-    deadline_s: float
-    epoch: int = 0  # the incarnation of the worker it was sent to
 
 
 @dataclass(slots=True)
@@ -128,6 +108,7 @@ class ExpertClient:
         self._fid_cache: dict[tuple[int, int], str] = {}
         self.suspects = Suspects(max(0.25, 4 * self.settings.lease_ttl_s), self._rng)
         self.routing = RoutingView(registry, model, self.settings.routing_refresh_s)
+        self.waiter = Waiter(self.settings.spin_floor_us / 1e6, self.settings.spin_cap_us / 1e6)
 
     # --- routing ---------------------------------------------------------------------
 
@@ -192,9 +173,9 @@ class ExpertClient:
         if not plan:
             return torch.zeros_like(hidden_states)
         items, row = [], 0
-        for rows in plan:
-            items.append(_Item(self.function_id(layer, rows.expert), rows.token_idx, row))
-            row += rows.token_idx.numel()
+        for expert, rows in plan.expert_rows():
+            items.append(Item(self.function_id(layer, expert), rows, row))
+            row += rows.numel()
         y = self._run(x, items, row)
         return combine(hidden_states, plan, y, top_k_weights)
 
@@ -213,9 +194,9 @@ class ExpertClient:
         n = x.shape[0]
         if n == 0:
             return torch.empty_like(x)
-        return self._run(x, [_Item(function_id, torch.arange(n), 0)], n, cancelled)
+        return self._run(x, [Item(function_id, torch.arange(n), 0)], n, cancelled)
 
-    def _run(self, x: torch.Tensor, items: list[_Item], total_rows: int,
+    def _run(self, x: torch.Tensor, items: list[Item], total_rows: int,
              cancelled: threading.Event | None = None) -> torch.Tensor:
         with self._call_lock:
             if cancelled is not None and cancelled.is_set():
@@ -223,46 +204,13 @@ class ExpertClient:
             self.stats.calls += 1
             return self._run_locked(x, items, total_rows)
 
-    def _run_locked(self, x: torch.Tensor, items: list[_Item], total_rows: int) -> torch.Tensor:
-        y = torch.empty((total_rows, x.shape[1]), dtype=x.dtype)
-        call_deadline = time.monotonic() + self.settings.call_deadline_ms / 1000
-        attempt_s = self.settings.request_timeout_ms / 1000
-        pending: list[_Item] = list(items)
-        inflight: dict[str, _InFlight] = {}
-        waiting_since: float | None = None
-        load: Counter[str] = Counter()
-        while pending or inflight:
-            now = time.monotonic()
-            if pending:
-                unplaced = self._dispatch(x, pending, inflight, load, min(now + attempt_s, call_deadline), call_deadline)
-                if unplaced and not inflight:
-                    self._raise_if_hopeless(unplaced, now, call_deadline)
-                    if waiting_since is None:
-                        waiting_since = now
-                        log.warning("client %s: no ready replica for %d function(s); waiting", self.model, len(unplaced))
-                    for it in unplaced:
-                        it.tried.clear()  # a replica that failed earlier may be back
-                    self.routing.request_refresh()
-                    self._stop.wait(min(0.05, max(0.0, call_deadline - now)))
-                    self.routing.refresh()
-                pending = unplaced
-                if not inflight:
-                    continue
-            self._collect(y, inflight, pending, load)
-            now = time.monotonic()
-            live = self.routing.live_epochs()
-            for rid, fl in list(inflight.items()):
-                gone = live.get(fl.wid) != fl.epoch
-                if now >= fl.deadline_s or gone:
-                    reason = ("lease lost" if fl.wid not in live else "a new incarnation replaced it") if gone \
-                        else f"no reply within {attempt_s * 1000:.0f} ms"
-                    self._fail(rid, inflight, pending, load, reason)
-            if (pending or inflight) and now >= call_deadline and not inflight:
-                if pending:
-                    raise NoReplicaAvailable(sorted({i.fid for i in pending}), "call deadline passed")
-        return y
+    def _run_locked(self, x: torch.Tensor, items: list[Item], total_rows: int) -> torch.Tensor:
+        return LayerCall(self, x, items, total_rows).run()
 
-    def _raise_if_hopeless(self, unplaced: list[_Item], now: float, call_deadline: float) -> None:
+    def _next_request_id(self) -> str:
+        return f"{self._id_prefix}{next(self._ids)}"
+
+    def _raise_if_hopeless(self, unplaced: list[Item], now: float, call_deadline: float) -> None:
         """Fail fast when nothing can serve (issue 14).
 
         A function with *no* live replica in the routing table fails the call once it
@@ -280,161 +228,6 @@ class ExpertClient:
         missing, since = self.routing.without_replica_since({it.fid for it in unplaced}, now)
         if since is not None and now - since >= grace_s:
             raise NoReplicaAvailable(missing, f"no live replica for {(now - since) * 1000:.0f} ms")
-
-    def _dispatch(
-        self, x: torch.Tensor, pending: list[_Item], inflight: dict[str, _InFlight],
-        load: Counter[str], attempt_deadline_s: float, call_deadline_s: float,
-    ) -> list[_Item]:
-        """Place pending items on replicas and send one request per worker. Returns the unplaced."""
-        by_worker: dict[str, list[_Item]] = {}
-        workers: dict[str, WorkerRecord] = {}
-        unplaced: list[_Item] = []
-        table = self.routing.table()
-        for it in pending:
-            reps = table.get(it.fid, [])
-            base = {w.id: load[w.id] + w.queue_tokens for w in reps}
-            ids = [w.id for w in reps]
-            now = time.monotonic()
-            healthy = [w for w in ids if not self.suspects.suspect(w, now)]
-            wid = choose_replica(healthy, base, self._rng, it.tried) or choose_replica(ids, base, self._rng, it.tried)
-            if wid is None:
-                unplaced.append(it)
-                continue
-            load[wid] += it.rows.numel()
-            by_worker.setdefault(wid, []).append(it)
-            workers[wid] = next(w for w in reps if w.id == wid)
-        for wid, its in by_worker.items():
-            try:
-                self._send(x, workers[wid], its, inflight, attempt_deadline_s, call_deadline_s)
-            except (zmq.ZMQError, EaaSError) as e:
-                log.warning("client %s: sending to worker %s failed: %s", self.model, wid, e)
-                self._conns.drop(wid)
-                self.suspects.mark(wid)
-                for it in its:
-                    it.tried.add(wid)
-                    load[wid] -= it.rows.numel()
-                unplaced.extend(its)
-        return unplaced
-
-    def _send(
-        self, x: torch.Tensor, worker: WorkerRecord, its: list[_Item], inflight: dict[str, _InFlight],
-        attempt_deadline_s: float, call_deadline_s: float,
-    ) -> None:
-        c = self._conns.connect(worker)
-        n = sum(it.rows.numel() for it in its)
-        slot = c.channel.alloc(n, x.shape[1], x.dtype)
-        idx = its[0].rows if len(its) == 1 else torch.cat([it.rows for it in its])
-        torch.index_select(x, 0, idx, out=slot.x)
-        rid = f"{self._id_prefix}{next(self._ids)}"
-        deadline_ms = now_ms() + int(max(0.0, call_deadline_s - time.monotonic()) * 1000)
-        frames = c.channel.invoke_frames(slot, rid, [(it.fid, it.rows.numel()) for it in its], deadline_ms)
-        if not c.sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
-            c.channel.release(slot)
-            raise TransportError(f"worker {worker.id} at {worker.endpoint} is not reachable")
-        send_frames(c.sock, frames, zmq.NOBLOCK)
-        inflight[rid] = _InFlight(worker.id, slot, its, attempt_deadline_s, worker.epoch)
-        self.stats.requests += 1
-        self.stats.rows += n
-        if self.metrics is not None:
-            self.metrics.record_expert_call(len(its), self.model)
-
-    def _collect(self, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
-        """Wait (until the earliest attempt deadline, in short polls) for replies and disconnects."""
-        poller = zmq.Poller()
-        conns = {fl.wid: self._conns[fl.wid] for fl in inflight.values() if fl.wid in self._conns}
-        for c in conns.values():
-            poller.register(c.sock, zmq.POLLIN)
-            poller.register(c.monitor, zmq.POLLIN)
-        earliest = min(fl.deadline_s for fl in inflight.values())
-        timeout_ms = max(0, min(50, int((earliest - time.monotonic()) * 1000) + 1))
-        events = dict(poller.poll(timeout_ms))
-        for wid, c in conns.items():
-            if c.monitor in events:
-                self._on_monitor(wid, c, inflight, pending, load)
-            if c.sock in events:
-                self._on_replies(wid, c, y, inflight, pending, load)
-
-    def _on_monitor(self, wid: str, c: Conn, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
-        disconnected = False
-        while True:
-            try:
-                msg = c.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            event = int.from_bytes(msg[0][:2], "little")
-            if event & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED):
-                disconnected = True
-        if disconnected:
-            for rid in [r for r, fl in inflight.items() if fl.wid == wid]:
-                self._fail(rid, inflight, pending, load, "connection dropped")
-            self._conns.drop(wid)
-
-    def _on_replies(self, wid: str, c: Conn, y: torch.Tensor, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str]) -> None:
-        while True:
-            try:
-                frames = recv_frames(c.sock, zmq.NOBLOCK, 1)  # header as bytes, payload as frames
-            except zmq.Again:
-                return
-            except zmq.ZMQError:
-                return
-            try:
-                h = decode_header(frames[0], max_message_bytes=self.settings.max_message_bytes, check_deadline=False)
-            except ProtocolError as e:
-                log.warning("client %s: malformed reply from %s: %s", self.model, wid, e)
-                continue
-            fl = inflight.get(str(h.id)) if h.id is not None else None
-            if fl is None or fl.wid != wid:
-                self.stats.late_replies += 1
-                c.channel.reply_dropped(h)  # a late duplicate (its request was re-sent): drop it
-                continue
-            rid = str(h.id)
-            if h.kind == "error":
-                self.stats.errors[h.code or "error"] += 1
-                if (h.code or "") in RETRYABLE_CODES:
-                    c.channel.release(fl.slot)
-                    inflight.pop(rid)
-                    self._requeue(fl, pending, load, f"error {h.code}: {h.error}")
-                    continue
-                c.channel.release(fl.slot)
-                inflight.pop(rid)
-                raise RemoteError(f"worker {wid} rejected request {rid}: {h.error}", h.code or "remote_error")
-            try:
-                out = c.channel.decode_reply(fl.slot, h, frames[1:])
-            except ProtocolError as e:
-                c.channel.release(fl.slot)
-                inflight.pop(rid)
-                self._requeue(fl, pending, load, f"bad reply: {e}")
-                continue
-            row = 0
-            for it in fl.items:
-                n = it.rows.numel()
-                y[it.out_row : it.out_row + n].copy_(out[row : row + n])
-                row += n
-                load[wid] -= n
-            c.channel.release(fl.slot)
-            inflight.pop(rid)
-            self.suspects.clear(wid)  # a good reply
-
-    def _requeue(self, fl: _InFlight, pending: list[_Item], load: Counter[str], reason: str) -> None:
-        self.stats.failovers += 1
-        if self.metrics is not None:
-            self.metrics.record_failover(len(fl.items), self.model)
-        self.suspects.mark(fl.wid)
-        log.warning("client %s: failing over %d function(s) from worker %s: %s", self.model, len(fl.items), fl.wid, reason)
-        for it in fl.items:
-            it.tried.add(fl.wid)
-            load[fl.wid] -= it.rows.numel()
-            pending.append(it)
-
-    def _fail(self, rid: str, inflight: dict[str, _InFlight], pending: list[_Item], load: Counter[str], reason: str) -> None:
-        fl = inflight.pop(rid)
-        c = self._conns.get(fl.wid)
-        if c is not None:
-            try:
-                c.channel.abandon(fl.slot)
-            except Exception:  # noqa: BLE001 - the channel may be gone already
-                pass
-        self._requeue(fl, pending, load, reason)
 
     def close(self) -> None:
         """Stop the routing thread and close every connection (frees shared arenas)."""

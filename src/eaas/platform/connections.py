@@ -38,6 +38,7 @@ class Conn:
     monitor: zmq.Socket
     channel: Any
     transport: str
+    ring: Any = None  # the shm fast path's Ring, when the pair has one
 
 
 class Connections:
@@ -86,14 +87,16 @@ class Connections:
             name = select_transport(self.caps, worker.capabilities, self.transport)
         except TransportError as e:
             log.warning("client %s: %s; using inline with worker %s", self.model, e, worker.id)
-        channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes)
+        channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes, ring=self.settings.shm_ring)
         c = Conn(worker, sock, monitor, channel, name)
         hello = channel.hello_header()
         if hello is not None and not self._handshake(c, hello):
             channel.close()
             c.channel, c.transport = make_client_channel("inline"), "inline"
+        c.ring = getattr(c.channel, "ring", None)
         self._conns[worker.id] = c
-        log.info("client %s: connected to worker %s at %s via %s", self.model, worker.id, worker.endpoint, c.transport)
+        log.info("client %s: connected to worker %s at %s via %s%s", self.model, worker.id, worker.endpoint,
+                 c.transport, " (shared-memory ring)" if c.ring is not None else "")
         return c
 
     def _handshake(self, c: Conn, hello: Any) -> bool:

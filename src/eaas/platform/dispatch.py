@@ -20,22 +20,51 @@ from dataclasses import dataclass
 import torch
 
 
+#: at most this many (token, slot) pairs are grouped in Python; beyond, with tensor ops
+SMALL_PLAN_PAIRS = 256
+
+
 @dataclass(frozen=True, slots=True)
-class ExpertRows:
-    """The rows one expert receives in a layer call.
+class LayerPlan:
+    """The rows each expert receives in a layer call, and how to combine their outputs.
+
+    ``R`` is the number of valid ``(token, slot)`` pairs; the expert outputs ``y[R, D]``
+    come in *plan order*: experts ascending, and each expert's rows in k-major order.
 
     Attributes:
-        expert: expert id in ``[0, E)``.
-        token_idx: ``[n]`` int64 token index of each row.
-        top_k_pos: ``[n]`` int64 top-k slot of each row.
+        experts: expert ids hit, ascending.
+        counts: rows per expert (same order).
+        token_idx: ``[R]`` int64 token of each row, plan order (``token_idx[start:start+n]``
+            is one expert's rows).
+        weight_idx: ``[R]`` int64 index of each row's weight in ``top_k_weights.reshape(-1)``
+            (``token * K + slot``).
+        rounds: the accumulation rounds of :func:`combine`: round ``j`` adds, for every token,
+            the output of its ``j``-th expert (ascending id); ``(rows of y [m], tokens [m])``.
     """
 
-    expert: int
+    experts: tuple[int, ...]
+    counts: tuple[int, ...]
     token_idx: torch.Tensor
-    top_k_pos: torch.Tensor
+    weight_idx: torch.Tensor
+    rounds: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+
+    def __bool__(self) -> bool:
+        return bool(self.experts)
+
+    def expert_rows(self) -> list[tuple[int, torch.Tensor]]:
+        """``(expert, token indices [n])`` per expert, plan order (views of ``token_idx``)."""
+        out, start = [], 0
+        for e, n in zip(self.experts, self.counts):
+            out.append((e, self.token_idx[start : start + n]))
+            start += n
+        return out
 
 
-def plan_layer(top_k_index: torch.Tensor, num_experts: int) -> list[ExpertRows]:
+def _tensor(values: list[int]) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64)
+
+
+def plan_layer(top_k_index: torch.Tensor, num_experts: int) -> LayerPlan:
     """Group the ``(token, slot)`` pairs of a layer call by expert, in eager order.
 
     Args:
@@ -44,48 +73,95 @@ def plan_layer(top_k_index: torch.Tensor, num_experts: int) -> list[ExpertRows]:
         num_experts: ``E``.
 
     Returns:
-        One entry per expert hit, ascending expert id; rows in k-major order.
+        The :class:`LayerPlan`. Small calls (``T*K <= SMALL_PLAN_PAIRS``, decode) are
+        grouped in Python: a handful of small tensors instead of a dozen tensor ops.
     """
     t, k = top_k_index.shape
+    if t * k <= SMALL_PLAN_PAIRS:
+        return _plan_small(top_k_index.tolist(), t, k, num_experts)
     flat = top_k_index.t().reshape(-1).to(torch.int64)  # [K*T], position p = slot*T + token
     order = torch.argsort(flat, stable=True)
     sorted_ids = flat[order]
+    keep = (sorted_ids >= 0) & (sorted_ids < num_experts)
+    order, sorted_ids = order[keep], sorted_ids[keep]
     experts, counts = torch.unique_consecutive(sorted_ids, return_counts=True)
-    out: list[ExpertRows] = []
-    start = 0
-    for e, c in zip(experts.tolist(), counts.tolist()):
-        pos = order[start : start + c]
-        start += c
-        if e < 0 or e >= num_experts:
-            continue
-        out.append(ExpertRows(expert=int(e), token_idx=pos % t, top_k_pos=pos // t))
-    return out
+    token_idx, slot = order % t, order // t
+    return LayerPlan(tuple(experts.tolist()), tuple(counts.tolist()), token_idx, token_idx * k + slot,
+                     _rounds_tensor(token_idx, k))
+
+
+def _plan_small(ids: list[list[int]], t: int, k: int, num_experts: int) -> LayerPlan:
+    buckets: dict[int, list[int]] = {}
+    for slot in range(k):
+        for tok in range(t):
+            e = ids[tok][slot]
+            if 0 <= e < num_experts:
+                buckets.setdefault(e, []).append(tok * k + slot)
+    experts = sorted(buckets)
+    pairs = [p for e in experts for p in buckets[e]]  # token * K + slot, plan order
+    seen: dict[int, int] = {}
+    rounds: list[tuple[list[int], list[int]]] = []
+    tokens = []
+    for row, p in enumerate(pairs):
+        tok = p // k
+        tokens.append(tok)
+        j = seen.get(tok, 0)
+        seen[tok] = j + 1
+        if j == len(rounds):
+            rounds.append(([], []))
+        rounds[j][0].append(row)
+        rounds[j][1].append(tok)
+    return LayerPlan(tuple(experts), tuple(len(buckets[e]) for e in experts), _tensor(tokens), _tensor(pairs),
+                     tuple((_tensor(r), _tensor(tk)) for r, tk in rounds))
+
+
+def _rounds_tensor(token_idx: torch.Tensor, k: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
+    """Rounds of :class:`LayerPlan` with tensor ops: the rank of each row among its token's rows."""
+    r = token_idx.numel()
+    if r == 0:
+        return ()
+    by_token = torch.argsort(token_idx, stable=True)  # rows grouped by token, plan order kept
+    _, counts = torch.unique_consecutive(token_idx[by_token], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank_sorted = torch.arange(r) - torch.repeat_interleave(starts, counts)
+    rank = torch.empty_like(rank_sorted)
+    rank[by_token] = rank_sorted
+    rounds = []
+    for j in range(int(counts.max())):
+        rows = (rank == j).nonzero().squeeze(1)
+        rounds.append((rows, token_idx[rows]))
+    return tuple(rounds)
 
 
 def combine(
     hidden_states: torch.Tensor,
-    plan: Sequence[ExpertRows],
+    plan: LayerPlan,
     y: torch.Tensor,
     top_k_weights: torch.Tensor,
 ) -> torch.Tensor:
-    """``out[t] = sum_k w[t,k] * f_{e[t,k]}(x[t])`` in the eager loop's order and dtype.
+    """``out[t] = sum_k w[t,k] * f_{e[t,k]}(x[t])`` with the eager loop's arithmetic.
+
+    The eager loop computes ``cur = y_e * w[token_idx, top_k_pos, None]`` per expert and
+    ``out.index_add_(0, token_idx, cur.to(out.dtype))`` for experts in ascending id, from
+    zeros. Here the products are one broadcast multiply over all rows (the same
+    elementwise products), and the sums run in rounds: round ``j`` adds every token's
+    ``j``-th expert — per token the same additions in the same order, so the result is
+    bit-identical, in ``K`` ``index_add_`` calls instead of one per expert.
 
     Args:
         hidden_states: ``[T, D]`` (gives the output's shape and dtype).
         plan: from :func:`plan_layer`.
-        y: ``[sum(n), D]`` expert outputs, the plan's rows concatenated in plan order.
+        y: ``[R, D]`` expert outputs in plan order.
         top_k_weights: ``[T, K]`` routing weights.
 
     Returns:
         ``[T, D]`` in ``hidden_states.dtype``.
     """
     out = torch.zeros_like(hidden_states)
-    row = 0
-    for rows in plan:
-        n = rows.token_idx.numel()
-        cur = y[row : row + n] * top_k_weights[rows.token_idx, rows.top_k_pos, None]
-        out.index_add_(0, rows.token_idx, cur.to(out.dtype))
-        row += n
+    w = top_k_weights.reshape(-1).index_select(0, plan.weight_idx)
+    cur = (y * w[:, None]).to(out.dtype)
+    for rows, tokens in plan.rounds:
+        out.index_add_(0, tokens, cur.index_select(0, rows))
     return out
 
 

@@ -117,8 +117,11 @@ def select_transport(client_caps: Mapping[str, Any], worker_caps: Mapping[str, A
     return "inline"
 
 
-def make_client_channel(transport: str, *, arena_bytes: int = 64 << 20, device: str = "cpu") -> ClientChannel:
+def make_client_channel(transport: str, *, arena_bytes: int = 64 << 20, device: str = "cpu",
+                        ring: bool = True) -> ClientChannel:
     """Client side of one pair for ``transport`` (a name from :func:`select_transport`).
+
+    ``ring``: offer the shm message ring (the same-host fast path).
 
     Raises:
         TransportError: the transport cannot be set up here.
@@ -126,7 +129,7 @@ def make_client_channel(transport: str, *, arena_bytes: int = 64 << 20, device: 
     if transport == "inline":
         return InlineClientChannel()
     if transport == "shm":
-        return ShmClientChannel(arena_bytes)
+        return ShmClientChannel(arena_bytes, ring=ring)
     if transport == "cuda_ipc":
         from eaas.platform.transport.cuda_ipc import CudaIpcClientChannel
 
@@ -165,6 +168,7 @@ class WorkerEndpoint:
             (``unknown_function``); may be a live set the worker updates.
         offered: transports offered (default: every one available here).
         device: torch device of the worker's tensors.
+        ring: accept the shm message rings clients offer (the same-host fast path).
         clock_ms: current epoch ms (injected in tests).
 
     Peers are opaque hashables, normally the ROUTER identity frame.
@@ -173,7 +177,7 @@ class WorkerEndpoint:
 
     def __init__(self, *, max_message_bytes: int, max_arena_bytes: int | None = None,
                  known_functions: Container[str] | None = None, offered: Sequence[str] | None = None,
-                 device: str = "cpu", clock_ms: Callable[[], int] = now_ms) -> None:
+                 device: str = "cpu", ring: bool = True, clock_ms: Callable[[], int] = now_ms) -> None:
         self.max_message_bytes = max_message_bytes
         self.known_functions = known_functions
         self.clock_ms = clock_ms
@@ -181,7 +185,7 @@ class WorkerEndpoint:
         arena_cap = max_arena_bytes or max(max_message_bytes, 64 << 20)
         self._sides: dict[str, Any] = {"inline": InlineWorkerSide()}
         if "shm" in self.capabilities["transports"]:
-            self._sides["shm"] = ShmWorkerSide(arena_cap)
+            self._sides["shm"] = ShmWorkerSide(arena_cap, ring=ring)
         if "cuda_ipc" in self.capabilities["transports"]:
             from eaas.platform.transport.cuda_ipc import CudaIpcWorkerSide
 
@@ -195,6 +199,12 @@ class WorkerEndpoint:
     @property
     def transports(self) -> list[str]:
         return list(self._sides)
+
+    @property
+    def rings(self) -> dict[Hashable, Any]:
+        """Peer -> its shm message :class:`~eaas.platform.transport.ring.Ring` (the fast path's peers)."""
+        shm = self._sides.get("shm")
+        return shm.rings if shm is not None else {}
 
     def _side(self, header: Header) -> Any:
         side = self._sides.get(header.transport or "")

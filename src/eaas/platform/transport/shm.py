@@ -36,12 +36,25 @@ from eaas.procs import pid_alive
 from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
 from eaas.platform.transport.base import ArenaSlots, Slot, write_reply
 from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
+from eaas.platform.transport.ring import (
+    DEFAULT_SLOT_BYTES,
+    DEFAULT_SLOTS,
+    Ring,
+    accept_bell,
+    check_ring_geometry,
+    connect_bell,
+    listen_bell,
+    ring_bytes,
+    ring_supported,
+)
 
 log = logging.getLogger(__name__)
 
 SHM_DIR = "/dev/shm"
 ARENA_PREFIX = "eaas-"
 ARENA_NAME_RE = re.compile(r"^eaas-(\d{1,10})-([0-9a-f]{16})$")
+STALE_NAME_RE = re.compile(r"^eaas-(\d{1,10})-([0-9a-f]{16})(\.bell)?$")  # arenas and their doorbells
+BELL_SUFFIX = ".bell"
 ALIGN_BYTES = 64
 MAX_CACHED_VIEWS = 1024
 
@@ -67,14 +80,14 @@ def _unlink_owned_at_exit() -> None:
 
 
 def sweep_stale_arenas(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink ``eaas-{pid}-*`` segments whose creator pid is dead; return their names."""
+    """Unlink ``eaas-{pid}-*`` segments (and doorbells) whose creator pid is dead; return their names."""
     removed = []
     try:
         names = os.listdir(shm_dir)
     except OSError:
         return removed
     for name in names:
-        m = ARENA_NAME_RE.match(name)
+        m = STALE_NAME_RE.match(name)
         if m and not pid_alive(int(m.group(1))):
             try:
                 os.unlink(os.path.join(shm_dir, name))
@@ -198,6 +211,11 @@ class ShmArena:
             self._views[key] = v
         return v
 
+    def buffer(self, nbytes: int) -> memoryview:
+        """Writable ``memoryview`` of the arena's first ``nbytes`` (release it before :meth:`close`)."""
+        assert self._mm is not None
+        return memoryview(self._mm)[:nbytes]
+
     def unlink(self) -> bool:
         return _unlink(self.name)
 
@@ -218,31 +236,64 @@ class ShmClientChannel(ArenaSlots):
 
     Args:
         arena_bytes: arena size (``Settings.shm_arena_bytes``).
+        ring: offer the message ring (the fast path) when this machine supports it.
 
     Invokes may be sent right after the ``hello`` (ZeroMQ keeps order on one
-    connection); ``ready`` turns true on ``hello_ack``.
+    connection); ``ready`` turns true on ``hello_ack``. ``ring`` is the pair's
+    :class:`~eaas.platform.transport.ring.Ring` once the worker accepted it (else None).
     """
 
     name = "shm"
 
-    def __init__(self, arena_bytes: int) -> None:
+    def __init__(self, arena_bytes: int, *, ring: bool = True) -> None:
         sweep_stale_arenas()
+        reserve = ring_bytes() if ring and ring_supported() and arena_bytes > 2 * ring_bytes() else 0
         self.arena = ShmArena.create(arena_bytes)
         self._alloc = Allocator(arena_bytes)
+        if reserve:
+            self._alloc.alloc(reserve)  # offset 0: the ring's bytes are never handed out
         self._lock = threading.Lock()
         self._abandoned: dict[str | int, Slot] = {}
         self._inline = InlineClientChannel()
         self._acked = False
+        self.ring: Ring | None = None
+        self._bell_path: str | None = None
+        self._listener = None
+        if reserve:
+            path = os.path.join(SHM_DIR, self.arena.name + BELL_SUFFIX)
+            try:
+                with _owned_lock:
+                    _owned_names.add(self.arena.name + BELL_SUFFIX)
+                self._listener = listen_bell(path)
+                self._bell_path = path
+            except OSError as e:
+                _unlink(self.arena.name + BELL_SUFFIX)
+                log.info("shm arena %s: no doorbell (%s); invokes go over ZeroMQ", self.arena.name, e)
 
     def hello_header(self) -> Header | None:
-        return Header(kind="hello", id=self.arena.name, transport="shm",
-                      handle={"arena": self.arena.name, "size": self.arena.size, "pid": os.getpid()})
+        handle = {"arena": self.arena.name, "size": self.arena.size, "pid": os.getpid()}
+        if self._bell_path is not None:
+            handle["ring_slots"], handle["ring_slot_bytes"] = DEFAULT_SLOTS, DEFAULT_SLOT_BYTES
+        return Header(kind="hello", id=self.arena.name, transport="shm", handle=handle)
 
     def on_hello_ack(self, header: Header) -> None:
         if header.kind != "hello_ack" or header.handle.get("arena") != self.arena.name:
+            self._close_listener()
             raise TransportError(f"shm arena {self.arena.name}: worker did not map it ({header.error or header})")
         self.arena.unlink()  # the worker unlinked it already; this is belt and braces
+        if self._listener is not None and header.handle.get("ring") == 1:
+            conn = accept_bell(self._listener)
+            if conn is not None:
+                self.ring = Ring(self.arena.buffer(ring_bytes()), DEFAULT_SLOTS, DEFAULT_SLOT_BYTES, "client", conn)
+        self._close_listener()
         self._acked = True
+
+    def _close_listener(self) -> None:
+        if self._listener is not None:
+            self._listener.close()
+            self._listener = None
+        if self._bell_path is not None:
+            _unlink(self.arena.name + BELL_SUFFIX)
 
     @property
     def ready(self) -> bool:
@@ -287,6 +338,9 @@ class ShmClientChannel(ArenaSlots):
         return slot.x
 
     def close(self) -> None:
+        self._close_listener()
+        if self.ring is not None:
+            self.ring.close()
         self.arena.unlink()
         self.arena.close()
 
@@ -296,12 +350,18 @@ class ShmWorkerSide:
 
     Args:
         max_arena_bytes: largest arena a peer may announce.
+        ring: accept the message rings peers offer (the fast path).
+
+    ``rings`` maps each peer whose ring was accepted to its worker-side
+    :class:`~eaas.platform.transport.ring.Ring` (the worker's loop polls them).
     """
 
     name = "shm"
 
-    def __init__(self, max_arena_bytes: int) -> None:
+    def __init__(self, max_arena_bytes: int, *, ring: bool = True) -> None:
         self.max_arena_bytes = max_arena_bytes
+        self.accept_rings = ring and ring_supported()
+        self.rings: dict[Hashable, Ring] = {}
         self._peers: dict[Hashable, dict[str, tuple[ShmArena, int]]] = {}  # peer -> name -> (arena, pid)
         # peer -> (arena, offset, nbytes, dtype, shape) -> view, for handles that passed
         # _region's checks once: a client reuses the same few slots request after
@@ -321,13 +381,33 @@ class ShmWorkerSide:
             raise ProtocolError(f"shm hello: arena size {size!r:.40} not in 1..{self.max_arena_bytes}", "too_large")
         if type(pid) is not int or pid <= 0:
             raise ProtocolError("shm hello: bad pid", "bad_handle")
+        ring = "ring_slots" in hd
+        if ring:
+            slots, slot_bytes = check_ring_geometry(hd.get("ring_slots"), hd.get("ring_slot_bytes"), size)
         arenas = self._peers.setdefault(peer, {})
         if name not in arenas:
             arena = ShmArena.attach(name, size)
             arena.unlink()  # both sides mapped it (the client before sending hello)
             arenas[name] = (arena, pid)
             log.debug("shm arena %s: mapped %d bytes for peer pid %d", name, size, pid)
-        return {"arena": name}
+        ack: dict = {"arena": name}
+        if ring and self.accept_rings:
+            ack["ring"] = int(self._open_ring(peer, arenas[name][0], slots, slot_bytes))
+        return ack
+
+    def _open_ring(self, peer: Hashable, arena: ShmArena, slots: int, slot_bytes: int) -> bool:
+        """Connect to the client's doorbell (its path derives from the arena name: a peer
+        cannot point us elsewhere) and map the ring. False: the pair stays on ZeroMQ."""
+        old = self.rings.pop(peer, None)
+        if old is not None:
+            old.close()
+        try:
+            bell = connect_bell(os.path.join(SHM_DIR, arena.name + BELL_SUFFIX))
+        except OSError as e:
+            log.info("shm arena %s: doorbell not reachable (%s); this pair stays on ZeroMQ", arena.name, e)
+            return False
+        self.rings[peer] = Ring(arena.buffer(ring_bytes(slots, slot_bytes)), slots, slot_bytes, "worker", bell)
+        return True
 
     def _region(self, peer: Hashable, header: Header) -> torch.Tensor:
         hd = header.handle
@@ -376,6 +456,9 @@ class ShmWorkerSide:
         return [encode_reply(header, y, handle=header.handle)]
 
     def drop_peer(self, peer: Hashable) -> None:
+        ring = self.rings.pop(peer, None)
+        if ring is not None:
+            ring.close()
         self._regions.pop(peer, None)
         for arena, _ in self._peers.pop(peer, {}).values():
             arena.close()
@@ -386,6 +469,9 @@ class ShmWorkerSide:
         for peer, arenas in list(self._peers.items()):
             for name, (arena, pid) in list(arenas.items()):
                 if not pid_alive(pid):
+                    ring = self.rings.pop(peer, None)
+                    if ring is not None:
+                        ring.close()
                     regions = self._regions.get(peer)
                     if regions:
                         for key in [k for k in regions if k[0] == name]:

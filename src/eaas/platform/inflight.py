@@ -1,0 +1,307 @@
+"""One layer call in flight: dispatch to replicas, wait for replies, fail over.
+
+:class:`LayerCall` holds a call's state — the rows each function still needs
+(``pending``), the requests sent and not answered (``inflight``), this call's load
+per worker — and runs it to the end (:meth:`LayerCall.run`). The long-lived parts it
+uses belong to the :class:`~eaas.platform.client.ExpertClient` that made it: the
+routing view, the connections, the suspects, the waiter and the counters.
+
+Per request the data path is: rows gathered straight into the pair's slot; the invoke
+posted on the pair's shared-memory ring when it has one (the same-host fast path,
+:mod:`eaas.platform.transport.ring`), else sent over ZeroMQ; the reply taken from either
+and its rows copied into the call's ``y`` buffer.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+import zmq
+
+from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
+from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn
+from eaas.platform.decode import decode_header
+from eaas.platform.dispatch import choose_replica
+from eaas.platform.protocol import RETRYABLE_CODES, now_ms, recv_frames, send_frames
+
+if TYPE_CHECKING:
+    from eaas.platform.client import ExpertClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class Item:
+    """One expert's rows in a call: where they come from and where their output goes."""
+
+    fid: str
+    rows: torch.Tensor  # [n] int64 indices into the call's x
+    out_row: int  # first row of its output in the call's y buffer
+    tried: set[str] = field(default_factory=set)
+
+
+@dataclass(slots=True)
+class InFlight:
+    """One request sent and not yet answered."""
+
+    wid: str
+    slot: Any
+    items: list[Item]
+    deadline_s: float
+    epoch: int = 0  # the incarnation of the worker it was sent to
+
+
+class LayerCall:
+    """Runs one call: ``y[total_rows, D]`` where the rows of ``item`` are ``f_item(x[item.rows])``.
+
+    Args:
+        client: the client whose routing, connections and counters the call uses.
+        x: ``[T, D]`` source rows (contiguous CPU tensor).
+        items: the functions to compute and their rows.
+        total_rows: rows of ``y`` (the sum of the items' rows).
+    """
+
+    def __init__(self, client: ExpertClient, x: torch.Tensor, items: list[Item], total_rows: int) -> None:
+        self.c = client
+        self.x = x
+        self.y = torch.empty((total_rows, x.shape[1]), dtype=x.dtype)
+        self.pending: list[Item] = list(items)
+        self.inflight: dict[str, InFlight] = {}
+        self.load: Counter[str] = Counter()
+
+    def run(self) -> torch.Tensor:
+        """Dispatch, wait, fail over until every item is computed; returns ``y``.
+
+        Raises:
+            NoReplicaAvailable: some function had no replica until the grace or the deadline.
+            RemoteError: a worker refused a request for a non-retryable reason.
+        """
+        c = self.c
+        settings = c.settings
+        call_deadline = time.monotonic() + settings.call_deadline_ms / 1000
+        attempt_s = settings.request_timeout_ms / 1000
+        waiting_since: float | None = None
+        while self.pending or self.inflight:
+            now = time.monotonic()
+            if self.pending:
+                unplaced = self._dispatch(min(now + attempt_s, call_deadline), call_deadline)
+                if unplaced and not self.inflight:
+                    c._raise_if_hopeless(unplaced, now, call_deadline)
+                    if waiting_since is None:
+                        waiting_since = now
+                        log.warning("client %s: no ready replica for %d function(s); waiting", c.model, len(unplaced))
+                    for it in unplaced:
+                        it.tried.clear()  # a replica that failed earlier may be back
+                    c.routing.request_refresh()
+                    c._stop.wait(min(0.05, max(0.0, call_deadline - now)))
+                    c.routing.refresh()
+                self.pending = unplaced
+                if not self.inflight:
+                    continue
+            self._collect()
+            if not self.inflight:
+                continue
+            now = time.monotonic()
+            live = c.routing.live_epochs()
+            for rid, fl in list(self.inflight.items()):
+                gone = live.get(fl.wid) != fl.epoch
+                if now >= fl.deadline_s or gone:
+                    reason = ("lease lost" if fl.wid not in live else "a new incarnation replaced it") if gone \
+                        else f"no reply within {attempt_s * 1000:.0f} ms"
+                    self._fail(rid, reason)
+            if self.pending and not self.inflight and now >= call_deadline:
+                raise NoReplicaAvailable(sorted({i.fid for i in self.pending}), "call deadline passed")
+        return self.y
+
+    # --- dispatch ----------------------------------------------------------------
+
+    def _dispatch(self, attempt_deadline_s: float, call_deadline_s: float) -> list[Item]:
+        """Place pending items on replicas and send one request per worker. Returns the unplaced."""
+        c = self.c
+        by_worker: dict[str, list[Item]] = {}
+        workers: dict[str, Any] = {}
+        unplaced: list[Item] = []
+        table = c.routing.table()
+        now = time.monotonic()
+        for it in self.pending:
+            reps = table.get(it.fid, [])
+            base = {w.id: self.load[w.id] + w.queue_tokens for w in reps}
+            ids = [w.id for w in reps]
+            healthy = [w for w in ids if not c.suspects.suspect(w, now)]
+            wid = choose_replica(healthy, base, c._rng, it.tried) or choose_replica(ids, base, c._rng, it.tried)
+            if wid is None:
+                unplaced.append(it)
+                continue
+            self.load[wid] += it.rows.numel()
+            by_worker.setdefault(wid, []).append(it)
+            workers[wid] = next(w for w in reps if w.id == wid)
+        for wid, its in by_worker.items():
+            try:
+                self._send(workers[wid], its, attempt_deadline_s, call_deadline_s)
+            except (zmq.ZMQError, EaaSError) as e:
+                log.warning("client %s: sending to worker %s failed: %s", c.model, wid, e)
+                c._conns.drop(wid)
+                c.suspects.mark(wid)
+                for it in its:
+                    it.tried.add(wid)
+                    self.load[wid] -= it.rows.numel()
+                unplaced.extend(its)
+        return unplaced
+
+    def _send(self, worker: Any, its: list[Item], attempt_deadline_s: float, call_deadline_s: float) -> None:
+        c = self.c
+        conn = c._conns.connect(worker)
+        ch = conn.channel
+        n = sum(it.rows.numel() for it in its)
+        slot = ch.alloc(n, self.x.shape[1], self.x.dtype)
+        idx = its[0].rows if len(its) == 1 else torch.cat([it.rows for it in its])
+        torch.index_select(self.x, 0, idx, out=slot.x)
+        rid = c._next_request_id()
+        deadline_ms = now_ms() + int(max(0.0, call_deadline_s - time.monotonic()) * 1000)
+        frames = ch.invoke_frames(slot, rid, [(it.fid, it.rows.numel()) for it in its], deadline_ms)
+        ring = conn.ring
+        if ring is not None and len(frames) == 1 and ring.post(frames[0]):
+            ring.notify()
+        else:
+            if not conn.sock.poll(CONNECT_TIMEOUT_MS, zmq.POLLOUT):
+                ch.release(slot)
+                raise TransportError(f"worker {worker.id} at {worker.endpoint} is not reachable")
+            send_frames(conn.sock, frames, zmq.NOBLOCK)
+        self.inflight[rid] = InFlight(worker.id, slot, its, attempt_deadline_s, worker.epoch)
+        c.stats.requests += 1
+        c.stats.rows += n
+        if c.metrics is not None:
+            c.metrics.record_expert_call(len(its), c.model)
+
+    # --- replies -------------------------------------------------------------------
+
+    def _collect(self) -> None:
+        """Wait (until the earliest attempt deadline, at most 50 ms) for replies and disconnects."""
+        c = self.c
+        conns = {fl.wid: c._conns[fl.wid] for fl in self.inflight.values() if fl.wid in c._conns}
+        if self._take_rings(conns):
+            return
+        earliest = min(fl.deadline_s for fl in self.inflight.values())
+        timeout_s = max(0.0, min(0.05, earliest - time.monotonic()))
+        rings = [cn.ring for cn in conns.values() if cn.ring is not None]
+        socks = [s for cn in conns.values() for s in (cn.sock, cn.monitor)]
+        res = c.waiter.wait(rings, socks, timeout_s)
+        for wid, cn in conns.items():
+            if cn.ring is not None and cn.ring in res.closed:
+                self._disconnected(wid, "the worker closed its doorbell")
+                continue
+            if cn.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                self._on_monitor(wid, cn)
+            if wid in c._conns:
+                self._take_socket(wid, cn)
+        self._take_rings(conns)
+
+    def _take_rings(self, conns: dict[str, Conn]) -> bool:
+        """Handle every reply waiting on the pairs' rings. True if any was handled."""
+        got = False
+        for wid, cn in conns.items():
+            ring = cn.ring
+            while ring is not None and ring.ready() and wid in self.c._conns:
+                try:
+                    data = ring.take()
+                except ProtocolError as e:
+                    self._disconnected(wid, f"corrupt ring: {e}")
+                    break
+                if data is None:
+                    break
+                got = True
+                self._on_reply(wid, cn, [data])
+        return got
+
+    def _take_socket(self, wid: str, cn: Conn) -> None:
+        while wid in self.c._conns:
+            try:
+                frames = recv_frames(cn.sock, zmq.NOBLOCK, 1)  # header as bytes, payload as frames
+            except zmq.ZMQError:  # Again included
+                return
+            self._on_reply(wid, cn, frames)
+
+    def _on_monitor(self, wid: str, cn: Conn) -> None:
+        disconnected = False
+        while True:
+            try:
+                msg = cn.monitor.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                break
+            event = int.from_bytes(msg[0][:2], "little")
+            if event & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED):
+                disconnected = True
+        if disconnected:
+            self._disconnected(wid, "connection dropped")
+
+    def _disconnected(self, wid: str, reason: str) -> None:
+        for rid in [r for r, fl in self.inflight.items() if fl.wid == wid]:
+            self._fail(rid, reason)
+        self.c._conns.drop(wid)
+
+    def _on_reply(self, wid: str, cn: Conn, frames: list[Any]) -> None:
+        c = self.c
+        try:
+            h = decode_header(frames[0], max_message_bytes=c.settings.max_message_bytes, check_deadline=False)
+        except ProtocolError as e:
+            log.warning("client %s: malformed reply from %s: %s", c.model, wid, e)
+            return
+        fl = self.inflight.get(str(h.id)) if h.id is not None else None
+        if fl is None or fl.wid != wid:
+            c.stats.late_replies += 1
+            cn.channel.reply_dropped(h)  # a late duplicate (its request was re-sent): drop it
+            return
+        rid = str(h.id)
+        if h.kind == "error":
+            c.stats.errors[h.code or "error"] += 1
+            cn.channel.release(fl.slot)
+            self.inflight.pop(rid)
+            if (h.code or "") in RETRYABLE_CODES:
+                self._requeue(fl, f"error {h.code}: {h.error}")
+                return
+            raise RemoteError(f"worker {wid} rejected request {rid}: {h.error}", h.code or "remote_error")
+        try:
+            out = cn.channel.decode_reply(fl.slot, h, frames[1:])
+        except ProtocolError as e:
+            cn.channel.release(fl.slot)
+            self.inflight.pop(rid)
+            self._requeue(fl, f"bad reply: {e}")
+            return
+        y, row = self.y, 0
+        for it in fl.items:
+            n = it.rows.numel()
+            y[it.out_row : it.out_row + n].copy_(out[row : row + n])
+            row += n
+            self.load[wid] -= n
+        cn.channel.release(fl.slot)
+        self.inflight.pop(rid)
+        c.suspects.clear(wid)  # a good reply
+
+    # --- failover ------------------------------------------------------------------
+
+    def _requeue(self, fl: InFlight, reason: str) -> None:
+        c = self.c
+        c.stats.failovers += 1
+        if c.metrics is not None:
+            c.metrics.record_failover(len(fl.items), c.model)
+        c.suspects.mark(fl.wid)
+        log.warning("client %s: failing over %d function(s) from worker %s: %s", c.model, len(fl.items), fl.wid, reason)
+        for it in fl.items:
+            it.tried.add(fl.wid)
+            self.load[fl.wid] -= it.rows.numel()
+            self.pending.append(it)
+
+    def _fail(self, rid: str, reason: str) -> None:
+        fl = self.inflight.pop(rid)
+        cn = self.c._conns.get(fl.wid)
+        if cn is not None:
+            try:
+                cn.channel.abandon(fl.slot)
+            except Exception:  # noqa: BLE001 - the channel may be gone already
+                pass
+        self._requeue(fl, reason)

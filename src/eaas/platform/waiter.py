@@ -1,0 +1,138 @@
+"""Waiting for input on the data plane: spin on the fast-path rings, then sleep in the kernel.
+
+Both ends of a same-host pair wait the same way (the client for replies, the worker
+for invokes): first a bounded spin that reads each ring's ``posted`` word (and, every
+few turns, whether a ZeroMQ socket has input), yielding the core between checks;
+then, if nothing came, each ring's ``asleep`` word is set and the process sleeps in
+one ``poll`` over the ZeroMQ sockets and the rings' doorbells. How long to spin is
+:func:`eaas.platform.spin.spin_budget_s`'s decision, fed with this waiter's recent
+waits and the machine's runnable count.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import zmq
+
+from eaas.platform.spin import SpinState, spin_budget_s
+
+LOADAVG_PATH = "/proc/loadavg"
+LOAD_SAMPLE_S = 0.02  # re-read the runnable count at most this often
+ZMQ_CHECK_EVERY = 8  # spin turns between two ZeroMQ input checks
+
+
+def runnable_now(path: str = LOADAVG_PATH) -> int:
+    """Processes runnable on this machine now (``/proc/loadavg``'s ``running/total``), or 1."""
+    try:
+        with open(path, "rb") as f:
+            return int(f.read().split()[3].split(b"/")[0])
+    except (OSError, ValueError, IndexError):
+        return 1
+
+
+def usable_cpus() -> int:
+    """Cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # pragma: no cover - not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(slots=True)
+class WaitResult:
+    """What one :meth:`Waiter.wait` saw.
+
+    Attributes:
+        closed: rings whose peer closed the doorbell (the peer exited or dropped the pair).
+        slept: the wait ended in the kernel, not while spinning.
+        waited_s: how long it took (s).
+    """
+
+    closed: list[Any] = field(default_factory=list)
+    slept: bool = False
+    waited_s: float = 0.0
+
+
+class Waiter:
+    """Spin-then-sleep waits over fast-path rings and ZeroMQ sockets.
+
+    Args:
+        floor_s: always spin at least this long when spinning is on (s).
+        cap_s: never spin longer (s); 0 never spins.
+        cpus: cores available (default: this process's affinity).
+    """
+
+    def __init__(self, floor_s: float, cap_s: float, cpus: int | None = None) -> None:
+        self.floor_s, self.cap_s = floor_s, cap_s
+        self.cpus = cpus or usable_cpus()
+        self.state = SpinState()
+        self._runnable = 1
+        self._runnable_at = 0.0
+
+    def budget_s(self, now: float) -> float:
+        """This wait's spin budget (s)."""
+        if self.cap_s <= 0:
+            return 0.0
+        if now - self._runnable_at > LOAD_SAMPLE_S:
+            self._runnable, self._runnable_at = runnable_now(), now
+        return spin_budget_s(self.state.typical_wait_s, self._runnable, self.cpus,
+                             floor_s=self.floor_s, cap_s=self.cap_s)
+
+    def wait(self, rings: Sequence[Any], socks: Sequence[zmq.Socket], timeout_s: float) -> WaitResult:
+        """Return once a ring or a socket has input, a ring's peer closed, or ``timeout_s`` passed.
+
+        Args:
+            rings: :class:`~eaas.platform.transport.ring.Ring` objects to watch.
+            socks: ZeroMQ sockets to watch (their input is left for the caller to read).
+            timeout_s: longest wait (s); 0 only checks.
+        """
+        t0 = time.perf_counter()
+        res = WaitResult(closed=[r for r in rings if r.closed])
+        if res.closed:
+            return self._done(res, t0)
+        spin_until = t0 + min(self.budget_s(t0), timeout_s)
+        turn = 0
+        while True:
+            for r in rings:
+                if r.ready():
+                    return self._done(res, t0)
+            if turn % ZMQ_CHECK_EVERY == 0:
+                for s in socks:
+                    if s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                        return self._done(res, t0)
+            turn += 1
+            if time.perf_counter() >= spin_until:
+                break
+            os.sched_yield()
+        remaining = timeout_s - (time.perf_counter() - t0)
+        if remaining <= 0:
+            return self._done(res, t0)
+        began = []
+        for r in rings:
+            if r.sleep_begin():  # input arrived between the spin and now
+                for b in began:
+                    if not b.sleep_end():
+                        res.closed.append(b)
+                return self._done(res, t0)
+            began.append(r)
+        poller = zmq.Poller()
+        for s in socks:
+            poller.register(s, zmq.POLLIN)
+        for r in rings:
+            poller.register(r, zmq.POLLIN)
+        poller.poll(max(1, int(remaining * 1000)))
+        res.slept = True
+        for r in rings:
+            if not r.sleep_end():
+                res.closed.append(r)
+        return self._done(res, t0)
+
+    def _done(self, res: WaitResult, t0: float) -> WaitResult:
+        res.waited_s = time.perf_counter() - t0
+        self.state.observe(res.waited_s, res.slept)
+        return res
