@@ -23,7 +23,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -109,10 +109,13 @@ class UpProcess:
         port: gateway port (0: a free one).
         extra_env: more environment for ``eaas up`` (e.g. ``EAAS_API_KEYS``).
         ready_timeout_s: how long to wait for ``/readyz``.
+        model_dir: ``--model`` (default: ``eaas up``'s tiny Mixtral, written under ``cache/``).
+        extra_args: more ``eaas up`` arguments (e.g. ``["--torch-threads", "2"]``).
     """
 
     def __init__(self, workdir: Path, *, workers: int = 3, replicas: int = 2, autoscale: bool = True, port: int = 0,
-                 extra_env: dict[str, str] | None = None, ready_timeout_s: float = 240.0) -> None:  # fmt: skip
+                 extra_env: dict[str, str] | None = None, ready_timeout_s: float = 240.0,
+                 model_dir: Path | None = None, extra_args: Sequence[str] = ()) -> None:  # fmt: skip
         from eaas.registry.server import free_port
 
         self.workdir = Path(workdir)
@@ -120,6 +123,8 @@ class UpProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.ready_timeout_s = ready_timeout_s
+        self.model_dir = Path(model_dir) if model_dir is not None else None
+        self.extra_args = [str(a) for a in extra_args]
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("EAAS_")}
         self.env.update(EAAS_STATE_DIR=str(self.workdir / "state"), EAAS_CACHE_DIR=str(self.workdir / "cache"),
                         OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", COLUMNS="200", **(extra_env or {}))  # fmt: skip
@@ -134,6 +139,9 @@ class UpProcess:
         self.workdir.mkdir(parents=True, exist_ok=True)
         cmd = [sys.executable, "-m", "eaas.cli", "up", "--port", str(self.port), "--workers", str(self.workers),
                "--replicas", str(self.replicas), "--autoscale" if self.autoscale else "--no-autoscale"]  # fmt: skip
+        if self.model_dir is not None:
+            cmd += ["--model", str(self.model_dir)]
+        cmd += self.extra_args
         with open(self.log_path, "ab") as out:
             self.proc = subprocess.Popen(cmd, env=self.env, stdout=out, stderr=subprocess.STDOUT,
                                          stdin=subprocess.DEVNULL)  # fmt: skip

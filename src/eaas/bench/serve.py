@@ -134,18 +134,44 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
 
 
 @contextlib.contextmanager
-def local_gateway(model_dir: Path, *, monolithic: bool = True, torch_threads: int = 1) -> Iterator[str]:
-    """Start ``eaas gateway`` on a free loopback port in a subprocess; yield its URL."""
+def local_gateway(model_dir: Path, *, monolithic: bool = True, torch_threads: int = 1,
+                  experts_implementation: str | None = None, log_path: Path | None = None) -> Iterator[str]:
+    """Start ``eaas gateway`` on a free loopback port in a subprocess; yield its URL.
+
+    Args:
+        model_dir: checkpoint directory.
+        monolithic: ``--monolithic`` (the plain transformers model).
+        torch_threads: ``--torch-threads`` and ``OMP_NUM_THREADS`` of the gateway.
+        experts_implementation: ``--experts-implementation`` (monolithic only; None: transformers' default).
+        log_path: write the gateway's stderr to this file (and quote its tail if it does not
+            start); None: a pipe, as before.
+
+    Raises:
+        ConfigError: the gateway exited or was not ready within 120 s.
+    """
     port = free_port()
     cmd = [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(model_dir), "--port", str(port),
            "--host", "127.0.0.1", "--torch-threads", str(torch_threads)]
     if monolithic:
         cmd.append("--monolithic")
+    if experts_implementation:
+        cmd += ["--experts-implementation", experts_implementation]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch_threads))
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    if log_path is not None:
+        Path(log_path).parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "ab") as log_file:
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file)
+    else:
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        wait_ready(url, 120, proc)
+        try:
+            wait_ready(url, 120, proc)
+        except ConfigError as exc:
+            if log_path is None:
+                raise
+            tail = Path(log_path).read_bytes()[-3000:].decode(errors="replace")
+            raise ConfigError(f"{exc}:\n{tail}") from None
         yield url
     finally:
         proc.terminate()

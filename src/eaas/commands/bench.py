@@ -231,3 +231,50 @@ def failover(
                                          progress=lambda msg: status.update(msg))  # fmt: skip
 
     _report("failover", run, table=bf.summary_table, plot=bf.plot, json_out=json_out, png=png)
+
+
+@app.command("e2e")
+def e2e(
+    model_dir: str = typer.Option(None, "--model", help="checkpoint directory (default: write a Mixtral-shaped one to a temp dir)"),
+    layers: int = typer.Option(4, "--layers", min=1, help="without --model: decoder layers of the written checkpoint"),
+    hidden: int = typer.Option(1024, "--hidden", min=1, help="without --model: hidden size D"),
+    intermediate: int = typer.Option(2816, "--intermediate", min=1, help="without --model: expert intermediate size I"),
+    concurrency: str = typer.Option("1,8,32", "--concurrency", help="comma-separated concurrency levels"),
+    max_tokens: int = typer.Option(64, "--max-tokens", min=1, help="output tokens per request"),
+    requests_per_client: int = typer.Option(4, "--requests-per-client", min=1,
+                                            help="requests per client and level (at least 8 per level)"),
+    prompt_words: int = typer.Option(16, "--prompt-words", min=1, help="words per synthetic prompt"),
+    workers: int = typer.Option(2, "--workers", min=1, help="EaaS expert worker processes (W)"),
+    replicas: int = typer.Option(1, "--replicas", min=1, help="EaaS replicas of every expert"),
+    torch_threads: int = typer.Option(1, "--torch-threads", min=1,
+                                      help="torch threads t per process: monolithic gets W x t in one process, "
+                                           "EaaS t per worker + t in its gateway"),
+    monolithic_impl: str = typer.Option(None, "--monolithic-impl",
+                                        help="force the monolithic experts implementation (eager, grouped_mm, "
+                                             "batched_mm; default: the fastest measured here)"),
+    workdir: str = typer.Option(None, "--workdir", help="keep logs and deployment state here (default: a temp dir)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    png: str = typer.Option(None, "--png", help="write throughput and ITL vs concurrency, both sides, to this PNG"),
+) -> None:
+    """Whole EaaS deployment vs the monolithic transformers gateway on one checkpoint, same load and
+    thread budget: output tokens/s, TTFT and ITL p50/p99 per concurrency, and EaaS/monolithic ratios."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from eaas.bench import e2e as be
+
+    def run() -> dict:
+        levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
+        cfg = be.E2EBenchConfig(concurrencies=levels, max_tokens=max_tokens, requests_per_client=requests_per_client,
+                                prompt_words=prompt_words, workers=workers, replicas=replicas,
+                                torch_threads=torch_threads, monolithic_impl=monolithic_impl, layers=layers,
+                                hidden=hidden, intermediate=intermediate)  # fmt: skip
+        with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+                      transient=True) as prog:  # fmt: skip
+            task = prog.add_task("starting", total=1.0)
+            return be.run_e2e_bench(cfg, model_dir=Path(model_dir) if model_dir else None,
+                                    workdir=Path(workdir) if workdir else None,
+                                    progress=lambda msg, frac: prog.update(task, description=msg, completed=frac))
+
+    _report("e2e", run, table=be.summary_table, plot=be.plot, json_out=json_out, png=png,
+            extra_lines=be.summary_lines)

@@ -18,6 +18,10 @@ def gateway(
     name: str = typer.Option(None, "--name", help="model id clients use (default: the directory name)"),
     torch_threads: int = typer.Option(None, "--torch-threads", help="torch intra-op threads (default: EAAS_TORCH_THREADS or 1)"),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="sequences decoded together at most"),
+    experts_implementation: str = typer.Option(
+        None, "--experts-implementation",
+        help="with --monolithic: transformers experts implementation (eager, grouped_mm, batched_mm;"
+             " default: EAAS_EXPERTS_IMPLEMENTATION or transformers' default)"),
 ) -> None:
     """Serve MODEL's completions, chat and layer API with continuous batching.
 
@@ -31,9 +35,18 @@ def gateway(
     from eaas.gateway.serve import build_gateway
     from eaas.settings import get_settings
 
-    settings = get_settings(host=host, port=port, torch_threads=torch_threads, max_batch_size=max_batch_size)
+    if experts_implementation and not monolithic:
+        from eaas.errors import ConfigError
+
+        raise ConfigError("--experts-implementation applies to --monolithic only (the attention client calls workers)")
+    settings = get_settings(host=host, port=port, torch_threads=torch_threads, max_batch_size=max_batch_size,
+                            experts_implementation=experts_implementation)
     app = build_gateway(model, settings, monolithic=monolithic, name=name)
-    typer.echo(f"eaas gateway: serving {app.state.runners and next(iter(app.state.runners))} "
+    what = ""
+    if monolithic and app.state.runners:
+        loaded = next(iter(app.state.runners.values())).model
+        what = f" (monolithic, experts_implementation={getattr(loaded.config, '_experts_implementation', None)})"
+    typer.echo(f"eaas gateway: serving {app.state.runners and next(iter(app.state.runners))}{what} "
                f"on http://{settings.host}:{settings.port}", err=True)
     # uvicorn handles SIGTERM/SIGINT while it serves, then restores these handlers
     # and raises the signal again; with the defaults that re-raise would kill the

@@ -14,13 +14,24 @@ from eaas.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def load_monolithic(model_dir: Path) -> Any:
-    """The plain transformers model (every expert in this process): the baseline."""
+def load_monolithic(model_dir: Path, experts_implementation: str | None = None) -> Any:
+    """The plain transformers model (every expert in this process): the baseline.
+
+    Args:
+        model_dir: checkpoint directory.
+        experts_implementation: transformers' ``experts_implementation`` (``eager``, ``grouped_mm``,
+            ``batched_mm``, ...); None: transformers' default.
+
+    Raises:
+        CheckpointError: the checkpoint cannot be loaded, or the experts implementation is unknown
+            or unavailable here.
+    """
     from transformers import AutoModelForCausalLM
 
+    kw = {"experts_implementation": experts_implementation} if experts_implementation else {}
     try:
-        return AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    except (OSError, ValueError) as exc:
+        return AutoModelForCausalLM.from_pretrained(model_dir, **kw).eval()
+    except (OSError, ValueError, ImportError) as exc:
         raise CheckpointError(f"cannot load a causal LM from {model_dir}: {exc}") from exc
 
 
@@ -69,7 +80,8 @@ def build_gateway(
     Args:
         model_dir: checkpoint directory (config.json, safetensors, tokenizer).
         settings: gateway settings (``torch_threads``, ``max_batch_size``, ...).
-        monolithic: load the plain transformers model instead of the attention client.
+        monolithic: load the plain transformers model instead of the attention client (with
+            ``settings.experts_implementation`` when set).
         name: model id for clients (default: the directory's name).
         **app_kw: passed to :func:`eaas.gateway.app.create_app` (readiness, function_invoker, metrics).
     """
@@ -82,7 +94,7 @@ def build_gateway(
     torch.set_num_threads(settings.torch_threads)
     client = None
     if monolithic:
-        model = load_monolithic(model_dir)
+        model = load_monolithic(model_dir, settings.experts_implementation)
     else:
         model, client = load_attention_client(model_dir, settings)
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
