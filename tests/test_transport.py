@@ -21,7 +21,7 @@ from eaas.platform.protocol import Header, encode_header, invoke_header, now_ms
 from eaas.platform.decode import decode_header
 from eaas.platform.transport import WorkerEndpoint, local_capabilities, select_transport
 from eaas.bench.echo import PairClient
-from eaas.platform.transport.shm import ARENA_NAME_RE, Allocator, ShmArena, ShmClientChannel, sweep_stale_arenas
+from eaas.platform.transport.shm import STALE_NAME_RE, Allocator, ShmArena, ShmClientChannel, sweep_stale_arenas
 
 LIMIT = 64 << 20
 
@@ -58,10 +58,11 @@ def stop(proc: subprocess.Popen) -> None:
 
 
 def our_arenas(pid: int | None = None) -> set[str]:
-    """Arenas created by ``pid`` (default: this test process; names are ``eaas-{pid}-...``).
-    Other processes on the machine (another test session, a deployment) may hold their own."""
+    """Arenas and their doorbells created by ``pid`` (default: this test process; names are
+    ``eaas-{pid}-...``). Other processes on the machine (another test session, a deployment)
+    may hold their own."""
     mine = f"eaas-{os.getpid() if pid is None else pid}-"
-    return {n for n in os.listdir("/dev/shm") if ARENA_NAME_RE.match(n) and n.startswith(mine)}
+    return {n for n in os.listdir("/dev/shm") if STALE_NAME_RE.match(n) and n.startswith(mine)}
 
 
 def wait_until(cond, timeout_s: float, what: str) -> None:

@@ -3,7 +3,8 @@
 ``python -m eaas.bench.echo --bind ipc:///tmp/x.sock`` serves a ROUTER
 socket through :class:`WorkerEndpoint` and answers every invoke with ``y = x``
 (written back through the transport, as a worker would); ``--raw`` echoes frames
-untouched (the bare ZeroMQ baseline). It prints ``READY <endpoint>`` once bound and
+untouched (the bare ZeroMQ baseline). Same-host ``shm`` pairs use the message ring
+(invokes and replies in the arena, :mod:`eaas.platform.transport.ring`), as a worker does. It prints ``READY <endpoint>`` once bound and
 exits on SIGTERM/SIGINT. :class:`PairClient` is the smallest correct client of one
 pair (one request in flight); the real client is ``eaas.platform.client``.
 """
@@ -20,11 +21,19 @@ from collections.abc import Sequence
 import torch
 import zmq
 
-from eaas.errors import ExpertTimeout, TransportError
+from eaas.errors import ExpertTimeout, ProtocolError, TransportError
 from eaas.platform.protocol import Header, encode_header, now_ms, raise_if_error, recv_frames, send_frames
 from eaas.platform.decode import decode_header
 from eaas.platform.transport.base import ClientChannel
 from eaas.platform.transport.select import WorkerEndpoint, make_client_channel
+from eaas.platform.waiter import Waiter
+from eaas.settings import get_settings
+
+
+def _waiter() -> Waiter:
+    """A waiter with the spin settings of the environment (``EAAS_SPIN_CAP_US``, ``EAAS_SPIN_FLOOR_US``)."""
+    s = get_settings()
+    return Waiter(s.spin_floor_us / 1e6, s.spin_cap_us / 1e6)
 
 
 def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[str] | None = None,
@@ -43,9 +52,39 @@ def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[
     print(f"READY {bound}", file=ready_out, flush=True)
     poller = zmq.Poller()
     poller.register(sock, zmq.POLLIN)
+    waiter = _waiter()
     last_sweep = time.monotonic()
+
+    def answer(peer: bytes, msg: list, ring: object | None) -> None:
+        # What a worker does with the bytes: decode + validate the header, open x
+        # (a view), compute y = f(x) (identity here) and hand y to reply_frames,
+        # which writes it where the transport wants it (arena / frames / NIXL WRITE).
+        inc = ep.on_message(peer, msg)
+        out = inc.reply
+        if out is None and inc.x is not None and inc.header is not None:
+            try:
+                out = ep.reply_frames(peer, inc.header, inc.x)  # y = x
+            except Exception as e:  # noqa: BLE001
+                out = ep.error_reply(inc.header.id, e)
+        if out is None:
+            return
+        if ring is not None and len(out) == 1 and ring.post(out[0]):
+            ring.notify()
+        else:
+            send_frames(sock, [peer, *out])
+
     while not stop:
-        if not poller.poll(200):
+        rings = ep.rings if ep is not None else {}
+        if rings:
+            for closed in waiter.wait(list(rings.values()), [sock], 0.2).closed:
+                ep.drop_peer(next(p for p, r in rings.items() if r is closed))
+            for peer, ring in list(ep.rings.items()):
+                try:
+                    while (data := ring.take()) is not None:
+                        answer(peer, [data], ring)
+                except ProtocolError:  # a corrupt ring: forget the pair (the client sees EOF)
+                    ep.drop_peer(peer)
+        elif not poller.poll(200):
             if ep is not None and time.monotonic() - last_sweep > 1.0:
                 ep.sweep()
                 last_sweep = time.monotonic()
@@ -58,21 +97,8 @@ def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[
         if ep is None:  # bare ZeroMQ baseline: the same I/O loop, no protocol
             send_frames(sock, frames)
             continue
-        if len(frames) < 2:
-            continue
-        peer = frames[0]
-        # What a worker does with the bytes: decode + validate the header, open x
-        # (a view), compute y = f(x) (identity here) and hand y to reply_frames,
-        # which writes it where the transport wants it (arena / frames / NIXL WRITE).
-        inc = ep.on_message(peer, frames[1:])
-        if inc.reply is not None:
-            send_frames(sock, [peer, *inc.reply])
-        elif inc.x is not None and inc.header is not None:
-            try:
-                out = ep.reply_frames(peer, inc.header, inc.x)  # y = x
-            except Exception as e:  # noqa: BLE001
-                out = ep.error_reply(inc.header.id, e)
-            send_frames(sock, [peer, *out])
+        if len(frames) >= 2:
+            answer(frames[0], frames[1:], None)
     sock.close(0)
     ctx.term()
 
@@ -85,17 +111,22 @@ class PairClient:
         transport: the pair's transport (see ``select_transport``).
         arena_bytes: arena size for shared transports.
         max_message_bytes: reply size limit.
+        ring: offer the shm message ring (``transport="shm"`` only): invokes and replies then
+            travel in the arena, not over ZeroMQ.
     """
 
     def __init__(self, endpoint: str, transport: str, *, arena_bytes: int = 64 << 20,
                  max_message_bytes: int = 1 << 30, ctx: zmq.Context | None = None,
-                 device: str = "cpu") -> None:
+                 device: str = "cpu", ring: bool = True) -> None:
         self.ctx = ctx or zmq.Context.instance()
         self.sock = self.ctx.socket(zmq.DEALER)
         self.sock.setsockopt(zmq.LINGER, 0)
         self.sock.connect(endpoint)
         self.max_message_bytes = max_message_bytes
-        self.channel: ClientChannel = make_client_channel(transport, arena_bytes=arena_bytes, device=device)
+        self.channel: ClientChannel = make_client_channel(transport, arena_bytes=arena_bytes, device=device,
+                                                          ring=ring)
+        self.ring = None  # the shm message ring, once the worker accepted it
+        self._waiter = _waiter()
         self._ids = itertools.count(1)
         self._rcvtimeo = -1
 
@@ -130,6 +161,21 @@ class PairClient:
             if h.kind == "error":
                 raise TransportError(f"worker refused {self.channel.name} hello: {h.code}: {h.error}")
             self.channel.on_hello_ack(h)
+            self.ring = getattr(self.channel, "ring", None)
+
+    def _recv_ring(self, timeout_s: float) -> list:
+        deadline = time.monotonic() + timeout_s
+        while (data := self.ring.take()) is None:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ExpertTimeout(f"no answer within {timeout_s} s")
+            if self._waiter.wait([self.ring], [self.sock], left).closed:
+                raise TransportError("the worker closed the pair's doorbell")
+            if self.ring.ready():
+                continue
+            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # a reply that did not fit the ring
+                return recv_frames(self.sock, 0, 1)
+        return [data]
 
     def roundtrip(self, x: torch.Tensor, segments: Sequence[tuple[str, int]] | None = None,
                   *, timeout_s: float = 30.0, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -140,9 +186,14 @@ class PairClient:
         slot.x.copy_(x)  # the gather (copy 1)
         rid = next(self._ids)
         segs = segments if segments is not None else (("echo/0/0", rows),)
-        send_frames(self.sock, ch.invoke_frames(slot, rid, segs, now_ms() + int(timeout_s * 1000)))
+        frames = ch.invoke_frames(slot, rid, segs, now_ms() + int(timeout_s * 1000))
+        ring = self.ring
+        if ring is not None and len(frames) == 1 and ring.post(frames[0]):
+            ring.notify()
+        else:
+            send_frames(self.sock, frames)
         try:
-            frames = self._recv(timeout_s)
+            frames = self._recv_ring(timeout_s) if ring is not None else self._recv(timeout_s)
             h = decode_header(frames[0], max_message_bytes=self.max_message_bytes, check_deadline=False)
             raise_if_error(h)
             y = ch.decode_reply(slot, h, frames[1:])

@@ -17,10 +17,15 @@ Same total thread budget: ``monolithic_threads = W * worker_threads`` (the
 client runs the router and the combine on ``client_threads`` = 1 thread and
 otherwise waits on its sockets). Everything runs in one invocation: a private
 Redis, a seeded Mixtral-shaped checkpoint, the pool. Per ``T``: warm-up calls
-of both, then ``repeats`` timed calls that alternate monolithic and EaaS (so a
-noisy neighbour hits both alike); tokens/s = ``T / median(seconds)``; each row
-also carries the best (minimum) times and their ``ratio_best``, the estimate
-least moved by other load on a small shared machine. The first
+of both, then ``repeats`` timed calls of each, in alternating blocks of ``block``
+calls (so a noisy neighbour hits both alike, while neither side runs right after
+the other's every call: the monolithic side's idle OpenMP threads spin for a while
+after each call, on the cores the workers need); tokens/s = ``T / median(seconds)``;
+``overhead_ms`` = EaaS ms − monolithic ms (the per-layer price of going remote); each
+row also carries the best (minimum) times and their ``ratio_best``, the estimate
+least moved by other load on a small shared machine. The same run measures the
+physical floors of a same-host round trip (:mod:`eaas.bench.floors`): a unix-socket
+round trip (sleeping) and a shared-memory flag round trip (spinning). The first
 EaaS output is compared with the monolithic one (max abs error relative to the
 output scale, must be <= 1e-5); the worst error is reported in ``config``.
 """
@@ -35,6 +40,7 @@ from typing import Any
 
 import torch
 
+from eaas.bench.floors import measure_floors
 from eaas.bench.harness import local_stack
 from eaas.functions import write_tiny_checkpoint
 from eaas.functions.families import moe_block
@@ -72,6 +78,7 @@ def run_layer_bench(
     transport: str = "auto",
     seed: int = 0,
     monolithic_impl: str | None = None,
+    block: int = 5,
     progress: Callable[[str, float], None] | None = None,
 ) -> dict[str, Any]:
     """Measure one MoE layer's tokens/s through EaaS and monolithically, per ``T``.
@@ -88,6 +95,7 @@ def run_layer_bench(
         seed: seed of the checkpoint and the inputs.
         monolithic_impl: experts implementation of the monolithic block (``eager``,
             ``grouped_mm``, ...; default: transformers' default).
+        block: consecutive calls of one side before the other side's turn.
         progress: ``progress(message, fraction_done)`` callback.
 
     Returns:
@@ -100,8 +108,8 @@ def run_layer_bench(
     tokens = [int(t) for t in tokens]
     if not tokens or min(tokens) < 1:
         raise ValueError(f"tokens must be positive, got {tokens}")
-    if repeats < 1 or warmup < 0 or workers < 1 or worker_threads < 1:
-        raise ValueError("repeats, workers and worker_threads must be >= 1, warmup >= 0")
+    if repeats < 1 or warmup < 0 or workers < 1 or worker_threads < 1 or block < 1:
+        raise ValueError("repeats, workers, worker_threads and block must be >= 1, warmup >= 0")
     report = progress or (lambda _msg, _frac: None)
     saved_threads = torch.get_num_threads()
     load_before = _load_avg()
@@ -123,9 +131,11 @@ def run_layer_bench(
             settings = get_settings(redis_url=st.redis_url, prefix=st.registry.prefix, transport=transport)
             client = ExpertClient(st.registry, st.model, settings, seed=seed)
             bind_experts(eaas_model, client, st.model)
-            timer = _Timer(mono, eaas, workers * worker_threads, warmup, repeats, len(tokens), report)
+            timer = _Timer(mono, eaas, workers * worker_threads, warmup, repeats, len(tokens), report, block)
             gen = torch.Generator().manual_seed(seed + 1)
             rows = [timer.row(t, torch.randn(1, t, hidden, generator=gen)) for t in tokens]
+            report("measuring the round-trip floors", 1.0)
+            floors = measure_floors()
             worst_err = max(r["max_rel_err"] for r in rows)
             config = {
                 "arch": "mixtral", "hidden": hidden, "intermediate": intermediate, "experts": experts,
@@ -140,7 +150,8 @@ def run_layer_bench(
                 "cpu_count": _cpu_count(), "load_avg_1m": {"before": load_before, "after": _load_avg()},
                 "monolithic": f"transformers {type(mono).__name__} (router + experts), experts_implementation={mono_impl}",
                 "eaas": f"same {type(eaas).__name__}, experts_implementation=eaas (ExpertClient -> {workers} workers, eager experts)",
-                "repeats": repeats, "warmup": warmup, "statistic": "median", "seed": seed,
+                "repeats": repeats, "warmup": warmup, "block": block, "statistic": "median", "seed": seed,
+                "floors": floors, "spin_cap_us": settings.spin_cap_us, "shm_ring": settings.shm_ring,
                 "exact": worst_err <= EXACT_RTOL, "max_rel_err": worst_err, "exact_tolerance": EXACT_RTOL,
                 "client_requests": client.stats.requests, "client_failovers": client.stats.failovers,
                 "versions": _versions(),
@@ -171,8 +182,9 @@ class _Timer:
     of the comparison (the monolithic block gets all threads; the client one)."""
 
     def __init__(self, mono: torch.nn.Module, eaas: torch.nn.Module, budget: int, warmup: int, repeats: int,
-                 num_t: int, report: Callable[[str, float], None]) -> None:
+                 num_t: int, report: Callable[[str, float], None], block: int = 1) -> None:
         self.mono, self.eaas, self.budget, self.warmup, self.repeats = mono, eaas, budget, warmup, repeats
+        self.block = block
         self.report, self.steps, self.done = report, num_t * 2 * (warmup + repeats), 0
 
     def _timed(self, block: torch.nn.Module, x: torch.Tensor, threads: int) -> tuple[torch.Tensor, float]:
@@ -187,22 +199,40 @@ class _Timer:
         mono_s: list[float] = []
         eaas_s: list[float] = []
         err = None
+        total = self.warmup + self.repeats
         with torch.inference_mode():
-            for i in range(self.warmup + self.repeats):
-                ref, dm = self._timed(self.mono, x, self.budget)
-                out, de = self._timed(self.eaas, x, 1)
-                if i >= self.warmup:
-                    mono_s.append(dm)
-                    eaas_s.append(de)
-                if err is None:  # the first EaaS call of this T vs the monolithic output
-                    err = _rel_err(out, ref)
-                phase = "timed" if i >= self.warmup else "warm-up"
-                self.report(f"T={t}: {phase} call {i + 1}/{self.warmup + self.repeats}", self.done / self.steps)
+            for start in range(0, total, self.block):
+                n = min(self.block, total - start)
+                refs = []
+                for i in range(start, start + n):
+                    ref, dm = self._timed(self.mono, x, self.budget)
+                    refs.append(ref)
+                    if i >= self.warmup:
+                        mono_s.append(dm)
+                for i in range(start, start + n):
+                    out, de = self._timed(self.eaas, x, 1)
+                    if i >= self.warmup:
+                        eaas_s.append(de)
+                    if err is None:  # the first EaaS call of this T vs the monolithic output
+                        err = _rel_err(out, refs[0])
+                phase = "timed" if start + n > self.warmup else "warm-up"
+                self.report(f"T={t}: {phase} calls {start + n}/{total}", self.done / self.steps)
         m, e = statistics.median(mono_s), statistics.median(eaas_s)
         return {"tokens": t, "eaas_tokens_per_s": t / e, "monolithic_tokens_per_s": t / m, "ratio": m / e,
                 "eaas_ms": e * 1000, "monolithic_ms": m * 1000, "eaas_best_ms": min(eaas_s) * 1000,
                 "monolithic_best_ms": min(mono_s) * 1000, "ratio_best": min(mono_s) / min(eaas_s),
+                "overhead_ms": (e - m) * 1000, "overhead_ci95_ms": _diff_ci_ms(eaas_s, mono_s),
                 "max_rel_err": float(err if err is not None else 0.0)}  # fmt: skip
+
+
+def _diff_ci_ms(a: list[float], b: list[float]) -> list[float] | None:
+    """A 95 % interval of median(a) − median(b) in ms (the medians' own intervals, combined)."""
+    from eaas.bench.stats import median_ci
+
+    if len(a) < 6 or len(b) < 6:
+        return None
+    (_, (alo, ahi), _), (_, (blo, bhi), _) = median_ci(a), median_ci(b)
+    return [round((alo - bhi) * 1000, 3), round((ahi - blo) * 1000, 3)]
 
 
 def _cpu_count() -> int:
@@ -239,15 +269,22 @@ def summary_table(result: dict[str, Any]) -> Any:
     title = (f"MoE layer D={cfg['hidden']} I={cfg['intermediate']} E={cfg['experts']} top-{cfg['top_k']}: "
              f"EaaS ({cfg['workers']} workers x {tb['worker_threads']} thread) vs monolithic ({tb['monolithic_threads']} threads)")
     table = Table(title=title)
-    for col in ("T", "EaaS tok/s", "monolithic tok/s", "ratio", "EaaS ms", "mono ms", "ratio (best)", "max rel err"):
+    for col in ("T", "EaaS tok/s", "monolithic tok/s", "ratio", "EaaS ms", "mono ms", "overhead ms",
+                "ratio (best)", "max rel err"):
         table.add_column(col, justify="right")
     for r in result["rows"]:
+        ci = r.get("overhead_ci95_ms")
+        over = f"{r['overhead_ms']:+.2f}" + (f" [{ci[0]:+.2f}, {ci[1]:+.2f}]" if ci else "")
         table.add_row(str(r["tokens"]), f"{r['eaas_tokens_per_s']:,.0f}", f"{r['monolithic_tokens_per_s']:,.0f}",
-                      f"{r['ratio']:.2f}x", f"{r['eaas_ms']:.1f}", f"{r['monolithic_ms']:.1f}", f"{r['ratio_best']:.2f}x",
-                      f"{r['max_rel_err']:.1e}")
+                      f"{r['ratio']:.2f}x", f"{r['eaas_ms']:.2f}", f"{r['monolithic_ms']:.2f}", over,
+                      f"{r['ratio_best']:.2f}x", f"{r['max_rel_err']:.1e}")
     table.caption = (f"exact: {cfg['exact']} (max rel err {cfg['max_rel_err']:.1e} <= {cfg['exact_tolerance']:g}); "
                      f"transport {', '.join(cfg['transports_used']) or cfg['transport']}; median of {cfg['repeats']}; "
                      f"load avg {cfg['load_avg_1m']['before']} -> {cfg['load_avg_1m']['after']}")
+    fl = cfg.get("floors")
+    if fl:
+        table.caption += (f"\nfloors, same run (p50): unix-socket round trip {fl['unix_socket_rtt_us']['p50']:.0f} µs "
+                          f"(sleeping), shm flag round trip {fl['shm_flag_rtt_us']['p50']:.1f} µs (spinning)")
     return table
 
 

@@ -166,6 +166,7 @@ def layer(
                                        help="torch threads per worker; the monolithic run gets W x this"),
     repeats: int = typer.Option(5, "--repeats", min=1, help="timed calls per side and T (median reported)"),
     warmup: int = typer.Option(2, "--warmup", min=0, help="untimed calls per side and T first"),
+    block: int = typer.Option(5, "--block", min=1, help="consecutive calls of one side before the other's turn"),
     transport: str = typer.Option("auto", "--transport", help="data-plane transport: auto, inline, shm, cuda_ipc, nixl"),
     seed: int = typer.Option(0, "--seed", help="seed of the checkpoint and the inputs"),
     monolithic_impl: str = typer.Option(None, "--monolithic-impl",
@@ -192,7 +193,7 @@ def layer(
             return bl.run_layer_bench(
                 ts, workers=workers, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k,
                 replicas=replicas, worker_threads=worker_threads, repeats=repeats, warmup=warmup,
-                transport=transport, seed=seed, monolithic_impl=monolithic_impl,
+                transport=transport, seed=seed, monolithic_impl=monolithic_impl, block=block,
                 progress=lambda msg, frac: prog.update(task, description=msg, completed=frac),
             )  # fmt: skip
 

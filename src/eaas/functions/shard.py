@@ -29,6 +29,10 @@ logger = logging.getLogger(__name__)
 Segment = tuple[tuple[int, int], int]
 
 
+ROUTING_CACHE_ROWS = 64  # batches of at most this many rows keep their routing tensors
+ROUTING_CACHE_MAX = 1024
+
+
 class ExpertShard:
     """The experts one worker hosts, callable on rows grouped by expert.
 
@@ -61,6 +65,8 @@ class ExpertShard:
             (layer, e): i for layer, es in experts.items() for i, e in enumerate(es)
         }
         self.functions: tuple[tuple[int, int], ...] = tuple(sorted(self._local))
+        # (counts, local experts, dtype) -> (local_index [n, 1], ones [n, 1]) for small batches
+        self._routing: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
         self.nbytes = sum(
             p.numel() * p.element_size() for m in modules.values() for p in m.parameters()
         )
@@ -135,11 +141,20 @@ class ExpertShard:
 
     def _run(self, layer: int, x: torch.Tensor, counts: list[int], locals_: list[int]) -> torch.Tensor:
         """One eager forward of ``layer``'s module; computes each hosted expert once."""
-        local_index = torch.repeat_interleave(
-            torch.tensor(locals_, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
-        ).to(x.device)[:, None]  # [n, 1]
-        ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)  # [n, 1]
-        return self._modules[layer](x, local_index, ones)
+        key = (tuple(counts), tuple(locals_), x.dtype)
+        routing = self._routing.get(key)
+        if routing is None:  # the same small groupings recur request after request at decode
+            with torch.inference_mode(False):
+                local_index = torch.repeat_interleave(
+                    torch.tensor(locals_, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
+                ).to(x.device)[:, None]  # [n, 1]
+                ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)  # [n, 1]
+            routing = (local_index, ones)
+            if x.shape[0] <= ROUTING_CACHE_ROWS:
+                if len(self._routing) >= ROUTING_CACHE_MAX:
+                    self._routing.clear()
+                self._routing[key] = routing
+        return self._modules[layer](x, *routing)
 
     def _check_input(self, x: object) -> None:
         if not isinstance(x, torch.Tensor):

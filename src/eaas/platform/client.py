@@ -152,7 +152,8 @@ class ExpertClient:
 
         Args:
             layer: decoder layer index.
-            hidden_states: ``[T, D]`` (fp32/bf16/fp16, CPU).
+            hidden_states: ``[T, D]`` (fp32/bf16/fp16; CPU, or CUDA: new pairs then pick
+                ``cuda_ipc`` with workers on the same GPU node).
             top_k_index: ``[T, K]`` expert ids from the model's router.
             top_k_weights: ``[T, K]`` routing weights.
 

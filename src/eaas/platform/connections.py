@@ -52,7 +52,7 @@ class Connections:
 
     def __init__(self, model: str, settings: Settings, transport: str) -> None:
         self.model, self.settings, self.transport = model, settings, transport
-        self.caps = local_capabilities("cpu")
+        self._caps: dict[str, dict] = {}  # device -> local_capabilities(device)
         self._ctx = zmq.Context.instance()
         self._conns: dict[str, Conn] = {}
 
@@ -66,8 +66,18 @@ class Connections:
         """The open connection to ``wid``, or None."""
         return self._conns.get(wid)
 
-    def connect(self, worker: WorkerRecord) -> Conn:
+    def caps(self, device: str) -> dict:
+        """This process's capabilities for tensors on ``device`` (``cuda:N`` offers ``cuda_ipc``)."""
+        c = self._caps.get(device)
+        if c is None:
+            c = self._caps[device] = local_capabilities(device)
+        return c
+
+    def connect(self, worker: WorkerRecord, device: str = "cpu") -> Conn:
         """The connection to this incarnation of ``worker`` (opened, with its handshake, if needed).
+
+        ``device``: where the caller's hidden states live; a new pair's transport follows it
+        (both ends on CUDA on one GPU node: ``cuda_ipc``; one host: ``shm``).
 
         Raises:
             TransportError: a handshake was needed and the worker is not reachable.
@@ -84,10 +94,11 @@ class Connections:
         sock.connect(worker.endpoint)
         name = "inline"
         try:
-            name = select_transport(self.caps, worker.capabilities, self.transport)
+            name = select_transport(self.caps(device), worker.capabilities, self.transport)
         except TransportError as e:
             log.warning("client %s: %s; using inline with worker %s", self.model, e, worker.id)
-        channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes, ring=self.settings.shm_ring)
+        channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes, ring=self.settings.shm_ring,
+                                      device=device if name == "cuda_ipc" else "cpu")
         c = Conn(worker, sock, monitor, channel, name)
         hello = channel.hello_header()
         if hello is not None and not self._handshake(c, hello):

@@ -60,8 +60,24 @@ class LayerPlan:
         return out
 
 
+#: small index tensors recur call after call at decode ([0], [0, 1], ...): built once each
+_INDEX_CACHE: dict[tuple[int, ...], torch.Tensor] = {}
+_INDEX_CACHE_MAX = 4096
+_INDEX_CACHE_LEN = 16  # lists longer than this are not cached
+
+
 def _tensor(values: list[int]) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64)
+    """``values`` as an int64 tensor; short ones come from a cache (callers only read them)."""
+    if len(values) > _INDEX_CACHE_LEN:
+        return torch.tensor(values, dtype=torch.int64)
+    key = tuple(values)
+    t = _INDEX_CACHE.get(key)
+    if t is None:
+        if len(_INDEX_CACHE) >= _INDEX_CACHE_MAX:
+            _INDEX_CACHE.clear()
+        with torch.inference_mode(False):
+            t = _INDEX_CACHE[key] = torch.tensor(values, dtype=torch.int64)
+    return t
 
 
 def plan_layer(top_k_index: torch.Tensor, num_experts: int) -> LayerPlan:
@@ -151,17 +167,18 @@ def combine(
     Args:
         hidden_states: ``[T, D]`` (gives the output's shape and dtype).
         plan: from :func:`plan_layer`.
-        y: ``[R, D]`` expert outputs in plan order.
-        top_k_weights: ``[T, K]`` routing weights.
+        y: ``[R, D]`` expert outputs in plan order (on ``hidden_states``' device).
+        top_k_weights: ``[T, K]`` routing weights (same device; the plan's indices follow it).
 
     Returns:
         ``[T, D]`` in ``hidden_states.dtype``.
     """
     out = torch.zeros_like(hidden_states)
-    w = top_k_weights.reshape(-1).index_select(0, plan.weight_idx)
+    dev = out.device
+    w = top_k_weights.reshape(-1).index_select(0, plan.weight_idx.to(dev))
     cur = (y * w[:, None]).to(out.dtype)
     for rows, tokens in plan.rounds:
-        out.index_add_(0, tokens, cur.index_select(0, rows))
+        out.index_add_(0, tokens.to(dev), cur.index_select(0, rows.to(dev)))
     return out
 
 

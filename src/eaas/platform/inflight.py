@@ -69,7 +69,8 @@ class LayerCall:
     def __init__(self, client: ExpertClient, x: torch.Tensor, items: list[Item], total_rows: int) -> None:
         self.c = client
         self.x = x
-        self.y = torch.empty((total_rows, x.shape[1]), dtype=x.dtype)
+        self.y = torch.empty((total_rows, x.shape[1]), dtype=x.dtype, device=x.device)
+        self.device = str(x.device)
         self.pending: list[Item] = list(items)
         self.inflight: dict[str, InFlight] = {}
         self.load: Counter[str] = Counter()
@@ -155,12 +156,15 @@ class LayerCall:
 
     def _send(self, worker: Any, its: list[Item], attempt_deadline_s: float, call_deadline_s: float) -> None:
         c = self.c
-        conn = c._conns.connect(worker)
+        conn = c._conns.connect(worker, self.device)
         ch = conn.channel
         n = sum(it.rows.numel() for it in its)
         slot = ch.alloc(n, self.x.shape[1], self.x.dtype)
         idx = its[0].rows if len(its) == 1 else torch.cat([it.rows for it in its])
-        torch.index_select(self.x, 0, idx, out=slot.x)
+        if slot.x.device == self.x.device:
+            torch.index_select(self.x, 0, idx.to(self.x.device), out=slot.x)
+        else:  # a host transport for device rows (no cuda_ipc between these two): one copy over
+            slot.x.copy_(self.x.index_select(0, idx.to(self.x.device)))
         rid = c._next_request_id()
         deadline_ms = now_ms() + int(max(0.0, call_deadline_s - time.monotonic()) * 1000)
         frames = ch.invoke_frames(slot, rid, [(it.fid, it.rows.numel()) for it in its], deadline_ms)

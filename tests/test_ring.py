@@ -1,0 +1,283 @@
+"""The same-host fast path: the shm message ring, its doorbell, the spin policy and the waiter.
+
+Unit tests run a client Ring and a worker Ring over one shared mapping in this process
+(a socketpair for the doorbell); the rest go through a real echo process and real
+expert workers, killed for real.
+"""
+
+from __future__ import annotations
+
+import mmap
+import signal
+import socket
+import threading
+import time
+import uuid
+
+import pytest
+import torch
+
+from eaas.errors import ProtocolError, TransportError
+from eaas.platform.spin import SpinState, spin_budget_s
+from eaas.platform.transport.ring import (
+    REQ_POSTED,
+    Ring,
+    check_ring_geometry,
+    ring_bytes,
+    ring_supported,
+)
+from eaas.platform.waiter import Waiter
+
+pytestmark = pytest.mark.skipif(not ring_supported(), reason="the shm ring is offered on x86-64 Linux only")
+
+SLOTS, SLOT_BYTES = 4, 256
+
+
+@pytest.fixture
+def pair():
+    """(client Ring, worker Ring) over one mapping, doorbell = a socketpair."""
+    mm = mmap.mmap(-1, ring_bytes(SLOTS, SLOT_BYTES))
+    a, b = socket.socketpair()
+    client = Ring(memoryview(mm), SLOTS, SLOT_BYTES, "client", a)
+    worker = Ring(memoryview(mm), SLOTS, SLOT_BYTES, "worker", b)
+    yield client, worker
+    client.close()
+    worker.close()
+
+
+# --- the ring itself ---------------------------------------------------------------------
+
+
+def test_messages_arrive_in_order_both_ways(pair) -> None:
+    client, worker = pair
+    for i in range(3 * SLOTS):  # wraps around the slots several times
+        assert client.post(f"req {i}".encode())
+        assert worker.ready()
+        assert worker.take() == f"req {i}".encode()
+        assert worker.take() is None and not worker.ready()
+        assert worker.post(f"rep {i}".encode())
+        assert client.take() == f"rep {i}".encode()
+    assert client.posted == client.taken == worker.posted == worker.taken == 3 * SLOTS
+
+
+def test_a_full_ring_or_an_oversized_message_is_refused_not_overwritten(pair) -> None:
+    client, worker = pair
+    for i in range(SLOTS):
+        assert client.post(bytes([i]) * 10)
+    assert not client.post(b"one too many")  # the worker has not taken the oldest yet
+    assert not client.post(b"x" * SLOT_BYTES)  # does not fit a slot (4 bytes of length)
+    assert worker.take() == bytes([0]) * 10  # the oldest survived
+    assert client.post(b"now there is room")
+    taken = [worker.take() for _ in range(SLOTS)]
+    assert taken[-1] == b"now there is room" and worker.take() is None
+
+
+def test_a_corrupt_counter_or_length_is_an_error_not_a_crash(pair) -> None:
+    client, worker = pair
+    w = memoryview(client._buf)[:1024].cast("Q")
+    w[REQ_POSTED] = 10**12  # a hostile peer claims a trillion messages
+    with pytest.raises(ProtocolError, match="overrun"):
+        worker.take()
+    w[REQ_POSTED] = 0
+    assert client.post(b"ok")
+    client._buf[1024:1028] = (SLOT_BYTES * 4).to_bytes(4, "little")  # the length word lies
+    with pytest.raises(ProtocolError, match="exceeds"):
+        worker.take()
+    w.release()
+
+
+def test_notify_rings_the_doorbell_only_when_the_peer_sleeps(pair) -> None:
+    client, worker = pair
+    client.post(b"a")
+    client.notify()
+    assert client.rings_sent == 0  # the worker was awake (spinning): no system call
+    worker.take()
+    assert worker.sleep_begin() is False  # nothing waiting: it may sleep
+    client.post(b"b")
+    client.notify()
+    assert client.rings_sent == 1
+    assert worker.sleep_end() is True  # doorbell drained, peer alive
+    assert worker.take() == b"b"
+    client.post(b"c")
+    assert worker.sleep_begin() is True  # a message is already there: no sleep
+
+
+def test_the_doorbell_reports_a_peer_that_closed(pair) -> None:
+    client, worker = pair
+    assert worker.sleep_begin() is False
+    client.close()
+    assert worker.sleep_end() is False and worker.closed
+    assert not worker.ready() and worker.take() is None and not worker.post(b"x")
+
+
+@pytest.mark.parametrize("slots,slot_bytes,size", [(0, 256, 1 << 20), (4, 100, 1 << 20), (4, 4096, 1000),
+                                                   ("4", 256, 1 << 20), (10**6, 256, 1 << 40)])
+def test_announced_ring_geometry_is_validated(slots, slot_bytes, size) -> None:
+    with pytest.raises(ProtocolError) as e:
+        check_ring_geometry(slots, slot_bytes, size)
+    assert e.value.code == "bad_handle"
+
+
+# --- the spin policy (pure) --------------------------------------------------------------
+
+
+@pytest.mark.parametrize("typical_us,runnable,cpus,want_us", [
+    (100, 1, 2, 200),      # short waits, a free core: spin twice the typical wait
+    (10, 1, 2, 50),        # never below the floor
+    (2000, 1, 2, 3000),    # capped
+    (5000, 1, 2, 50),      # waits longer than the cap: sleep after the floor
+    (100, 3, 2, 50),       # more runnable processes than cores: do not steal one
+])
+def test_spin_budget(typical_us, runnable, cpus, want_us) -> None:
+    got = spin_budget_s(typical_us / 1e6, runnable, cpus, floor_s=50e-6, cap_s=3000e-6)
+    assert got == pytest.approx(want_us / 1e6)
+
+
+def test_spinning_can_be_switched_off_and_state_learns() -> None:
+    assert spin_budget_s(1e-4, 1, 8, floor_s=50e-6, cap_s=0) == 0
+    s = SpinState()
+    for _ in range(50):
+        s.observe(0.001, slept=True)
+    assert s.typical_wait_s == pytest.approx(0.001, rel=1e-3) and s.slept == 50 and s.spun == 0
+
+
+# --- the waiter ---------------------------------------------------------------------------
+
+
+def test_waiter_sleeps_and_wakes_on_the_doorbell(pair) -> None:
+    client, worker = pair
+    waiter = Waiter(floor_s=0, cap_s=0)  # never spin: every wait goes to the kernel
+
+    def later() -> None:
+        time.sleep(0.05)  # the other side's work, not synchronisation: the wait below must end on it
+        client.post(b"hello")
+        client.notify()
+
+    t = threading.Thread(target=later)
+    t.start()
+    res = waiter.wait([worker], [], timeout_s=10)
+    t.join()
+    assert res.slept and not res.closed and 0.03 < res.waited_s < 5
+    assert worker.take() == b"hello" and client.rings_sent == 1
+
+
+def test_waiter_returns_at_once_when_a_peer_closes(pair) -> None:
+    client, worker = pair
+    threading.Timer(0.05, client.close).start()
+    res = Waiter(floor_s=0, cap_s=0).wait([worker], [], timeout_s=10)
+    assert res.closed == [worker] and res.waited_s < 5
+
+
+# --- through real processes ----------------------------------------------------------------
+
+
+@pytest.fixture
+def echo():
+    from tests.test_transport import start_echo, stop
+
+    proc, ep = start_echo(f"ipc:///tmp/eaas-test-{uuid.uuid4().hex[:8]}.sock")
+    yield proc, ep
+    stop(proc)
+
+
+def test_shm_pairs_carry_invokes_and_replies_in_the_ring(echo) -> None:
+    from eaas.bench.echo import PairClient
+
+    _, ep = echo
+    with_ring, without = PairClient(ep, "shm", arena_bytes=1 << 20), PairClient(ep, "shm", arena_bytes=1 << 20, ring=False)
+    try:
+        with_ring.connect(timeout_s=30)
+        without.connect(timeout_s=30)
+        assert with_ring.ring is not None and without.ring is None
+        g = torch.Generator().manual_seed(3)
+        for i in range(50):
+            x = torch.randn(1 + i, 64, generator=g)
+            assert torch.equal(with_ring.roundtrip(x).view(torch.uint8), without.roundtrip(x).view(torch.uint8))
+        assert with_ring.ring.posted == with_ring.ring.taken == 50  # every invoke and reply went through the ring
+    finally:
+        with_ring.close()
+        without.close()
+
+
+def test_garbage_or_a_corrupt_counter_in_the_ring_never_kills_the_worker(echo) -> None:
+    from eaas.bench.echo import PairClient
+
+    proc, ep = echo
+    c = PairClient(ep, "shm", arena_bytes=1 << 20)
+    try:
+        c.connect(timeout_s=30)
+        x = torch.randn(2, 8)
+        assert c.ring.post(b"\xc1 not msgpack")
+        c.ring.notify()
+        reply = None
+        deadline = time.monotonic() + 10
+        while reply is None and time.monotonic() < deadline:
+            c._waiter.wait([c.ring], [], 0.5)
+            reply = c.ring.take()
+        from eaas.platform.decode import decode_header
+
+        h = decode_header(reply, max_message_bytes=1 << 20, check_deadline=False)
+        assert h.kind == "error" and h.code == "bad_header"  # answered through the ring, with a code
+        assert torch.equal(c.roundtrip(x), x)  # and the pair still works
+        w = c.ring._w
+        w[REQ_POSTED] = 10**12  # a corrupt counter: the worker drops this pair and closes its doorbell
+        c.ring.notify()
+        deadline = time.monotonic() + 20
+        while not c._waiter.wait([c.ring], [], 0.5).closed:
+            assert time.monotonic() < deadline, "the worker did not drop the corrupt pair"
+        with pytest.raises(TransportError):
+            c.roundtrip(x, timeout_s=20)
+    finally:
+        c.close()
+    assert proc.poll() is None  # the worker lives, and serves a new pair
+    c2 = PairClient(ep, "shm", arena_bytes=1 << 20)
+    try:
+        c2.connect(timeout_s=30)
+        assert torch.equal(c2.roundtrip(x), x)
+    finally:
+        c2.close()
+
+
+def test_a_killed_worker_is_noticed_through_the_doorbell_not_a_timeout(echo) -> None:
+    from eaas.bench.echo import PairClient
+
+    proc, ep = echo
+    c = PairClient(ep, "shm", arena_bytes=1 << 20)
+    try:
+        c.connect(timeout_s=30)
+        x = torch.randn(4, 4)
+        assert torch.equal(c.roundtrip(x), x)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+        t0 = time.monotonic()
+        with pytest.raises(TransportError, match="doorbell"):
+            c.roundtrip(x, timeout_s=60)
+        assert time.monotonic() - t0 < 30  # EOF on the doorbell, far sooner than the 60 s timeout
+    finally:
+        c.close()
+
+
+def test_expert_client_over_the_ring_equals_the_zeromq_path(registry, registered, workers) -> None:
+    from eaas.platform.client import ExpertClient
+    from eaas.settings import get_settings
+    from eaas.testing import wait_workers_ready
+
+    model = registered("mixtral")
+    workers(model, ["*:0-3", "*:4-7"])
+    wait_workers_ready(registry, model, 2)
+    fast = ExpertClient(registry, model, get_settings(redis_url="unused", prefix=registry.prefix))
+    slow = ExpertClient(registry, model, get_settings(redis_url="unused", prefix=registry.prefix, shm_ring=False))
+    try:
+        g = torch.Generator().manual_seed(11)
+        for t in (1, 1, 3, 40):
+            x = torch.randn(t, 64, generator=g)
+            idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(t)])
+            w = torch.rand(t, 2, generator=g)
+            assert torch.equal(fast.forward(1, x, idx, w), slow.forward(1, x, idx, w))
+        rings = [c.ring for c in fast._conns._conns.values()]
+        assert len(rings) == 2 and all(r is not None for r in rings)
+        assert sum(r.posted for r in rings) == fast.stats.requests  # no invoke went over ZeroMQ
+        assert all(c.ring is None for c in slow._conns._conns.values())
+    finally:
+        fast.close()
+        slow.close()
