@@ -334,3 +334,15 @@ def test_local_capabilities_here():
     assert {"inline", "shm"} <= set(caps["transports"]) and caps["cuda"] is False
     assert select_transport(caps, local_capabilities()) == "shm"
     assert local_capabilities(offered=["inline"])["transports"] == ["inline"]
+
+
+def test_every_side_implements_the_declared_protocols():
+    from eaas.platform.transport.base import ClientChannel, WorkerSide
+
+    ep = WorkerEndpoint(max_message_bytes=LIMIT)
+    assert ep._sides and all(isinstance(side, WorkerSide) for side in ep._sides.values())
+    ch = ShmClientChannel(1 << 20)
+    try:
+        assert isinstance(ch, ClientChannel)
+    finally:
+        ch.close()

@@ -27,7 +27,7 @@ overwrite a slot that was handed out again.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
@@ -99,6 +99,35 @@ class ClientChannel(Protocol):
 
     def close(self) -> None:
         """Free everything; the worker learns through ``bye`` or by sweeping."""
+
+
+@runtime_checkable
+class WorkerSide(Protocol):
+    """Worker side of one transport, for every peer of one ROUTER socket (``inline``,
+    ``shm``, ``cuda_ipc``, ``nixl``). Every method raises
+    :class:`~eaas.errors.ProtocolError` with a code on bad input and never anything else
+    on purpose; :class:`~eaas.platform.transport.select.WorkerEndpoint` turns that into
+    an error reply."""
+
+    name: str
+
+    def on_hello(self, peer: Hashable, header: Header) -> dict:
+        """Set up the pair (map an arena, open handles); returns the ``hello_ack`` handle."""
+
+    def open_request(self, peer: Hashable, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
+        """``x[N, D]`` of a validated invoke (a view; do not write into it)."""
+
+    def reply_view(self, peer: Hashable, header: Header) -> torch.Tensor:
+        """Where ``y[N, D]`` may be written directly (the request's region, or a fresh tensor)."""
+
+    def reply_frames(self, peer: Hashable, header: Header, y: torch.Tensor) -> list[Frame]:
+        """Frames answering ``header`` with ``y`` (written into the region when shared)."""
+
+    def drop_peer(self, peer: Hashable) -> None:
+        """Forget the pair's state."""
+
+    def sweep(self) -> int:
+        """Drop the state of peers whose process died; return how many."""
 
 
 def write_reply(out: torch.Tensor, y: torch.Tensor) -> None:

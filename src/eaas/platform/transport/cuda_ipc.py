@@ -31,9 +31,10 @@ from typing import Any
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import ArenaSlots, Slot, write_reply
-from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
+from eaas.platform.protocol import Frame, Header, encode_reply
+from eaas.platform.transport.arena import ArenaChannel, check_region
+from eaas.platform.transport.base import Slot, write_reply
+from eaas.platform.transport.inline import InlineClientChannel
 from eaas.platform.transport.shm import Allocator
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def _as_u8_tensor(cp: Any, mem: Any, size: int, idx: int) -> torch.Tensor:
         return torch.as_tensor(arr, device=f"cuda:{idx}")
 
 
-class CudaIpcClientChannel(ArenaSlots):
+class CudaIpcClientChannel(ArenaChannel):
     """Client side of ``cuda_ipc``: owns the device arena and slots in it.
 
     Args:
@@ -91,6 +92,7 @@ class CudaIpcClientChannel(ArenaSlots):
         self._lock = threading.Lock()
         self._abandoned: dict[str | int, Slot] = {}
         self._inline = InlineClientChannel()
+        self._ident = {"arena": self.arena_id}
         self._worker_event: int | None = None
 
     def hello_header(self) -> Header | None:
@@ -109,41 +111,17 @@ class CudaIpcClientChannel(ArenaSlots):
     def ready(self) -> bool:
         return self._worker_event is not None
 
-    def alloc(self, rows: int, hidden: int, dtype: torch.dtype) -> Slot:
-        nbytes = rows * hidden * dtype.itemsize
-        off = None
-        if nbytes:
-            with self._lock:
-                off = self._alloc.alloc(nbytes)
-        if off is None:  # arena full: this request goes inline (a CPU tensor)
-            return self._inline.alloc(rows, hidden, dtype)
-        x = self.u8[off:off + nbytes].view(dtype).view(rows, hidden)
-        return Slot(x=x, transport="cuda_ipc", offset=off, nbytes=nbytes)
+    def _view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+        return self.u8[offset:offset + nbytes].view(dtype).view(shape)
 
-    def invoke_frames(self, slot: Slot, request_id: str | int,
-                      segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
-        if slot.transport != "cuda_ipc":
-            return self._inline.invoke_frames(slot, request_id, segments, deadline_ms)
-        slot.request_id = request_id
+    def _on_invoke(self, slot: Slot, request_id: str | int) -> None:
         # x was written on the current stream: the worker waits on this record.
         self._cp.cuda.runtime.eventRecord(self._event.ptr, _stream_ptr(self._idx))
-        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
-                          deadline_ms=deadline_ms, transport="cuda_ipc",
-                          handle={"arena": self.arena_id, "offset": slot.offset, "nbytes": slot.nbytes})
-        return [h]
 
-    def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
-        if slot.transport != "cuda_ipc":
-            return self._inline.decode_reply(slot, header, frames)
-        check_reply_matches(slot, header)
-        hd = header.handle
-        if (header.transport != "cuda_ipc" or hd.get("arena") != self.arena_id
-                or hd.get("offset") != slot.offset or hd.get("nbytes") != slot.nbytes or frames):
-            raise ProtocolError(f"reply {header.id!r} does not match its cuda_ipc slot", "bad_handle")
+    def _on_reply(self, slot: Slot, header: Header) -> None:
         if self._worker_event is None:
             raise TransportError("cuda_ipc: reply before hello_ack")
         self._cp.cuda.runtime.streamWaitEvent(_stream_ptr(self._idx), self._worker_event, 0)
-        return slot.x
 
     def close(self) -> None:
         if self._worker_event is not None:
@@ -157,7 +135,7 @@ class CudaIpcClientChannel(ArenaSlots):
         self._mem = None  # cudaFree when the last view is gone
 
 
-class CudaIpcWorkerSide:
+class CudaIpcWorkerSide:  # implements base.WorkerSide
     """Worker side of ``cuda_ipc``: opens each peer's arena and event by IPC handle.
 
     Args:
@@ -200,14 +178,7 @@ class CudaIpcWorkerSide:
         if st is None or hd.get("arena") != st["arena"]:
             raise ProtocolError(f"cuda_ipc arena {hd.get('arena')!r:.80} was not announced by this peer",
                                 "unknown_arena")
-        off, nbytes = hd.get("offset"), hd.get("nbytes")
-        if type(off) is not int or type(nbytes) is not int:
-            raise ProtocolError("cuda_ipc handle needs int 'offset' and 'nbytes'", "bad_handle")
-        if nbytes != header.nbytes:
-            raise ProtocolError(f"cuda_ipc handle nbytes {nbytes} != {header.nbytes}", "size_mismatch")
-        if off < 0 or off + nbytes > st["size"] or off % header.torch_dtype.itemsize:
-            raise ProtocolError(f"cuda_ipc range [{off}, {off + nbytes}) outside the {st['size']}-byte arena",
-                                "bad_handle")
+        off, nbytes = check_region("cuda_ipc", header, hd.get("offset"), hd.get("nbytes"), st["size"])
         return st, st["u8"][off:off + nbytes].view(header.torch_dtype).view(header.shape)
 
     def open_request(self, peer: Hashable, header: Header, frames: Sequence[Frame]) -> torch.Tensor:

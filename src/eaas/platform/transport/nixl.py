@@ -38,9 +38,10 @@ from typing import Any
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import ArenaSlots, Slot, write_reply
-from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
+from eaas.platform.protocol import Frame, Header, encode_reply
+from eaas.platform.transport.arena import ArenaChannel, check_region
+from eaas.platform.transport.base import Slot, write_reply
+from eaas.platform.transport.inline import InlineClientChannel
 from eaas.platform.transport.shm import Allocator
 
 log = logging.getLogger(__name__)
@@ -207,7 +208,7 @@ def _parse_peer_handle(hd: dict, max_bytes: int) -> tuple[str, bytes, int, int]:
     return agent, meta, addr, size
 
 
-class NixlClientChannel(ArenaSlots):
+class NixlClientChannel(ArenaChannel):
     """Client side of ``nixl``: a registered DRAM arena mirrored by the worker.
 
     Args:
@@ -224,6 +225,7 @@ class NixlClientChannel(ArenaSlots):
         self._lock = threading.Lock()
         self._abandoned: dict[str | int, Slot] = {}
         self._inline = InlineClientChannel()
+        self._ident = {"agent": self._agent.name}
         self._remote: tuple[str, int] | None = None  # (worker agent, worker mirror addr)
 
     def hello_header(self) -> Header | None:
@@ -246,43 +248,21 @@ class NixlClientChannel(ArenaSlots):
     def ready(self) -> bool:
         return self._remote is not None
 
-    def alloc(self, rows: int, hidden: int, dtype: torch.dtype) -> Slot:
-        nbytes = rows * hidden * dtype.itemsize
-        off = None
-        if nbytes:
-            with self._lock:
-                off = self._alloc.alloc(nbytes)
-        if off is None:
-            return self._inline.alloc(rows, hidden, dtype)
-        x = self.arena[off:off + nbytes].view(dtype).view(rows, hidden)
-        return Slot(x=x, transport="nixl", offset=off, nbytes=nbytes)
+    def _view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+        return self.arena[offset:offset + nbytes].view(dtype).view(shape)
 
-    def invoke_frames(self, slot: Slot, request_id: str | int,
-                      segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
-        if slot.transport != "nixl":
-            return self._inline.invoke_frames(slot, request_id, segments, deadline_ms)
+    def _on_invoke(self, slot: Slot, request_id: str | int) -> None:
         if self._remote is None:
             raise TransportError("nixl: invoke before hello_ack")
-        slot.request_id = request_id
         agent, raddr = self._remote
         self._agent.write(self.arena.data_ptr() + slot.offset, agent, raddr + slot.offset, slot.nbytes,
                           f"x:{request_id}".encode())
-        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
-                          deadline_ms=deadline_ms, transport="nixl",
-                          handle={"agent": self._agent.name, "offset": slot.offset, "nbytes": slot.nbytes})
-        return [h]
 
-    def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
-        if slot.transport != "nixl":
-            return self._inline.decode_reply(slot, header, frames)
-        check_reply_matches(slot, header)
-        hd = header.handle
-        if (header.transport != "nixl" or hd.get("offset") != slot.offset
-                or hd.get("nbytes") != slot.nbytes or frames or self._remote is None):
+    def _on_reply(self, slot: Slot, header: Header) -> None:
+        if self._remote is None:
             raise ProtocolError(f"reply {header.id!r} does not match its nixl slot", "bad_handle")
         if not self._agent.wait_notif(self._remote[0], f"y:{header.id}".encode()):
             raise TransportError(f"nixl: reply {header.id!r} arrived but its data notification did not")
-        return slot.x
 
     def reply_dropped(self, header: Header) -> None:
         if self._remote is not None:
@@ -298,7 +278,7 @@ class NixlClientChannel(ArenaSlots):
             self._reg = None
 
 
-class NixlWorkerSide:
+class NixlWorkerSide:  # implements base.WorkerSide
     """Worker side of ``nixl``: a registered mirror arena per peer.
 
     Args:
@@ -332,14 +312,7 @@ class NixlWorkerSide:
         hd = header.handle
         if st is None or hd.get("agent") != st["agent"]:
             raise ProtocolError("nixl: this peer has no registered arena (hello first)", "unknown_arena")
-        off, nbytes = hd.get("offset"), hd.get("nbytes")
-        if type(off) is not int or type(nbytes) is not int:
-            raise ProtocolError("nixl handle needs int 'offset' and 'nbytes'", "bad_handle")
-        if nbytes != header.nbytes:
-            raise ProtocolError(f"nixl handle nbytes {nbytes} != {header.nbytes}", "size_mismatch")
-        if off < 0 or off + nbytes > st["size"] or off % header.torch_dtype.itemsize:
-            raise ProtocolError(f"nixl range [{off}, {off + nbytes}) outside the {st['size']}-byte arena",
-                                "bad_handle")
+        off, nbytes = check_region("nixl", header, hd.get("offset"), hd.get("nbytes"), st["size"])
         view = st["mirror"][off:off + nbytes].view(header.torch_dtype).view(header.shape)
         return st, view
 

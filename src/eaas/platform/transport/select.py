@@ -24,7 +24,7 @@ import torch
 from eaas.errors import ProtocolError, TransportError
 from eaas.platform.protocol import TRANSPORTS, Frame, Header, encode_header, error_frames, now_ms
 from eaas.platform.decode import check_functions, decode_header, peek_request_id
-from eaas.platform.transport.base import ClientChannel
+from eaas.platform.transport.base import ClientChannel, WorkerSide
 from eaas.platform.transport.inline import InlineClientChannel, InlineWorkerSide
 from eaas.platform.transport.shm import SHM_DIR, ShmClientChannel, ShmWorkerSide
 
@@ -183,7 +183,7 @@ class WorkerEndpoint:
         self.clock_ms = clock_ms
         self.capabilities = local_capabilities(device, offered)
         arena_cap = max_arena_bytes or max(max_message_bytes, 64 << 20)
-        self._sides: dict[str, Any] = {"inline": InlineWorkerSide()}
+        self._sides: dict[str, WorkerSide] = {"inline": InlineWorkerSide()}
         if "shm" in self.capabilities["transports"]:
             self._sides["shm"] = ShmWorkerSide(arena_cap, ring=ring)
         if "cuda_ipc" in self.capabilities["transports"]:

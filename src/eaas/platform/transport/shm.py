@@ -33,9 +33,10 @@ import torch
 
 from eaas.errors import ProtocolError, TransportError
 from eaas.procs import pid_alive
-from eaas.platform.protocol import Frame, Header, encode_invoke, encode_reply
-from eaas.platform.transport.base import ArenaSlots, Slot, write_reply
-from eaas.platform.transport.inline import InlineClientChannel, check_reply_matches
+from eaas.platform.protocol import Frame, Header, encode_reply
+from eaas.platform.transport.arena import ArenaChannel, check_region
+from eaas.platform.transport.base import Slot, write_reply
+from eaas.platform.transport.inline import InlineClientChannel
 from eaas.platform.transport.ring import (
     DEFAULT_SLOT_BYTES,
     DEFAULT_SLOTS,
@@ -231,7 +232,7 @@ class ShmArena:
                 pass
 
 
-class ShmClientChannel(ArenaSlots):
+class ShmClientChannel(ArenaChannel):
     """Client side of ``shm``: owns the pair's arena and allocates slots in it.
 
     Args:
@@ -255,6 +256,7 @@ class ShmClientChannel(ArenaSlots):
         self._lock = threading.Lock()
         self._abandoned: dict[str | int, Slot] = {}
         self._inline = InlineClientChannel()
+        self._ident = {"arena": self.arena.name}
         self._acked = False
         self.ring: Ring | None = None
         self._bell_path: str | None = None
@@ -304,38 +306,8 @@ class ShmClientChannel(ArenaSlots):
         with self._lock:
             return self._alloc.used_bytes
 
-    def alloc(self, rows: int, hidden: int, dtype: torch.dtype) -> Slot:
-        nbytes = rows * hidden * dtype.itemsize
-        off = None
-        if nbytes:
-            with self._lock:
-                off = self._alloc.alloc(nbytes)
-        if off is None:
-            if nbytes:
-                log.debug("shm arena %s: no room for %d bytes, request goes inline", self.arena.name, nbytes)
-            return self._inline.alloc(rows, hidden, dtype)
-        return Slot(x=self.arena.view(off, nbytes, dtype, (rows, hidden)), transport="shm",
-                    offset=off, nbytes=nbytes)
-
-    def invoke_frames(self, slot: Slot, request_id: str | int,
-                      segments: Sequence[tuple[str, int]], deadline_ms: int) -> list[Frame]:
-        if slot.transport != "shm":
-            return self._inline.invoke_frames(slot, request_id, segments, deadline_ms)
-        slot.request_id = request_id
-        h = encode_invoke(request_id, segments, dtype=slot.x.dtype, hidden=slot.x.shape[1],
-                          deadline_ms=deadline_ms, transport="shm",
-                          handle={"arena": self.arena.name, "offset": slot.offset, "nbytes": slot.nbytes})
-        return [h]
-
-    def decode_reply(self, slot: Slot, header: Header, frames: Sequence[Frame]) -> torch.Tensor:
-        if slot.transport != "shm":
-            return self._inline.decode_reply(slot, header, frames)
-        check_reply_matches(slot, header)
-        hd = header.handle
-        if (header.transport != "shm" or hd.get("arena") != self.arena.name
-                or hd.get("offset") != slot.offset or hd.get("nbytes") != slot.nbytes or frames):
-            raise ProtocolError(f"reply {header.id!r} does not match its shm slot", "bad_handle")
-        return slot.x
+    def _view(self, offset: int, nbytes: int, dtype: torch.dtype, shape: tuple[int, int]) -> torch.Tensor:
+        return self.arena.view(offset, nbytes, dtype, shape)
 
     def close(self) -> None:
         self._close_listener()
@@ -345,7 +317,7 @@ class ShmClientChannel(ArenaSlots):
         self.arena.close()
 
 
-class ShmWorkerSide:
+class ShmWorkerSide:  # implements base.WorkerSide
     """Worker side of ``shm``: maps (then unlinks) each peer's arena and views slots.
 
     Args:
@@ -425,14 +397,7 @@ class ShmWorkerSide:
         if entry is None:
             raise ProtocolError(f"shm arena {name!r:.80} was not announced by this peer", "unknown_arena")
         arena = entry[0]
-        if type(off) is not int or type(nbytes) is not int:
-            raise ProtocolError("shm handle needs int 'offset' and 'nbytes'", "bad_handle")
-        if nbytes != header.nbytes:
-            raise ProtocolError(f"shm handle nbytes {nbytes} != shape {list(header.shape or ())} "
-                                f"{header.dtype} = {header.nbytes}", "size_mismatch")
-        if off < 0 or off + nbytes > arena.size or off % header.torch_dtype.itemsize:
-            raise ProtocolError(f"shm range [{off}, {off + nbytes}) is outside arena {name} "
-                                f"of {arena.size} bytes (or misaligned)", "bad_handle")
+        check_region("shm", header, off, nbytes, arena.size)
         v = arena.view(off, nbytes, header.torch_dtype, header.shape)  # type: ignore[arg-type]
         if key is not None:
             if regions is None:
