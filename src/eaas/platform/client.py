@@ -31,17 +31,15 @@ import logging
 import os
 import random
 import threading
-from collections import Counter
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from eaas.errors import Cancelled, EaaSError, NoReplicaAvailable
+from eaas.errors import Cancelled, EaaSError
 from eaas.functions.spec import function_id
 from eaas.platform.connections import Connections
 from eaas.platform.dispatch import combine, plan_layer
-from eaas.platform.inflight import Item, LayerCall
+from eaas.platform.inflight import CallEnv, ClientStats, Item, LayerCall
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
 from eaas.registry.records import WorkerRecord
@@ -49,18 +47,6 @@ from eaas.registry.store import Registry
 from eaas.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(slots=True)
-class ClientStats:
-    """Counters of one client (read by the gateway's metrics)."""
-
-    calls: int = 0
-    requests: int = 0
-    rows: int = 0
-    failovers: int = 0
-    late_replies: int = 0
-    errors: Counter = field(default_factory=Counter)
 
 
 class ExpertClient:
@@ -98,7 +84,6 @@ class ExpertClient:
         self.hidden_size = int(spec["hidden_size"])
         self.transport = transport or self.settings.transport
         self.stats = ClientStats()
-        self.metrics: Any = None  # optional: record_expert_call(n, model), record_failover(n, model)
         self._rng = random.Random(seed)
         self._conns = Connections(model, self.settings, self.transport)
         self._call_lock = threading.Lock()
@@ -109,6 +94,8 @@ class ExpertClient:
         self.suspects = Suspects(max(0.25, 4 * self.settings.lease_ttl_s), self._rng)
         self.routing = RoutingView(registry, model, self.settings.routing_refresh_s)
         self.waiter = Waiter(self.settings.spin_floor_us / 1e6, self.settings.spin_cap_us / 1e6)
+        self._env = CallEnv(model, self.settings, self.routing, self._conns, self.suspects, self.waiter, self._rng,
+                            self.stats, self._stop, self._next_request_id)
 
     # --- routing ---------------------------------------------------------------------
 
@@ -206,29 +193,19 @@ class ExpertClient:
             return self._run_locked(x, items, total_rows)
 
     def _run_locked(self, x: torch.Tensor, items: list[Item], total_rows: int) -> torch.Tensor:
-        return LayerCall(self, x, items, total_rows).run()
+        return LayerCall(self._env, x, items, total_rows).run()
+
+    @property
+    def metrics(self) -> Any:
+        """Optional sink: ``record_expert_call(n, model)``, ``record_failover(n, model)``."""
+        return self._env.metrics
+
+    @metrics.setter
+    def metrics(self, sink: Any) -> None:
+        self._env.metrics = sink
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids)}"
-
-    def _raise_if_hopeless(self, unplaced: list[Item], now: float, call_deadline: float) -> None:
-        """Fail fast when nothing can serve (issue 14).
-
-        A function with *no* live replica in the routing table fails the call once it
-        has had none for ``no_replica_grace_ms`` — measured per outage, not per call,
-        so concurrent and queued calls do not each wait out a deadline behind one
-        another. Functions whose replicas exist but failed keep being retried until the
-        call deadline.
-
-        Raises:
-            NoReplicaAvailable: the grace or the call deadline has passed.
-        """
-        if now >= call_deadline:
-            raise NoReplicaAvailable(sorted({i.fid for i in unplaced}), f"waited {self.settings.call_deadline_ms} ms")
-        grace_s = self.settings.no_replica_grace_ms / 1000
-        missing, since = self.routing.without_replica_since({it.fid for it in unplaced}, now)
-        if since is not None and now - since >= grace_s:
-            raise NoReplicaAvailable(missing, f"no live replica for {(now - since) * 1000:.0f} ms")
 
     def close(self) -> None:
         """Stop the routing thread and close every connection (frees shared arenas)."""

@@ -15,24 +15,68 @@ and its rows copied into the call's ``y`` buffer.
 from __future__ import annotations
 
 import logging
+import random
+import threading
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import zmq
 
 from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
-from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn
+from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
 from eaas.platform.decode import decode_header
 from eaas.platform.dispatch import choose_replica
 from eaas.platform.protocol import RETRYABLE_CODES, now_ms, recv_frames, send_frames
-
-if TYPE_CHECKING:
-    from eaas.platform.client import ExpertClient
+from eaas.platform.routing import RoutingView, Suspects
+from eaas.platform.waiter import Waiter
+from eaas.settings import Settings
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ClientStats:
+    """Counters of one client (read by the gateway's metrics)."""
+
+    calls: int = 0
+    requests: int = 0
+    rows: int = 0
+    failovers: int = 0
+    late_replies: int = 0
+    errors: Counter = field(default_factory=Counter)
+
+
+@dataclass(slots=True)
+class CallEnv:
+    """The long-lived parts a call uses; one per :class:`~eaas.platform.client.ExpertClient`.
+
+    Attributes:
+        model: model name (logs, metrics labels).
+        settings: timeouts and limits.
+        routing, conns, suspects, waiter: the client's routing view, connections,
+            suspected workers and reply waiter.
+        rng: replica-choice random source.
+        stats: counters; metrics: optional ``record_expert_call(n, model)`` /
+            ``record_failover(n, model)`` sink.
+        stop: set when the client closes (cuts waits short).
+        next_request_id: a fresh request id per call.
+    """
+
+    model: str
+    settings: Settings
+    routing: RoutingView
+    conns: Connections
+    suspects: Suspects
+    waiter: Waiter
+    rng: random.Random
+    stats: ClientStats
+    stop: threading.Event
+    next_request_id: Callable[[], str]
+    metrics: Any = None
 
 
 @dataclass(slots=True)
@@ -60,14 +104,14 @@ class LayerCall:
     """Runs one call: ``y[total_rows, D]`` where the rows of ``item`` are ``f_item(x[item.rows])``.
 
     Args:
-        client: the client whose routing, connections and counters the call uses.
-        x: ``[T, D]`` source rows (contiguous CPU tensor).
+        env: the client's routing, connections, counters.
+        x: ``[T, D]`` source rows (contiguous; CPU, or CUDA).
         items: the functions to compute and their rows.
         total_rows: rows of ``y`` (the sum of the items' rows).
     """
 
-    def __init__(self, client: ExpertClient, x: torch.Tensor, items: list[Item], total_rows: int) -> None:
-        self.c = client
+    def __init__(self, env: CallEnv, x: torch.Tensor, items: list[Item], total_rows: int) -> None:
+        self.c = env
         self.x = x
         self.y = torch.empty((total_rows, x.shape[1]), dtype=x.dtype, device=x.device)
         self.device = str(x.device)
@@ -92,14 +136,14 @@ class LayerCall:
             if self.pending:
                 unplaced = self._dispatch(min(now + attempt_s, call_deadline), call_deadline)
                 if unplaced and not self.inflight:
-                    c._raise_if_hopeless(unplaced, now, call_deadline)
+                    self._raise_if_hopeless(unplaced, now, call_deadline)
                     if waiting_since is None:
                         waiting_since = now
                         log.warning("client %s: no ready replica for %d function(s); waiting", c.model, len(unplaced))
                     for it in unplaced:
                         it.tried.clear()  # a replica that failed earlier may be back
                     c.routing.request_refresh()
-                    c._stop.wait(min(0.05, max(0.0, call_deadline - now)))
+                    c.stop.wait(min(0.05, max(0.0, call_deadline - now)))
                     c.routing.refresh()
                 self.pending = unplaced
                 if not self.inflight:
@@ -119,6 +163,26 @@ class LayerCall:
                 raise NoReplicaAvailable(sorted({i.fid for i in self.pending}), "call deadline passed")
         return self.y
 
+    def _raise_if_hopeless(self, unplaced: list[Item], now: float, call_deadline: float) -> None:
+        """Fail fast when nothing can serve (issue 14).
+
+        A function with *no* live replica in the routing table fails the call once it
+        has had none for ``no_replica_grace_ms`` — measured per outage, not per call,
+        so concurrent and queued calls do not each wait out a deadline behind one
+        another. Functions whose replicas exist but failed keep being retried until the
+        call deadline.
+
+        Raises:
+            NoReplicaAvailable: the grace or the call deadline has passed.
+        """
+        settings = self.c.settings
+        if now >= call_deadline:
+            raise NoReplicaAvailable(sorted({i.fid for i in unplaced}), f"waited {settings.call_deadline_ms} ms")
+        grace_s = settings.no_replica_grace_ms / 1000
+        missing, since = self.c.routing.without_replica_since({it.fid for it in unplaced}, now)
+        if since is not None and now - since >= grace_s:
+            raise NoReplicaAvailable(missing, f"no live replica for {(now - since) * 1000:.0f} ms")
+
     # --- dispatch ----------------------------------------------------------------
 
     def _dispatch(self, attempt_deadline_s: float, call_deadline_s: float) -> list[Item]:
@@ -134,7 +198,7 @@ class LayerCall:
             base = {w.id: self.load[w.id] + w.queue_tokens for w in reps}
             ids = [w.id for w in reps]
             healthy = [w for w in ids if not c.suspects.suspect(w, now)]
-            wid = choose_replica(healthy, base, c._rng, it.tried) or choose_replica(ids, base, c._rng, it.tried)
+            wid = choose_replica(healthy, base, c.rng, it.tried) or choose_replica(ids, base, c.rng, it.tried)
             if wid is None:
                 unplaced.append(it)
                 continue
@@ -146,7 +210,7 @@ class LayerCall:
                 self._send(workers[wid], its, attempt_deadline_s, call_deadline_s)
             except (zmq.ZMQError, EaaSError) as e:
                 log.warning("client %s: sending to worker %s failed: %s", c.model, wid, e)
-                c._conns.drop(wid)
+                c.conns.drop(wid)
                 c.suspects.mark(wid)
                 for it in its:
                     it.tried.add(wid)
@@ -156,7 +220,7 @@ class LayerCall:
 
     def _send(self, worker: Any, its: list[Item], attempt_deadline_s: float, call_deadline_s: float) -> None:
         c = self.c
-        conn = c._conns.connect(worker, self.device)
+        conn = c.conns.connect(worker, self.device)
         ch = conn.channel
         n = sum(it.rows.numel() for it in its)
         slot = ch.alloc(n, self.x.shape[1], self.x.dtype)
@@ -165,7 +229,7 @@ class LayerCall:
             torch.index_select(self.x, 0, idx.to(self.x.device), out=slot.x)
         else:  # a host transport for device rows (no cuda_ipc between these two): one copy over
             slot.x.copy_(self.x.index_select(0, idx.to(self.x.device)))
-        rid = c._next_request_id()
+        rid = c.next_request_id()
         deadline_ms = now_ms() + int(max(0.0, call_deadline_s - time.monotonic()) * 1000)
         frames = ch.invoke_frames(slot, rid, [(it.fid, it.rows.numel()) for it in its], deadline_ms)
         ring = conn.ring
@@ -187,7 +251,7 @@ class LayerCall:
     def _collect(self) -> None:
         """Wait (until the earliest attempt deadline, at most 50 ms) for replies and disconnects."""
         c = self.c
-        conns = {fl.wid: c._conns[fl.wid] for fl in self.inflight.values() if fl.wid in c._conns}
+        conns = {fl.wid: c.conns[fl.wid] for fl in self.inflight.values() if fl.wid in c.conns}
         if self._take_rings(conns):
             return
         earliest = min(fl.deadline_s for fl in self.inflight.values())
@@ -201,7 +265,7 @@ class LayerCall:
                 continue
             if cn.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
                 self._on_monitor(wid, cn)
-            if wid in c._conns:
+            if wid in c.conns:
                 self._take_socket(wid, cn)
         self._take_rings(conns)
 
@@ -210,7 +274,7 @@ class LayerCall:
         got = False
         for wid, cn in conns.items():
             ring = cn.ring
-            while ring is not None and ring.ready() and wid in self.c._conns:
+            while ring is not None and ring.ready() and wid in self.c.conns:
                 try:
                     data = ring.take()
                 except ProtocolError as e:
@@ -223,7 +287,7 @@ class LayerCall:
         return got
 
     def _take_socket(self, wid: str, cn: Conn) -> None:
-        while wid in self.c._conns:
+        while wid in self.c.conns:
             try:
                 frames = recv_frames(cn.sock, zmq.NOBLOCK, 1)  # header as bytes, payload as frames
             except zmq.ZMQError:  # Again included
@@ -246,7 +310,7 @@ class LayerCall:
     def _disconnected(self, wid: str, reason: str) -> None:
         for rid in [r for r, fl in self.inflight.items() if fl.wid == wid]:
             self._fail(rid, reason)
-        self.c._conns.drop(wid)
+        self.c.conns.drop(wid)
 
     def _on_reply(self, wid: str, cn: Conn, frames: list[Any]) -> None:
         c = self.c
@@ -302,7 +366,7 @@ class LayerCall:
 
     def _fail(self, rid: str, reason: str) -> None:
         fl = self.inflight.pop(rid)
-        cn = self.c._conns.get(fl.wid)
+        cn = self.c.conns.get(fl.wid)
         if cn is not None:
             try:
                 cn.channel.abandon(fl.slot)
