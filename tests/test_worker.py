@@ -230,6 +230,10 @@ def test_a_client_that_stops_reading_loses_no_reply_silently(one_worker, registr
         h = invoke_header(f"r{i}", [(fid, 16)], dtype=x.dtype, hidden=64, deadline_ms=now_ms() + 600_000,
                           transport="inline")
         sock.send_multipart([encode_header(h), payload])
+    # Read nothing until the worker reports a drop: a fast worker may have queued every request
+    # before computing, so "all sent" alone does not mean its replies have nowhere to go yet.
+    wait_for(lambda: registry.worker(w.id).replies_dropped > 0, 90,
+             what="the worker dropping replies to a client that reads nothing")
     answered, failed, other = set(), set(), []
     while len(answered) + len(failed) + len(other) < n:
         left_ms = int((deadline - time.monotonic()) * 1000)
