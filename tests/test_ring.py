@@ -281,3 +281,31 @@ def test_expert_client_over_the_ring_equals_the_zeromq_path(registry, registered
     finally:
         fast.close()
         slow.close()
+
+
+def test_connecting_to_an_unreachable_worker_leaves_no_arena_or_doorbell() -> None:
+    """A new-user run found this: every retry to a SIGKILLed worker left a 64 MiB arena and its
+    doorbell in /dev/shm until the client exited."""
+    import os
+
+    from eaas.platform.connections import Connections
+    from eaas.platform.transport.select import local_capabilities
+    from eaas.platform.transport.shm import STALE_NAME_RE
+    from eaas.registry.records import WorkerRecord
+    from eaas.registry.server import free_port
+    from eaas.settings import get_settings
+
+    def mine() -> set[str]:
+        return {n for n in os.listdir("/dev/shm") if STALE_NAME_RE.match(n) and n.startswith(f"eaas-{os.getpid()}-")}
+
+    before = mine()
+    conns = Connections("m", get_settings(redis_url="unused", shm_arena_bytes=1 << 20), "auto")
+    dead = WorkerRecord(id="w-dead", model="m", endpoint=f"tcp://127.0.0.1:{free_port()}",
+                        capabilities=local_capabilities("cpu"))
+    try:
+        for _ in range(3):
+            with pytest.raises(TransportError, match="not reachable"):
+                conns.connect(dead)
+            assert mine() == before
+    finally:
+        conns.close()

@@ -8,6 +8,7 @@ only declares the commands.
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ def _report(name: str, run: Callable[[], dict], *, table: Callable[[dict], Any],
     if json_out:
         typer.echo(json.dumps(result))
         return result
-    console = Console()
+    # a table piped to a file or a CI log keeps its columns whole (rich would assume 80)
+    console = Console() if sys.stdout.isatty() else Console(width=160)
     console.print(table(result))
     for line in extra_lines(result):
         console.print(line, highlight=False)

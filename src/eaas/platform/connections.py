@@ -101,9 +101,13 @@ class Connections:
                                       device=device if name == "cuda_ipc" else "cpu")
         c = Conn(worker, sock, monitor, channel, name)
         hello = channel.hello_header()
-        if hello is not None and not self._handshake(c, hello):
-            channel.close()
-            c.channel, c.transport = make_client_channel("inline"), "inline"
+        try:
+            if hello is not None and not self._handshake(c, hello):
+                channel.close()
+                c.channel, c.transport = make_client_channel("inline"), "inline"
+        except BaseException:  # unreachable worker: free the arena, its doorbell and the sockets now
+            self._close(c)
+            raise
         c.ring = getattr(c.channel, "ring", None)
         self._conns[worker.id] = c
         log.info("client %s: connected to worker %s at %s via %s%s", self.model, worker.id, worker.endpoint,
@@ -139,8 +143,11 @@ class Connections:
     def drop(self, wid: str) -> None:
         """Close the connection to ``wid`` (its channel, monitor and socket), if any."""
         c = self._conns.pop(wid, None)
-        if c is None:
-            return
+        if c is not None:
+            self._close(c)
+
+    @staticmethod
+    def _close(c: Conn) -> None:
         try:
             c.channel.close()
         except Exception:  # noqa: BLE001 - closing a broken channel
