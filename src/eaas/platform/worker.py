@@ -11,7 +11,8 @@ it; every registration is a new incarnation (epoch). ``kill -9`` leaves a lease
 that expires within its TTL (the keeper dies with the worker).
 
 Serving loop (continuous batching across clients): take every message waiting
-on the socket, answer control messages and bad input at once (a bad message
+on the pairs' rings and the socket (:class:`~eaas.platform.mailroom.Mailroom`),
+answer control messages and bad input at once (a bad message
 never kills the worker), then run the waiting invokes together, up to
 ``max_batch_tokens`` rows: rows of all requests are grouped by expert and each
 expert runs once (:meth:`eaas.functions.ExpertShard.forward`).
@@ -36,8 +37,9 @@ import zmq
 
 from eaas.errors import EaaSError, ExpertComputeError, ProtocolError, RegistryError
 from eaas.platform.lease import LeaseBoard, start_keeper
+from eaas.platform.mailroom import Mailroom
 from eaas.platform.outbox import ReplyOutbox
-from eaas.platform.protocol import Header, now_ms, recv_frames
+from eaas.platform.protocol import Header, now_ms
 from eaas.platform.transport.select import WorkerEndpoint
 from eaas.platform.waiter import Waiter
 from eaas.registry.records import WorkerRecord, WorkerState
@@ -113,11 +115,13 @@ class ExpertWorker:
             device=str(shard.device),
             ring=settings.shm_ring,
         )
-        self._waiter = Waiter(settings.spin_floor_us / 1e6, settings.spin_cap_us / 1e6)
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.LINGER, 1000)
         self.outbox = ReplyOutbox(self._sock, self.id, send_timeout_ms=settings.reply_send_timeout_ms)
+        self.mailroom = Mailroom(self._sock, self.endpoint_io, self.outbox,
+                                 Waiter(settings.spin_floor_us / 1e6, settings.spin_cap_us / 1e6), self.id,
+                                 self._queue_invoke)
         addr = bind or f"tcp://{settings.bind_host}:0"
         if addr.startswith("tcp://") and addr.endswith(":0"):
             port = self._sock.bind_to_random_port(addr[: -len(":0")])
@@ -220,77 +224,13 @@ class ExpertWorker:
         if self._board is not None:
             self._board.request_drain()
 
-    def _receive(self, timeout_ms: int) -> bool:
-        """Move every waiting message off the rings and the socket; answer control/bad ones.
-        True if any came. Waits up to ``timeout_ms`` for the first (spinning on the rings
-        first when there are fast-path peers)."""
-        rings = self.endpoint_io.rings
-        if rings:
-            if timeout_ms:
-                res = self._waiter.wait(list(rings.values()), [self._sock], timeout_ms / 1000)
-                for ring in res.closed:
-                    self._drop_ring_peer(ring)
-        elif not self._sock.poll(timeout_ms):
-            return False
-        got = self._take_rings(rings) if rings else False
-        budget = 4096
-        while budget > 0:
-            budget -= 1
-            try:
-                # envelope and header as bytes, payload frames as zero-copy zmq.Frames
-                frames = recv_frames(self._sock, zmq.NOBLOCK, 2)
-            except zmq.Again:
-                break
-            got = True
-            if len(frames) < 2:
-                continue
-            self._accept(frames[0], frames[1:], None)
-        return got
-
-    def _take_rings(self, rings: dict) -> bool:
-        """Take every message waiting on the fast-path rings."""
-        got = False
-        for peer, ring in list(rings.items()):
-            for _ in range(ring.slots):
-                try:
-                    data = ring.take()
-                except ProtocolError as e:  # a corrupt ring: forget the pair, the client reconnects
-                    log.warning("worker %s: dropping a peer's ring: %s", self.id, e)
-                    self.endpoint_io.drop_peer(peer)
-                    break
-                if data is None:
-                    break
-                got = True
-                self._accept(peer, [data], ring)
-        return got
-
-    def _drop_ring_peer(self, ring: Any) -> None:
-        for peer, r in list(self.endpoint_io.rings.items()):
-            if r is ring:
-                log.info("worker %s: a fast-path client closed its doorbell; dropping its state", self.id)
-                self.endpoint_io.drop_peer(peer)
-
-    def _send(self, peer: bytes, frames: list, request_id: Any, ring: Any) -> None:
-        """Send a reply: through the ring it came by when it fits, else over ZeroMQ."""
-        if ring is not None and len(frames) == 1 and not ring.closed and ring.post(frames[0]):
-            ring.notify()
-            return
-        self.outbox.send(peer, frames, request_id)
-
-    def _accept(self, peer: bytes, frames: list, ring: Any) -> None:
-        """One incoming message: answer control and bad ones now, queue invokes."""
-        inc = self.endpoint_io.on_message(peer, frames)
-        if inc.reply is not None:
-            self._send(peer, inc.reply, inc.header.id if inc.header is not None else None, ring)
-        elif inc.x is not None and inc.header is not None:
-            if ring is None and self.outbox.congested(peer):  # its reply could not be delivered: do not compute it
-                self.outbox.drop(peer, inc.header.id)
-                return
-            now = time.monotonic()
-            if self.drain_started_s is not None and now - self.drain_started_s > 0.1:
-                self.received_after_drain += 1
-            with self._lock:
-                self._pending.append(_Pending(peer, inc.header, inc.x, now, ring))
+    def _queue_invoke(self, peer: bytes, header: Header, x: torch.Tensor, ring: Any) -> None:
+        """A valid invoke arrived (the mailroom's handler): queue it for the next batch."""
+        now = time.monotonic()
+        if self.drain_started_s is not None and now - self.drain_started_s > 0.1:
+            self.received_after_drain += 1
+        with self._lock:
+            self._pending.append(_Pending(peer, header, x, now, ring))
 
     def _take_batch(self) -> list[_Pending]:
         """Pop waiting invokes up to ``max_batch_tokens`` rows (at least one request)."""
@@ -334,7 +274,7 @@ class ExpertWorker:
             n = p.x.shape[0]
             try:
                 frames = self.endpoint_io.reply_frames(p.peer, p.header, y[row : row + n])
-                self._send(p.peer, frames, p.header.id, p.ring)
+                self.mailroom.send(p.peer, frames, p.header.id, p.ring)
             except ProtocolError as e:
                 self._reply_error(p, e)
             row += n
@@ -345,7 +285,7 @@ class ExpertWorker:
 
     def _reply_error(self, p: _Pending, err: Exception) -> None:
         try:
-            self._send(p.peer, self.endpoint_io.error_reply(p.header.id, err), p.header.id, p.ring)
+            self.mailroom.send(p.peer, self.endpoint_io.error_reply(p.header.id, err), p.header.id, p.ring)
         except zmq.ZMQError as e:
             log.warning("worker %s: error reply to request %r failed: %s", self.id, p.header.id, e)
 
@@ -395,7 +335,7 @@ class ExpertWorker:
         try:
             while True:
                 self._board.tick()
-                got = self._receive(timeout_ms=0 if self._pending else 50)
+                got = self.mailroom.receive(timeout_ms=0 if self._pending else 50)
                 batch = self._take_batch()
                 if batch:
                     self._run_batch(batch)
