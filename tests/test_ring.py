@@ -21,12 +21,14 @@ from eaas.errors import ProtocolError, TransportError
 from eaas.platform.spin import SpinState, spin_budget_s
 from eaas.platform.transport.ring import (
     REQ_POSTED,
+    WORKER_ASLEEP,
     Ring,
     check_ring_geometry,
     ring_bytes,
     ring_supported,
 )
 from eaas.platform.waiter import Waiter
+from eaas.testing import wait_for
 
 pytestmark = pytest.mark.skipif(not ring_supported(), reason="the shm ring is offered on x86-64 Linux only")
 
@@ -148,8 +150,8 @@ def test_waiter_sleeps_and_wakes_on_the_doorbell(pair) -> None:
     client, worker = pair
     waiter = Waiter(floor_s=0, cap_s=0)  # never spin: every wait goes to the kernel
 
-    def later() -> None:
-        time.sleep(0.05)  # the other side's work, not synchronisation: the wait below must end on it
+    def later() -> None:  # post once the waiter sleeps in the kernel: only the doorbell can wake it
+        wait_for(lambda: worker._w[WORKER_ASLEEP] == 1, 10, interval_s=0.001, what="the waiter asleep")
         client.post(b"hello")
         client.notify()
 
@@ -157,14 +159,20 @@ def test_waiter_sleeps_and_wakes_on_the_doorbell(pair) -> None:
     t.start()
     res = waiter.wait([worker], [], timeout_s=10)
     t.join()
-    assert res.slept and not res.closed and 0.03 < res.waited_s < 5
+    assert res.slept and not res.closed and res.waited_s < 5
     assert worker.take() == b"hello" and client.rings_sent == 1
 
 
 def test_waiter_returns_at_once_when_a_peer_closes(pair) -> None:
     client, worker = pair
-    threading.Timer(0.05, client.close).start()
+    def later() -> None:  # close once the waiter sleeps: only the doorbell's EOF can end the wait early
+        wait_for(lambda: worker._w[WORKER_ASLEEP] == 1, 10, interval_s=0.001, what="the waiter asleep")
+        client.close()
+
+    t = threading.Thread(target=later)
+    t.start()
     res = Waiter(floor_s=0, cap_s=0).wait([worker], [], timeout_s=10)
+    t.join()
     assert res.closed == [worker] and res.waited_s < 5
 
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import tempfile
 import threading
 import time
@@ -41,6 +40,8 @@ from typing import Any
 import httpx
 
 from eaas.bench.serve import ServeBenchConfig, local_gateway, run_level
+from eaas.bench.stats import load_avg_1m
+from eaas.platform.waiter import usable_cpus
 
 SIDES = ("monolithic", "eaas")
 RATIO_KEYS = ("output_tokens_per_s", "ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms", "itl_p99_ms")
@@ -259,7 +260,7 @@ def run_e2e_bench(
     cfg.validate()
     report = progress or (lambda _msg, _frac: None)
     t_start = time.perf_counter()
-    load_before = _load_avg()
+    load_before = load_avg_1m()
     levels = tuple(int(c) for c in cfg.concurrencies)
     steps = 2 + 2 * len(levels)  # servers + warm-up, then two sides per level
     done = 0
@@ -371,8 +372,8 @@ def run_e2e_bench(
                     "load); the side that goes first alternates from level to level",
         "monolithic_cmd": "eaas gateway --monolithic --torch-threads W*t --experts-implementation IMPL",
         "eaas_cmd": "eaas up --model DIR --workers W --replicas R --no-autoscale --torch-threads t",
-        "cpu_count": _cpu_count(),
-        "load_avg_1m": {"before": load_before, "after": _load_avg()},
+        "cpu_count": usable_cpus(),
+        "load_avg_1m": {"before": load_before, "after": load_avg_1m()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
         "wall_s": round(time.perf_counter() - t_start, 2),
     }
@@ -433,20 +434,6 @@ def _cpu_seconds(procs: list[Any]) -> float:
             t = p.cpu_times()
             total += t.user + t.system
     return total
-
-
-def _cpu_count() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _load_avg() -> float | None:
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:  # pragma: no cover
-        return None
 
 
 # --- output ------------------------------------------------------------------------------------

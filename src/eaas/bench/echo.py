@@ -21,7 +21,9 @@ from collections.abc import Sequence
 import torch
 import zmq
 
-from eaas.errors import ExpertTimeout, ProtocolError, TransportError
+from eaas.errors import ExpertTimeout, TransportError
+from eaas.platform.mailroom import Mailroom
+from eaas.platform.outbox import ReplyOutbox
 from eaas.platform.protocol import Header, encode_header, now_ms, raise_if_error, recv_frames, send_frames
 from eaas.platform.decode import decode_header
 from eaas.platform.transport.base import ClientChannel
@@ -48,57 +50,37 @@ def serve(endpoint: str, *, max_message_bytes: int = 1 << 30, offered: Sequence[
     sock.setsockopt(zmq.LINGER, 0)
     sock.bind(endpoint)
     bound = sock.getsockopt_string(zmq.LAST_ENDPOINT)
-    ep = None if raw else WorkerEndpoint(max_message_bytes=max_message_bytes, offered=offered, device=device)
     print(f"READY {bound}", file=ready_out, flush=True)
-    poller = zmq.Poller()
-    poller.register(sock, zmq.POLLIN)
-    waiter = _waiter()
-    last_sweep = time.monotonic()
+    if raw:  # bare ZeroMQ baseline: the same I/O loop, no protocol
+        poller = zmq.Poller()
+        poller.register(sock, zmq.POLLIN)
+        while not stop:
+            if poller.poll(200):
+                send_frames(sock, recv_frames(sock, 0, 1))
+    else:
+        ep = WorkerEndpoint(max_message_bytes=max_message_bytes, offered=offered, device=device)
+        outbox = ReplyOutbox(sock, "echo")
 
-    def answer(peer: bytes, msg: list, ring: object | None) -> None:
-        # What a worker does with the bytes: decode + validate the header, open x
-        # (a view), compute y = f(x) (identity here) and hand y to reply_frames,
-        # which writes it where the transport wants it (arena / frames / NIXL WRITE).
-        inc = ep.on_message(peer, msg)
-        out = inc.reply
-        if out is None and inc.x is not None and inc.header is not None:
+        def echo(peer: bytes, header: Header, x: torch.Tensor, ring: object | None) -> None:
+            # What a worker does with an opened invoke: compute y = f(x) (identity here) and
+            # hand y to reply_frames, which writes it where the transport wants it (arena /
+            # frames / NIXL WRITE); the reply leaves the way the request came.
             try:
-                out = ep.reply_frames(peer, inc.header, inc.x)  # y = x
+                out = ep.reply_frames(peer, header, x)
             except Exception as e:  # noqa: BLE001
-                out = ep.error_reply(inc.header.id, e)
-        if out is None:
-            return
-        if ring is not None and len(out) == 1 and ring.post(out[0]):
-            ring.notify()
-        else:
-            send_frames(sock, [peer, *out])
+                out = ep.error_reply(header.id, e)
+            mailroom.send(peer, out, header.id, ring)
 
-    while not stop:
-        rings = ep.rings if ep is not None else {}
-        if rings:
-            for closed in waiter.wait(list(rings.values()), [sock], 0.2).closed:
-                ep.drop_peer(next(p for p, r in rings.items() if r is closed))
-            for peer, ring in list(ep.rings.items()):
-                try:
-                    while (data := ring.take()) is not None:
-                        answer(peer, [data], ring)
-                except ProtocolError:  # a corrupt ring: forget the pair (the client sees EOF)
-                    ep.drop_peer(peer)
-        elif not poller.poll(200):
-            if ep is not None and time.monotonic() - last_sweep > 1.0:
+        # the worker's own receive path: rings and socket, validation, control messages
+        mailroom = Mailroom(sock, ep, outbox, _waiter(), "echo", echo)
+        last_sweep = time.monotonic()
+        while not stop:
+            mailroom.receive(200)
+            if outbox.owed:
+                outbox.flush()
+            if time.monotonic() - last_sweep > 1.0:
                 ep.sweep()
                 last_sweep = time.monotonic()
-            continue
-        try:
-            # envelope (and, with the protocol, header) as bytes; payloads as frames
-            frames = recv_frames(sock, zmq.NOBLOCK, 1 if ep is None else 2)
-        except zmq.Again:
-            continue
-        if ep is None:  # bare ZeroMQ baseline: the same I/O loop, no protocol
-            send_frames(sock, frames)
-            continue
-        if len(frames) >= 2:
-            answer(frames[0], frames[1:], None)
     sock.close(0)
     ctx.term()
 

@@ -42,11 +42,13 @@ import torch
 
 from eaas.bench.floors import measure_floors
 from eaas.bench.harness import local_stack
+from eaas.bench.stats import load_avg_1m
 from eaas.functions import write_tiny_checkpoint
 from eaas.functions.families import moe_block
 from eaas.platform.client import ExpertClient
 from eaas.platform.integration import bind_experts, load_client_model, quiet_transformers
 from eaas.platform.shards import plan_pool
+from eaas.platform.waiter import usable_cpus
 from eaas.settings import get_settings
 
 DEFAULT_TOKENS = (16, 128, 512, 2048)
@@ -112,7 +114,7 @@ def run_layer_bench(
         raise ValueError("repeats, workers, worker_threads and block must be >= 1, warmup >= 0")
     report = progress or (lambda _msg, _frac: None)
     saved_threads = torch.get_num_threads()
-    load_before = _load_avg()
+    load_before = load_avg_1m()
 
     def write(tmp: Path) -> Path:
         report("writing the checkpoint", 0.0)
@@ -147,7 +149,7 @@ def run_layer_bench(
                     "worker_threads": worker_threads, "client_threads": 1,
                     "note": "the client runs router + combine on 1 thread and otherwise waits on sockets",
                 },
-                "cpu_count": _cpu_count(), "load_avg_1m": {"before": load_before, "after": _load_avg()},
+                "cpu_count": usable_cpus(), "load_avg_1m": {"before": load_before, "after": load_avg_1m()},
                 "monolithic": f"transformers {type(mono).__name__} (router + experts), experts_implementation={mono_impl}",
                 "eaas": f"same {type(eaas).__name__}, experts_implementation=eaas (ExpertClient -> {workers} workers, eager experts)",
                 "repeats": repeats, "warmup": warmup, "block": block, "statistic": "median", "seed": seed,
@@ -233,25 +235,6 @@ def _diff_ci_ms(a: list[float], b: list[float]) -> list[float] | None:
         return None
     (_, (alo, ahi), _), (_, (blo, bhi), _) = median_ci(a), median_ci(b)
     return [round((alo - bhi) * 1000, 3), round((ahi - blo) * 1000, 3)]
-
-
-def _cpu_count() -> int:
-    import os
-
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # pragma: no cover - not Linux
-        return os.cpu_count() or 1
-
-
-def _load_avg() -> float | None:
-    """1-minute load average (a busy neighbour on a small machine skews the monolithic side most)."""
-    import os
-
-    try:
-        return round(os.getloadavg()[0], 2)
-    except OSError:  # pragma: no cover
-        return None
 
 
 def _versions() -> dict[str, str]:

@@ -58,3 +58,14 @@ def max_token_gap(start_s: float, token_times_s: Sequence[float], end_s: float) 
     if not token_times_s:
         points.append(end_s)
     return max((b - a for a, b in zip(points, points[1:])), default=0.0)
+
+
+def load_avg_1m() -> float | None:
+    """The machine's 1-minute load average, rounded (a busy neighbour on a small machine
+    skews a benchmark; every benchmark records it before and after), or None."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except OSError:  # pragma: no cover - not Unix
+        return None

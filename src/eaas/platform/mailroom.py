@@ -44,7 +44,8 @@ class Mailroom:
         outbox: ZeroMQ reply delivery.
         waiter: the spin-then-sleep wait over rings and the socket.
         worker_id: for log lines.
-        on_invoke: called for every valid invoke (queue it; do not compute in it).
+        on_invoke: called for every valid invoke (a worker queues it for its next batch; the
+            echo peer of the benchmarks answers it at once through :meth:`send`).
     """
 
     def __init__(self, sock: zmq.Socket, endpoint_io: WorkerEndpoint, outbox: ReplyOutbox, waiter: Waiter,
