@@ -13,6 +13,8 @@ import enum
 import threading
 from dataclasses import dataclass
 
+from eaas.gateway.logprobs import TokenLogprob
+
 
 class FinishReason(str, enum.Enum):
     """Why a sequence stopped (OpenAI ``finish_reason`` values, plus ``cancelled``)."""
@@ -31,12 +33,17 @@ class GenerationEvent:
         text: text released in this step (may be empty while held back).
         finish_reason: set on the sequence's last event.
         error: the exception that ended the sequence (``finish_reason == ERROR``).
+        logprobs: one entry per token of ``token_ids`` when the request asked for logprobs.
+        prompt_logprobs: on a sequence's first event only, when the request asked for the
+            prompt's logprobs (``echo``): one entry per prompt token, the first None.
     """
 
     token_ids: tuple[int, ...] = ()
     text: str = ""
     finish_reason: FinishReason | None = None
     error: BaseException | None = None
+    logprobs: tuple[TokenLogprob, ...] = ()
+    prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
 
 class GenerationHandle:
@@ -49,6 +56,8 @@ class GenerationHandle:
         self._queue: asyncio.Queue[GenerationEvent] = asyncio.Queue()
         self._cancelled = threading.Event()
         self.token_ids: list[int] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -67,6 +76,9 @@ class GenerationHandle:
     async def next_event(self) -> GenerationEvent:
         event = await self._queue.get()
         self.token_ids.extend(event.token_ids)
+        self.logprobs.extend(event.logprobs)
+        if event.prompt_logprobs is not None:
+            self.prompt_logprobs = event.prompt_logprobs
         return event
 
     async def __aiter__(self):

@@ -90,3 +90,9 @@ def split_cache(batch: DecodeBatch, cache: DynamicCache) -> list[DynamicCache]:
         ]
         out.append(DynamicCache(ddp_cache_data=data))
     return out
+
+
+def copy_cache(cache: DynamicCache) -> DynamicCache:
+    """An independent copy of a one-sequence cache (the other choices of an ``n`` > 1 request
+    start from one prefill's cache): tensors ``[1, H, S, d]`` cloned."""
+    return DynamicCache(ddp_cache_data=[(k.clone(), v.clone()) for k, v in _layer_kv(cache)])

@@ -10,7 +10,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS_S = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -34,6 +40,9 @@ class GatewayMetrics:
             ["model"], buckets=_LATENCY_BUCKETS_S, registry=r,
         )
         self.prompt_tokens = Counter("eaas_gateway_prompt_tokens", "prompt tokens received", ["model"], registry=r)
+        self.prefills = Counter(
+            "eaas_gateway_prefills", "prefill forward passes (one per prompt, however many choices n it has)",
+            ["model"], registry=r)
         self.completion_tokens = Counter(
             "eaas_gateway_completion_tokens", "tokens generated", ["model"], registry=r
         )

@@ -32,10 +32,11 @@ import torch
 from transformers import DynamicCache
 
 from eaas.errors import EaaSError, NonFiniteLogits, Overloaded
-from eaas.gateway.kvbatch import merge_caches, split_cache
 from eaas.gateway.handles import FinishReason, GenerationEvent, GenerationHandle
+from eaas.gateway.kvbatch import copy_cache, merge_caches, split_cache
+from eaas.gateway.logprobs import TokenLogprob, prompt_logprobs, token_logprob
 from eaas.gateway.metrics import GatewayMetrics
-from eaas.gateway.sampling import SamplingParams, select_token
+from eaas.gateway.sampling import SamplingParams, TokenCounts, select_token
 from eaas.gateway.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -55,9 +56,18 @@ class _Sequence:
     arrival_s: float
     text: TextStream
     queued: bool = True  # counted in the runner's admission backlog until its prefill starts or it ends
+    backlog_tokens: int = 0  # prompt tokens it counts in the backlog (a fork: 0, its parent counts them)
     generator: torch.Generator | None = None
+    counts: TokenCounts | None = None  # only when a penalty needs them
     cache: DynamicCache | None = None
     output_ids: list[int] = field(default_factory=list)
+    forks: list[_Sequence] = field(default_factory=list)  # the other choices of an n > 1 request (share our prefill)
+    pending_prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # sent with the first event
+
+    @property
+    def group(self) -> list[_Sequence]:
+        """This sequence and its forks: the sequences one prefill serves."""
+        return [self, *self.forks]
 
     @property
     def prompt_ids(self) -> list[int]:
@@ -68,9 +78,27 @@ class _Sequence:
         return len(self.prompt_ids) + len(self.output_ids)
 
 
-def num_to_admit(num_waiting: int, num_running: int, max_batch_size: int, max_prefills_per_step: int) -> int:
-    """Scheduler decision: how many waiting sequences to prefill in this step."""
-    return max(0, min(num_waiting, max_batch_size - num_running, max_prefills_per_step))
+def groups_to_admit(group_sizes: list[int], num_running: int, max_batch_size: int, max_prefills_per_step: int) -> int:
+    """Scheduler decision: how many waiting prompts (from the front, in arrival order) to prefill now.
+
+    Args:
+        group_sizes: per waiting prompt, the sequences its prefill starts (``n`` of its request).
+        num_running: sequences decoding now.
+        max_batch_size: sequences decoded together at most.
+        max_prefills_per_step: prefills between two decode steps at most.
+
+    Returns:
+        The count ``k``: the first ``k`` groups fit the batch together; first come, first served
+        (a large group at the front waits for room rather than be overtaken).
+    """
+    free = max_batch_size - num_running
+    admitted = 0
+    for size in group_sizes[:max_prefills_per_step]:
+        if size > free:
+            break
+        free -= size
+        admitted += 1
+    return admitted
 
 
 class ModelRunner:
@@ -133,6 +161,7 @@ class ModelRunner:
         self._backlog_lock = threading.Lock()
         self._backlog_requests = 0
         self._backlog_tokens = 0
+        self._token_texts: dict[int, str] = {}
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -177,6 +206,13 @@ class ModelRunner:
 
     # --- API (any thread) -------------------------------------------------------------
 
+    def token_text(self, token_id: int) -> str:
+        """One token's text (``tokenizer.decode([id])``, special tokens kept), cached per id (logprobs)."""
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
+
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
     ) -> GenerationHandle:
@@ -188,9 +224,14 @@ class ModelRunner:
         return self.submit_all([prompt_ids], params, loop)[0]
 
     def submit_all(
-        self, prompts: list[list[int]], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None
+        self, prompts: list[list[int]], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None,
+        n: int = 1,
     ) -> list[GenerationHandle]:
         """Queue several sequences of one request, all or none.
+
+        With ``n`` > 1 each prompt gets ``n`` sequences (choice ``j`` sampled with
+        ``params.for_choice(j)``) that share one prefill: the prompt's KV cache is computed
+        once and copied, and the handles come back prompt-major (``prompt * n + j``).
 
         Overload is refused, not queued forever: when the sequences submitted but
         not yet prefilled would exceed ``max_waiting_requests`` or their prompt tokens
@@ -199,11 +240,15 @@ class ModelRunner:
 
         Raises:
             Overloaded: the backlog is full; retry after ``retry_after_s``.
+            ValueError: ``n`` is not in [1, max_batch_size] (its sequences could never decode together).
         """
+        if not 1 <= n <= self.max_batch_size:
+            raise ValueError(f"n={n} must be in [1, {self.max_batch_size}] (the runner's max batch size)")
         loop = loop or asyncio.get_running_loop()
         tokens = sum(len(p) for p in prompts)
+        sequences = len(prompts) * n
         with self._backlog_lock:
-            if (self._backlog_requests + len(prompts) > self.max_waiting_requests
+            if (self._backlog_requests + sequences > self.max_waiting_requests
                     or self._backlog_tokens + tokens > self.max_waiting_tokens):
                 if self.metrics is not None:
                     self.metrics.rejected.labels(model=self.name).inc()
@@ -211,13 +256,19 @@ class ModelRunner:
                     f"model {self.name!r} is overloaded: {self._backlog_requests} requests"
                     f" ({self._backlog_tokens} prompt tokens) already wait for a batch slot"
                     f" (limits {self.max_waiting_requests} / {self.max_waiting_tokens}); retry later")
-            self._backlog_requests += len(prompts)
+            self._backlog_requests += sequences
             self._backlog_tokens += tokens
         handles = []
+        now = time.monotonic()
         for prompt_ids in prompts:
-            handle = GenerationHandle(f"seq-{next(_ids)}", list(prompt_ids), loop)
-            self._inbox.put(_Sequence(handle, params, time.monotonic(), TextStream(self.tokenizer, params.stop)))
-            handles.append(handle)
+            group = []
+            for j in range(n):
+                handle = GenerationHandle(f"seq-{next(_ids)}", list(prompt_ids), loop)
+                group.append(_Sequence(handle, params.for_choice(j), now, TextStream(self.tokenizer, params.stop)))
+                handles.append(handle)
+            group[0].backlog_tokens = len(prompt_ids)
+            group[0].forks = group[1:]
+            self._inbox.put(group[0])
         return handles
 
     def _leave_backlog(self, seq: _Sequence) -> None:
@@ -225,7 +276,7 @@ class ModelRunner:
             seq.queued = False
             with self._backlog_lock:
                 self._backlog_requests -= 1
-                self._backlog_tokens -= len(seq.prompt_ids)
+                self._backlog_tokens -= seq.backlog_tokens
 
     def call(self, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
         """Run ``fn(model)`` in the runner thread between two steps."""
@@ -247,14 +298,17 @@ class ModelRunner:
                     self.step_failures += 1
                     log.exception("runner %s: step failed; failing its %d sequences and going on", self.name,
                                   len(self._running) + len(self._waiting))
-                    for seq in self._waiting + self._running:
+                    for seq in self._all_waiting() + self._running:
                         self._finish(seq, FinishReason.ERROR, error=exc)
                     self._waiting.clear()
                     self._running.clear()
-        for seq in self._waiting + self._running:
+        for seq in self._all_waiting() + self._running:
             self._finish(seq, FinishReason.ERROR, error=EaaSError("the model runner stopped"))
         self._waiting.clear()
         self._running.clear()
+
+    def _all_waiting(self) -> list[_Sequence]:
+        return [s for parent in self._waiting for s in parent.group]
 
     def _step(self) -> bool:
         """One engine step: admit, prefill, one batched decode. False once stopping."""
@@ -262,7 +316,8 @@ class ModelRunner:
         if self._stopping:
             return False
         self._drop_cancelled()
-        admit = num_to_admit(len(self._waiting), len(self._running), self.max_batch_size, self.max_prefills_per_step)
+        admit = groups_to_admit([len(s.forks) + 1 for s in self._waiting], len(self._running),
+                                self.max_batch_size, self.max_prefills_per_step)
         admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
         for seq in admitted:
             self._prefill(seq)
@@ -286,9 +341,12 @@ class ModelRunner:
             self._stopping = True
         elif isinstance(item, _Sequence):
             try:
-                item.generator = item.params.make_generator()
+                for seq in item.group:
+                    seq.generator = seq.params.make_generator()
+                    seq.counts = TokenCounts(seq.prompt_ids) if seq.params.penalized else None
             except Exception as exc:  # noqa: BLE001 - a bad request fails alone
-                self._finish(item, FinishReason.ERROR, error=exc)
+                for seq in item.group:
+                    self._finish(seq, FinishReason.ERROR, error=exc)
                 return
             self._waiting.append(item)
         else:
@@ -300,27 +358,51 @@ class ModelRunner:
                     fut.set_exception(exc)
 
     def _drop_cancelled(self) -> None:
-        for group in (self._waiting, self._running):
-            for seq in [s for s in group if s.handle.cancelled]:
-                group.remove(seq)
+        # a waiting prompt leaves once every choice it would start is cancelled; the prefill
+        # ends the cancelled choices of a partly cancelled one
+        for parent in [p for p in self._waiting if all(s.handle.cancelled for s in p.group)]:
+            self._waiting.remove(parent)
+            for seq in parent.group:
                 self._finish(seq, FinishReason.CANCELLED)
+        for seq in [s for s in self._running if s.handle.cancelled]:
+            self._running.remove(seq)
+            self._finish(seq, FinishReason.CANCELLED)
 
     def _prefill(self, seq: _Sequence) -> None:
-        self._leave_backlog(seq)
+        """One forward over ``seq``'s prompt; ``seq`` and its forks each take their first token."""
+        group = seq.group
+        for member in group:
+            self._leave_backlog(member)
         device = self.model.device
         ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)  # [1, P]
+        k_prompt = seq.params.prompt_logprobs
+        # every position's logits only when the prompt's logprobs are asked for (logits_to_keep=0: all)
+        logits_kw = {"logits_to_keep": 0} if (k_prompt is not None and self._logits_kw) else self._logits_kw
         cache = DynamicCache()
         try:
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, **self._logits_kw)
+            out = self.model(input_ids=ids, cache=cache, use_cache=True, **logits_kw)
+            plps = prompt_logprobs(out.logits[0], seq.prompt_ids, k_prompt) if k_prompt is not None else None
         except Exception as exc:
             log.warning("runner %s: prefill of %s failed: %s", self.name, seq.handle.request_id, exc)
-            self._finish(seq, FinishReason.ERROR, error=exc)
+            for member in group:
+                self._finish(member, FinishReason.ERROR, error=exc)
             return
-        seq.cache = cache
         if self.metrics is not None:
+            self.metrics.prefills.labels(model=self.name).inc()
             self.metrics.ttft_s.labels(model=self.name).observe(time.monotonic() - seq.arrival_s)
-        self._running.append(seq)
-        self._take_token_or_fail(seq, out.logits[0, -1])
+        last = out.logits[0, -1]  # [V]
+        for i, member in enumerate(group):
+            if member.handle.cancelled:
+                self._finish(member, FinishReason.CANCELLED)
+                continue
+            if member.params.max_new_tokens == 0:  # echo only: the prompt's logprobs, no new token
+                member.handle._deliver(GenerationEvent(finish_reason=FinishReason.LENGTH, prompt_logprobs=plps))
+                self._count_finish(FinishReason.LENGTH)
+                continue
+            member.cache = cache if i == 0 else copy_cache(cache)
+            member.pending_prompt_logprobs = plps
+            self._running.append(member)
+            self._take_token_or_fail(member, last)
 
     def _decode_step(self) -> None:
         batch = list(self._running)
@@ -374,7 +456,10 @@ class ModelRunner:
             raise NonFiniteLogits(
                 f"the model produced non-finite logits (NaN/inf) for request {seq.handle.request_id} at"
                 f" output position {len(seq.output_ids)}; the request was ended")
-        token = select_token(logits, seq.params, seq.generator)
+        token = select_token(logits, seq.params, seq.generator, seq.counts)
+        entry = token_logprob(logits, token, seq.params.logprobs) if seq.params.logprobs is not None else None
+        if seq.counts is not None:
+            seq.counts.add(token)
         seq.output_ids.append(token)
         if self.metrics is not None:
             self.metrics.completion_tokens.labels(model=self.name).inc()
@@ -387,13 +472,14 @@ class ModelRunner:
         text = seq.text.push(token, final=reason is not None) if not is_eos else seq.text.finish()
         if seq.text.stopped:
             reason = FinishReason.STOP
-        if reason is None:
-            seq.handle._deliver(GenerationEvent((token,), text))
-        else:
+        event = GenerationEvent((token,), text, reason, logprobs=(entry,) if entry is not None else (),
+                                prompt_logprobs=seq.pending_prompt_logprobs)
+        seq.pending_prompt_logprobs = None
+        if reason is not None:
             self._running.remove(seq)
             seq.cache = None
-            seq.handle._deliver(GenerationEvent((token,), text, reason))
             self._count_finish(reason)
+        seq.handle._deliver(event)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
         self._leave_backlog(seq)
