@@ -93,7 +93,8 @@ def test_greedy_text_prompt_matches_generate(gateway, loaded):
     choice = body["choices"][0]
     assert choice["token_ids"] == ref
     assert choice["text"] == tok.decode(ref, skip_special_tokens=True)
-    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref), "total_tokens": len(ids) + len(ref)}
+    assert body["usage"] == {"prompt_tokens": len(ids), "completion_tokens": len(ref), "total_tokens": len(ids) + len(ref),
+                             "prompt_tokens_details": {"cached_tokens": 0}}
 
 
 def test_greedy_token_prompt_and_list_of_prompts(gateway, loaded):

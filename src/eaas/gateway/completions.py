@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from typing import Any, AsyncIterator
@@ -20,9 +21,12 @@ from starlette.types import Receive, Scope, Send
 from eaas.gateway.cancel import CLIENT_CLOSED, note_cancelled, wait_disconnect
 from eaas.gateway.errors import bad_request, error_body, error_response, to_api_error
 from eaas.gateway.handles import FinishReason, GenerationEvent, GenerationHandle
+from eaas.gateway.logprobs import TokenLogprob, chat_logprobs, completion_logprobs
 from eaas.gateway.runner import ModelRunner
 from eaas.gateway.sampling import SamplingParams
-from eaas.gateway.schemas import ChatCompletionRequest, CompletionRequest, _Sampling
+from eaas.gateway.schemas import ChatCompletionRequest, CompletionRequest
+
+log = logging.getLogger(__name__)
 
 MAX_PROMPTS = 64
 
@@ -84,7 +88,7 @@ def normalize_prompt(prompt: Any, runner: ModelRunner) -> list[list[int]]:
         prompts = list(prompt)
     if not prompts or len(prompts) > MAX_PROMPTS:
         raise bad_request(f"prompt must hold 1 to {MAX_PROMPTS} prompts, got {len(prompts)}", param="prompt")
-    vocab = int(getattr(runner.config, "vocab_size", 0) or len(runner.tokenizer))
+    vocab = vocab_size(runner)
     max_chars = max_prompt_chars(runner)
     out = []
     for p in prompts:
@@ -103,20 +107,52 @@ def normalize_prompt(prompt: Any, runner: ModelRunner) -> list[list[int]]:
     return out
 
 
-def sampling_params(req: _Sampling, prompts: list[list[int]], runner: ModelRunner, default_max: int) -> SamplingParams:
-    """Build and check the request's sampling parameters against the model's limit."""
+def vocab_size(runner: ModelRunner) -> int:
+    """Token ids the model scores (its logits width, the config's ``vocab_size``)."""
+    return int(getattr(runner.config, "vocab_size", 0) or len(runner.tokenizer))
+
+
+def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], runner: ModelRunner,
+                    default_max: int) -> SamplingParams:
+    """Build and check the request's sampling parameters against the model (context, vocabulary, batch).
+
+    Raises:
+        APIError: 400 naming the parameter: output past the context limit, ``logit_bias`` ids
+            outside the vocabulary, more choices than the runner can decode together.
+    """
+    chat = isinstance(req, ChatCompletionRequest)
+    limit_param = "max_completion_tokens" if chat and req.max_completion_tokens is not None else "max_tokens"
+    limit = req.output_limit if chat else req.max_tokens
     longest = max(len(p) for p in prompts)
     room = runner.max_model_len - longest
-    max_tokens = req.max_tokens if req.max_tokens is not None else min(default_max, room)
+    max_tokens = limit if limit is not None else min(default_max, room)
     if room < 1 or max_tokens > room:
         raise bad_request(
-            f"max_tokens={max_tokens} plus the prompt's {longest} tokens exceeds the model's "
+            f"{limit_param}={max_tokens} plus the prompt's {longest} tokens exceeds the model's "
             f"limit of {runner.max_model_len} tokens",
-            param="max_tokens", code="context_length_exceeded",
+            param=limit_param, code="context_length_exceeded",
         )
+    vocab = vocab_size(runner)
+    bias = req.bias_pairs
+    outside = [t for t, _ in bias if not 0 <= t < vocab]
+    if outside:
+        raise bad_request(f"logit_bias token ids must be in [0, {vocab}); got {outside[:5]}", param="logit_bias")
+    count_param = "best_of" if not chat and req.best_of is not None else "n"
+    if req.candidates > runner.max_batch_size:
+        raise bad_request(f"{count_param}={req.candidates} exceeds this model's batch size of {runner.max_batch_size}"
+                          " (the choices of a prompt decode together)", param=count_param)
+    if chat:
+        logprobs = (req.top_logprobs or 0) if req.logprobs else None
+        prompt_logprobs = None
+    else:
+        # best_of ranks its candidates by their logprobs, so it needs them even when not returned
+        logprobs = req.logprobs if req.logprobs is not None else (0 if req.candidates > req.n else None)
+        prompt_logprobs = req.logprobs if req.echo and req.logprobs is not None else None
     return SamplingParams(
-        max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p,
-        seed=req.seed, stop=req.stop_list, ignore_eos=req.ignore_eos,
+        max_new_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=max(0, req.top_k),
+        min_p=req.min_p, seed=req.seed, stop=req.stop_list, ignore_eos=req.ignore_eos, logit_bias=bias,
+        presence_penalty=req.presence_penalty, frequency_penalty=req.frequency_penalty,
+        repetition_penalty=req.repetition_penalty, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
     )
 
 
@@ -148,18 +184,37 @@ def _finish_str(reason: FinishReason | None) -> str | None:
     return None if reason is None else reason.value
 
 
-class Generation:
-    """One HTTP generation request: its handles and its response in either mode."""
+def _mean_logprob(handle: GenerationHandle) -> float:
+    """OpenAI's ``best_of`` ranking: log probability per generated token (higher is better)."""
+    return sum(e.logprob for e in handle.logprobs) / max(1, len(handle.logprobs))
 
-    def __init__(self, runner: ModelRunner, prompts: list[list[int]], params: SamplingParams, chat: bool) -> None:
+
+class Generation:
+    """One HTTP generation request: its handles and its response in either mode.
+
+    Args:
+        runner: the model's runner.
+        prompts: token ids per prompt.
+        params: the sampling parameters (choice ``j`` of a prompt uses ``params.for_choice(j)``).
+        req: the validated request (``n``, ``best_of``, ``echo``, ``logprobs``).
+        prompt_texts: per prompt, the text ``echo`` returns.
+    """
+
+    def __init__(self, runner: ModelRunner, prompts: list[list[int]], params: SamplingParams,
+                 req: CompletionRequest | ChatCompletionRequest, prompt_texts: list[str] | None = None) -> None:
         self.runner = runner
         self.prompts = prompts
-        self.chat = chat
-        self.id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
+        self.chat = isinstance(req, ChatCompletionRequest)
+        self.n = req.n
+        self.candidates = req.candidates
+        self.echo = bool(getattr(req, "echo", False))
+        self.want_logprobs = req.logprobs if self.chat else req.logprobs is not None
+        self.prompt_texts = prompt_texts or [""] * len(prompts)
+        self.id = ("chatcmpl-" if self.chat else "cmpl-") + uuid.uuid4().hex[:24]
         self.created = int(time.time())
         loop = asyncio.get_running_loop()
-        self.handles = runner.submit_all(prompts, params, loop)
-        self.endpoint = "chat_completions" if chat else "completions"
+        self.handles = runner.submit_all(prompts, params, loop, n=self.candidates)
+        self.endpoint = "chat_completions" if self.chat else "completions"
         self.finished = False
         self._noted = False
         if runner.metrics is not None:
@@ -172,21 +227,47 @@ class Generation:
     def usage(self) -> dict:
         prompt = sum(len(p) for p in self.prompts)
         completion = sum(len(h.token_ids) for h in self.handles)
-        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+        return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
+                "prompt_tokens_details": {"cached_tokens": 0}}
 
-    def _choice(self, i: int, text: str, reason: str | None, token_ids: list[int] | None, delta: bool,
-                role: bool = True) -> dict:
+    def _logprobs(self, i: int, token_ids: list[int], entries: list[TokenLogprob], offset: int,
+                  first: bool) -> tuple[dict | None, int]:
+        """The logprobs object for some positions of handle ``i`` (with the prompt's on its first
+        positions when ``echo`` asked for them), and the next ``text_offset``."""
+        if not self.want_logprobs:
+            return None, offset
+        if self.chat:
+            return chat_logprobs(entries, self.runner.token_text), offset
+        h = self.handles[i]
+        if first and self.echo and h.prompt_logprobs is not None:
+            token_ids = list(h.prompt_ids) + token_ids
+            entries = list(h.prompt_logprobs) + entries
+        return completion_logprobs(entries, token_ids, self.runner.token_text, offset)
+
+    def _choice(self, index: int, text: str, reason: str | None, token_ids: list[int] | None, delta: bool,
+                role: bool = True, logprobs: dict | None = None) -> dict:
         if self.chat:
             if not delta:
-                return {"index": i, "message": {"role": "assistant", "content": text}, "finish_reason": reason}
+                return {"index": index, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+                        "finish_reason": reason}
             # OpenAI streams the role in a choice's first delta only
             body = {"role": "assistant", "content": text} if role else {"content": text}
-            return {"index": i, "delta": body, "finish_reason": reason}
-        return {"index": i, "text": text, "token_ids": token_ids, "logprobs": None, "finish_reason": reason}
+            return {"index": index, "delta": body, "logprobs": logprobs, "finish_reason": reason}
+        return {"index": index, "text": text, "token_ids": token_ids, "logprobs": logprobs, "finish_reason": reason}
 
     def _envelope(self, choices: list[dict], stream: bool) -> dict:
         obj = ("chat.completion.chunk" if stream else "chat.completion") if self.chat else "text_completion"
         return {"id": self.id, "object": obj, "created": self.created, "model": self.runner.name, "choices": choices}
+
+    def _chosen(self) -> list[int]:
+        """Handle positions returned, in choice order: per prompt the ``n`` best of its candidates."""
+        out = []
+        for p in range(len(self.prompts)):
+            group = list(range(p * self.candidates, (p + 1) * self.candidates))
+            if self.candidates > self.n:
+                group = sorted(group, key=lambda i: -_mean_logprob(self.handles[i]))[: self.n]
+            out.extend(group)
+        return out
 
     async def respond(self, request: Request) -> Response:
         """Wait for every sequence (cancelling them if the client leaves)."""
@@ -215,14 +296,18 @@ class Generation:
         finally:
             watch.cancel()
             self.cancel()
-        choices = [
-            self._choice(i, "".join(texts[i]), reasons[i], list(h.token_ids), delta=False)
-            for i, h in enumerate(self.handles)
-        ]
+        choices = []
+        for index, i in enumerate(self._chosen()):
+            h = self.handles[i]
+            prefix = self.prompt_texts[i // self.candidates] if self.echo else ""
+            logprobs, _ = self._logprobs(i, list(h.token_ids), list(h.logprobs), 0, first=True)
+            choices.append(self._choice(index, prefix + "".join(texts[i]), reasons[i], list(h.token_ids),
+                                        delta=False, logprobs=logprobs))
         return JSONResponse({**self._envelope(choices, stream=False), "usage": self.usage()})
 
     async def stream(self, include_usage: bool) -> Response:
-        """SSE: one chunk per step and sequence, ``data: [DONE]`` last."""
+        """SSE: one chunk per step and sequence, ``data: [DONE]`` last (``best_of`` == ``n`` here,
+        so handle ``i`` is choice ``i``)."""
         events = _merge(self.handles)
         try:
             first = await events.__anext__()
@@ -235,7 +320,8 @@ class Generation:
 
         async def body() -> AsyncIterator[str]:
             pending: tuple[int, GenerationEvent] | None = first
-            role_sent: set[int] = set()
+            started: set[int] = set()
+            offsets = [0] * len(self.handles)
             try:
                 while pending is not None:
                     i, event = pending
@@ -243,9 +329,15 @@ class Generation:
                         yield f"data: {json.dumps(error_body(to_api_error(event.error)))}\n\n"
                         break
                     if event.token_ids or event.finish_reason is not None:
-                        choice = self._choice(i, event.text, _finish_str(event.finish_reason),
-                                              list(event.token_ids), delta=True, role=i not in role_sent)
-                        role_sent.add(i)
+                        is_first = i not in started
+                        started.add(i)
+                        text = event.text
+                        if is_first and self.echo:
+                            text = self.prompt_texts[i // self.candidates] + text
+                        logprobs, offsets[i] = self._logprobs(i, list(event.token_ids), list(event.logprobs),
+                                                              offsets[i], first=is_first)
+                        choice = self._choice(i, text, _finish_str(event.finish_reason), list(event.token_ids),
+                                              delta=True, role=is_first, logprobs=logprobs)
                         yield f"data: {json.dumps(self._envelope([choice], stream=True))}\n\n"
                     pending = await anext(events, None)
                 if include_usage:
@@ -266,18 +358,16 @@ class Generation:
 
 
 def chat_prompt(req: ChatCompletionRequest, runner: ModelRunner) -> list[list[int]]:
-    """Render the messages with the tokenizer's chat template."""
+    """Render the messages with the tokenizer's chat template (text parts joined by newlines)."""
     tok = runner.tokenizer
     if not getattr(tok, "chat_template", None):
         raise bad_request(f"model {runner.name!r} has no chat template; use /v1/completions", param="model")
-    messages = [m.model_dump() for m in req.messages]
+    messages = [m.template_dict() for m in req.messages]
     max_chars = max_prompt_chars(runner)
     total = 0
     for m in messages:
-        content = m.get("content") or ""
-        if isinstance(content, str):
-            check_text(content, max_chars, runner, param="messages")
-            total += len(content)
+        check_text(m["content"], max_chars, runner, param="messages")
+        total += len(m["content"])
     if total > max_chars:
         raise bad_request(f"messages have {total} characters: they cannot fit the model's limit of "
                           f"{runner.max_model_len} tokens", param="messages", code="context_length_exceeded")
@@ -287,10 +377,24 @@ def chat_prompt(req: ChatCompletionRequest, runner: ModelRunner) -> list[list[in
     return normalize_prompt([list(ids)], runner)
 
 
+def echo_texts(prompt: Any, prompts: list[list[int]], runner: ModelRunner) -> list[str]:
+    """What ``echo`` returns per prompt: the text as sent, or token ids decoded."""
+    if isinstance(prompt, str):
+        return [prompt]
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return list(prompt)
+    return [runner.tokenizer.decode(ids, skip_special_tokens=True) for ids in prompts]
+
+
 async def handle_generation(
     request: Request, req: CompletionRequest | ChatCompletionRequest, runner: ModelRunner
 ) -> Response:
-    """Shared body of both generation endpoints."""
+    """Shared body of both generation endpoints.
+
+    Raises:
+        APIError: 400 for a refused parameter or a bad combination (see ``req.check``).
+    """
+    req.check()
     chat = isinstance(req, ChatCompletionRequest)
     # tokenizing is CPU work: keep it off the event loop so /healthz and streams stay responsive
     if chat:
@@ -298,7 +402,10 @@ async def handle_generation(
     else:
         prompts = await run_in_threadpool(normalize_prompt, req.prompt, runner)
     params = sampling_params(req, prompts, runner, default_max=16 if not chat else runner.max_model_len)
-    gen = Generation(runner, prompts, params, chat)
+    texts = await run_in_threadpool(echo_texts, req.prompt, prompts, runner) if not chat and req.echo else None
+    gen = Generation(runner, prompts, params, req, texts)
+    if req.user is not None:  # OpenAI's end-user id: kept with the request id for abuse tracing
+        log.info("request %s: model %s, user %r, %d sequences", gen.id, runner.name, req.user, len(gen.handles))
     if req.stream:
-        return await gen.stream(bool((req.stream_options or {}).get("include_usage")))
+        return await gen.stream(bool(req.stream_options and req.stream_options.include_usage))
     return await gen.respond(request)

@@ -123,6 +123,8 @@ def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     msg = first.get("msg", "invalid value")
     if first.get("type") == "json_invalid":
         return f"malformed JSON body: {first.get('ctx', {}).get('error', msg)}", None
+    if first.get("type") == "extra_forbidden":  # OpenAI's own wording for an unknown field
+        return f"Unrecognized request argument supplied: {param}", param
     return f"{param or 'body'}: {msg} (got {first.get('input')!r:.200})", param
 
 

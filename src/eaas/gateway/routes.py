@@ -1,6 +1,6 @@
 """The gateway's HTTP routes: plain functions on one router, reading the app's :class:`GatewayState`.
 
-``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``GET /v1/models``,
+``GET /healthz``, ``GET /readyz``, ``GET /metrics``, ``GET /v1/models``, ``GET /v1/models/{model}``,
 ``POST /v1/completions``, ``POST /v1/chat/completions``,
 ``POST /v1/layers/{model}/{layer}:forward`` and ``POST /v1/functions/{function_id}:invoke``
 (safetensors bodies). Errors: :mod:`eaas.gateway.errors`.
@@ -28,7 +28,13 @@ from eaas.gateway.completions import handle_generation
 from eaas.gateway.errors import APIError, not_found
 from eaas.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from eaas.gateway.runner import ModelRunner
-from eaas.gateway.schemas import ChatCompletionRequest, CompletionRequest, ErrorResponse, ModelCard, ModelList
+from eaas.gateway.schemas import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ErrorResponse,
+    ModelCard,
+    ModelList,
+)
 from eaas.gateway.tensors import read_matrix, write_tensors
 from eaas.settings import Settings
 
@@ -141,6 +147,18 @@ async def list_models(request: Request) -> ModelList:
     gw = gateway_state(request)
     return ModelList(data=[ModelCard(id=n, created=gw.created, max_model_len=r.max_model_len)
                            for n, r in gw.runners.items()])
+
+
+@router.get("/v1/models/{model_id:path}", dependencies=_AUTH, response_model=ModelCard,
+            responses={404: {"model": ErrorResponse}})
+async def retrieve_model(model_id: str, request: Request) -> ModelCard:
+    """One served model (OpenAI ``GET /v1/models/{model}``); 404 in OpenAI's error shape when unknown."""
+    gw = gateway_state(request)
+    runner = gw.runners.get(model_id)
+    if runner is None:
+        raise APIError(404, f"The model '{model_id}' does not exist", type="invalid_request_error", param="model",
+                       code="model_not_found")
+    return ModelCard(id=model_id, created=gw.created, max_model_len=runner.max_model_len)
 
 
 @router.post("/v1/completions", dependencies=_AUTH)
