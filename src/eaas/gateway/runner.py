@@ -37,6 +37,7 @@ from eaas.gateway.kvbatch import copy_cache, merge_caches, split_cache
 from eaas.gateway.logprobs import TokenLogprob, prompt_logprobs, token_logprob
 from eaas.gateway.metrics import GatewayMetrics
 from eaas.gateway.sampling import SamplingParams, TokenCounts, select_token
+from eaas.gateway.slotcache import SlotCache, attention_masks
 from eaas.gateway.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,8 @@ class _Sequence:
     cache: DynamicCache | None = None
     output_ids: list[int] = field(default_factory=list)
     forks: list[_Sequence] = field(default_factory=list)  # the other choices of an n > 1 request (share our prefill)
+    row: int = -1  # slots engine: its row in the SlotCache (-1: none)
+    kv_len: int = 0  # slots engine: positions written to its row
     pending_prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # sent with the first event
 
     @property
@@ -101,6 +104,35 @@ def groups_to_admit(group_sizes: list[int], num_running: int, max_batch_size: in
     return admitted
 
 
+def prefill_batch(prompt_lengths: list[int], max_tokens: int) -> int:
+    """How many prompts (from the front) one batched prefill forward takes: the most ``k`` whose
+    padded size ``k * max(lengths[:k])`` fits ``max_tokens``; at least 1 (a long prompt goes alone)."""
+    k, longest = 0, 0
+    for n in prompt_lengths:
+        longest = max(longest, n)
+        if k and (k + 1) * longest > max_tokens:
+            break
+        k += 1
+    return k
+
+
+def expanded_kv_heads_fix(model: Any) -> int:
+    """Make masked attention work for multi-head latent attention (DeepSeek-V3); returns modules fixed.
+
+    An MLA module's ``expand_kv`` already returns keys and values with every query head, yet its
+    ``num_key_value_groups`` is ``heads / kv_heads``: with an attention mask, transformers'
+    SDPA path then ``repeat_kv``s the keys a second time and fails (``transformers`` 5.24,
+    ``modeling_deepseek_v3.py``; without a mask it takes the GQA kernel, where 1 and the ratio
+    compute the same). The groups of such a module are set to 1, the true ratio.
+    """
+    fixed = 0
+    for module in model.modules():
+        if hasattr(module, "expand_kv") and getattr(module, "num_key_value_groups", 1) > 1:
+            module.num_key_value_groups = 1
+            fixed += 1
+    return fixed
+
+
 class ModelRunner:
     """Owns a causal LM and its tokenizer in one thread; serves generation requests.
 
@@ -115,6 +147,11 @@ class ModelRunner:
         max_waiting_requests: sequences submitted but not yet prefilled, at most;
             beyond it :meth:`submit_all` refuses with :class:`~eaas.errors.Overloaded`.
         max_waiting_tokens: prompt tokens of those sequences, at most.
+        engine: ``"slots"``: waiting prompts are prefilled together (up to ``max_prefill_tokens``
+            padded tokens per forward) into a :class:`~eaas.gateway.slotcache.SlotCache` that decode
+            steps read and write in place. ``"padded"``: the previous engine, one prefill at a time
+            into per-sequence caches merged and split every decode step (:mod:`eaas.gateway.kvbatch`).
+        max_prefill_tokens: see ``engine``.
     """
 
     def __init__(
@@ -128,7 +165,11 @@ class ModelRunner:
         max_model_len: int | None = None,
         max_waiting_requests: int = 256,
         max_waiting_tokens: int = 1 << 18,
+        engine: str = "slots",
+        max_prefill_tokens: int = 2048,
     ) -> None:
+        if engine not in ("slots", "padded"):
+            raise ValueError(f"engine must be 'slots' or 'padded', got {engine!r}")
         self.model = model
         self.tokenizer = tokenizer
         self.name = name
@@ -162,6 +203,13 @@ class ModelRunner:
         self._backlog_requests = 0
         self._backlog_tokens = 0
         self._token_texts: dict[int, str] = {}
+        self.engine = engine
+        self.max_prefill_tokens = max_prefill_tokens
+        self._slots = SlotCache(max_batch_size, self.max_model_len + 1) if engine == "slots" else None
+        self._rows: list[_Sequence] = []  # slots engine: the sequence in each row, rows 0..B-1
+        self._pad_id = 0
+        self._dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # of the attention masks
+        expanded_kv_heads_fix(model)  # both engines pass masks (the padded one too, in batched decodes)
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -302,6 +350,7 @@ class ModelRunner:
                         self._finish(seq, FinishReason.ERROR, error=exc)
                     self._waiting.clear()
                     self._running.clear()
+                    self._rows.clear()
         for seq in self._all_waiting() + self._running:
             self._finish(seq, FinishReason.ERROR, error=EaaSError("the model runner stopped"))
         self._waiting.clear()
@@ -316,13 +365,23 @@ class ModelRunner:
         if self._stopping:
             return False
         self._drop_cancelled()
-        admit = groups_to_admit([len(s.forks) + 1 for s in self._waiting], len(self._running),
-                                self.max_batch_size, self.max_prefills_per_step)
-        admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
-        for seq in admitted:
-            self._prefill(seq)
-        if self._running:
-            self._decode_step()
+        if self._slots is None:
+            admit = groups_to_admit([len(s.forks) + 1 for s in self._waiting], len(self._running),
+                                    self.max_batch_size, self.max_prefills_per_step)
+            admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
+            for seq in admitted:
+                self._prefill(seq)
+            if self._running:
+                self._decode_step()
+        else:
+            admit = groups_to_admit([len(s.forks) + 1 for s in self._waiting], len(self._running),
+                                    self.max_batch_size, self.max_batch_size)
+            admit = min(admit, prefill_batch([len(s.prompt_ids) for s in self._waiting], self.max_prefill_tokens))
+            admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
+            if admitted:
+                self._prefill_slots(admitted)
+            if self._running:
+                self._decode_slots()
         self._update_gauges()
         return True
 
@@ -387,22 +446,139 @@ class ModelRunner:
             for member in group:
                 self._finish(member, FinishReason.ERROR, error=exc)
             return
+        for i, member in enumerate(group):
+            member.cache = cache if i == 0 else copy_cache(cache)
+        self._start_group(seq, out.logits[0, -1], plps)
+
+    def _start_group(self, seq: _Sequence, last: torch.Tensor, plps: tuple[TokenLogprob | None, ...] | None) -> None:
+        """After ``seq``'s prefill (its KV in place for it and its forks): each member takes its
+        first token from ``last[V]``, or ends (cancelled; ``max_new_tokens=0``)."""
         if self.metrics is not None:
             self.metrics.prefills.labels(model=self.name).inc()
             self.metrics.ttft_s.labels(model=self.name).observe(time.monotonic() - seq.arrival_s)
-        last = out.logits[0, -1]  # [V]
-        for i, member in enumerate(group):
+        for member in seq.group:
             if member.handle.cancelled:
                 self._finish(member, FinishReason.CANCELLED)
                 continue
             if member.params.max_new_tokens == 0:  # echo only: the prompt's logprobs, no new token
+                self._release(member)
                 member.handle._deliver(GenerationEvent(finish_reason=FinishReason.LENGTH, prompt_logprobs=plps))
                 self._count_finish(FinishReason.LENGTH)
                 continue
-            member.cache = cache if i == 0 else copy_cache(cache)
             member.pending_prompt_logprobs = plps
             self._running.append(member)
             self._take_token_or_fail(member, last)
+
+    # --- the slots engine ---------------------------------------------------------------
+
+    def _forward_slots(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, row0: int,
+                       write: torch.Tensor | None, logits_to_keep: Any) -> torch.Tensor:
+        """One forward over rows ``row0 ..`` of the slot cache.
+
+        Args:
+            ids: ``[B, q]`` input token ids.
+            positions: ``[B, q]`` their positions (= cache columns).
+            lengths: ``[B]`` valid columns per row once this forward has written.
+            row0: first row.
+            write: ``[B]`` the column each row writes (decode), or None (prefill from column 0).
+            logits_to_keep: transformers' ``logits_to_keep`` (int, or a 1D index tensor).
+
+        Returns:
+            The logits ``[B, q', V]``.
+        """
+        device = self.model.device
+        span = int(lengths.max())
+        masks = attention_masks(self.config, positions, lengths, span, self._dtype)
+        if isinstance(masks, dict):
+            masks = {k: m.to(device) for k, m in masks.items()}
+        else:
+            masks = masks.to(device)
+        self._slots.begin(row0, ids.shape[0], span, None if write is None else write.to(device))
+        kw = {"logits_to_keep": logits_to_keep} if self._logits_kw else {}
+        out = self.model(input_ids=ids.to(device), cache=self._slots, attention_mask=masks,
+                         position_ids=positions.to(device), use_cache=True, **kw)
+        return out.logits
+
+    def _prefill_slots(self, parents: list[_Sequence]) -> None:
+        """Prefill ``parents`` (their prompts right-padded into one forward; a request asking for its
+        prompt's logprobs goes alone, with every position's logits) into fresh rows; forks copy
+        their parent's row."""
+        for parent in parents:
+            for member in parent.group:
+                self._leave_backlog(member)
+        batched = [p for p in parents if p.params.prompt_logprobs is None]
+        chunks = ([batched] if batched else []) + [[p] for p in parents if p.params.prompt_logprobs is not None]
+        for chunk in chunks:
+            self._prefill_chunk(chunk)
+
+    def _prefill_chunk(self, chunk: list[_Sequence]) -> None:
+        lengths = [len(s.prompt_ids) for s in chunk]
+        longest = max(lengths)
+        ids = torch.full((len(chunk), longest), self._pad_id, dtype=torch.long)  # [N, P] right-padded
+        for i, s in enumerate(chunk):
+            ids[i, : lengths[i]] = torch.tensor(s.prompt_ids, dtype=torch.long)
+        positions = torch.arange(longest).expand(len(chunk), longest)
+        k_prompt = chunk[0].params.prompt_logprobs if len(chunk) == 1 else None
+        last_cols = sorted(set(n - 1 for n in lengths))
+        keep: Any = 0 if (k_prompt is not None or not self._logits_kw) else torch.tensor(last_cols)
+        row0 = len(self._rows)
+        try:
+            logits = self._forward_slots(ids, positions, torch.tensor(lengths), row0, None, keep)  # [N, q', V]
+            plps = (prompt_logprobs(logits[0, : lengths[0]], chunk[0].prompt_ids, k_prompt)
+                    if k_prompt is not None else None)
+        except Exception as exc:
+            log.warning("runner %s: prefill of %d prompts failed: %s", self.name, len(chunk), exc)
+            for parent in chunk:
+                for member in parent.group:
+                    self._finish(member, FinishReason.ERROR, error=exc)
+            return
+        for parent, n in zip(chunk, lengths):
+            self._claim_row(parent, n)
+        for parent, n in zip(chunk, lengths):
+            for fork in parent.forks:
+                self._claim_row(fork, n)
+                self._slots.move_row(parent.row, fork.row, n)
+        for i, (parent, n) in enumerate(zip(chunk, lengths)):
+            col = n - 1 if isinstance(keep, int) else last_cols.index(n - 1)
+            self._start_group(parent, logits[i, col], plps)
+
+    def _claim_row(self, seq: _Sequence, kv_len: int) -> None:
+        seq.row = len(self._rows)
+        seq.kv_len = kv_len
+        self._rows.append(seq)
+
+    def _decode_slots(self) -> None:
+        """One decode forward over every row, reading and writing the slot cache in place."""
+        batch = list(self._rows)
+        written = torch.tensor([s.kv_len for s in batch], dtype=torch.long)  # [B] the column each row writes
+        ids = torch.tensor([[s.output_ids[-1]] for s in batch], dtype=torch.long)  # [B, 1]
+        try:
+            logits = self._forward_slots(ids, written.unsqueeze(1), written + 1, 0, written, 1)
+        except Exception as exc:
+            log.warning("runner %s: decode step of %d sequences failed: %s", self.name, len(batch), exc)
+            for seq in batch:
+                self._running.remove(seq)
+                self._finish(seq, FinishReason.ERROR, error=exc)
+            return
+        for seq in batch:
+            seq.kv_len += 1
+        if self.metrics is not None:
+            self.metrics.batch_size.labels(model=self.name).observe(len(batch))
+        for row, seq in enumerate(batch):
+            self._take_token_or_fail(seq, logits[row, -1])
+
+    def _release(self, seq: _Sequence) -> None:
+        """Free ``seq``'s KV: its cache (padded engine) or its row, refilled by the last row (slots)."""
+        seq.cache = None
+        if seq.row < 0:
+            return
+        last = self._rows[-1]
+        if last is not seq:
+            self._slots.move_row(last.row, seq.row, last.kv_len)
+            self._rows[seq.row] = last
+            last.row = seq.row
+        self._rows.pop()
+        seq.row = -1
 
     def _decode_step(self) -> None:
         batch = list(self._running)
@@ -477,13 +653,13 @@ class ModelRunner:
         seq.pending_prompt_logprobs = None
         if reason is not None:
             self._running.remove(seq)
-            seq.cache = None
+            self._release(seq)
             self._count_finish(reason)
         seq.handle._deliver(event)
 
     def _finish(self, seq: _Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
         self._leave_backlog(seq)
-        seq.cache = None
+        self._release(seq)
         seq.handle._deliver(GenerationEvent(finish_reason=reason, error=error))
         self._count_finish(reason)
 
