@@ -12,7 +12,9 @@ from eaas.gateway.logprobs import (
     chat_logprobs,
     completion_logprobs,
     prompt_logprobs,
+    token_bytes,
     token_logprob,
+    token_name,
 )
 from eaas.gateway.sampling import SamplingParams, TokenCounts, process_logits
 
@@ -40,14 +42,37 @@ def test_prompt_logprobs_first_is_none_and_rows_predict_the_next_token():
 
 def test_completion_shape_lists_the_chosen_token_and_offsets():
     entries = [None, token_logprob(torch.tensor([3.0, 0.0, 0.0, 0.0]), 2, 1)]
-    body, end = completion_logprobs(entries, [3, 2], TEXT, offset=5)
-    assert body["tokens"] == ["é", "ccc"] and body["text_offset"] == [5, 6] and end == 9
+    body = completion_logprobs(entries, [3, 2], TEXT, [5, 6])
+    assert body["tokens"] == ["é", "ccc"] and body["text_offset"] == [5, 6]
     assert body["token_logprobs"][0] is None and body["top_logprobs"][0] is None
     assert set(body["top_logprobs"][1]) == {"a", "ccc"}  # top-1 plus the chosen token
 
 
+def test_the_chosen_token_keeps_its_own_logprob_when_names_collide():
+    same = {0: "x", 1: "x", 2: "y", 3: "z"}.__getitem__
+    entry = token_logprob(torch.tensor([2.0, 1.0, 0.0, 0.0]), 1, 2)
+    top = completion_logprobs([entry], [1], same, [0])["top_logprobs"][0]
+    assert top == {"x": entry.logprob}
+
+
+def test_token_names_and_bytes():
+    assert token_name("\ufffd", b"\xc3") == "bytes:\\xc3"
+    assert token_name("\ufffd", "\ufffd".encode()) == "\ufffd"  # the replacement character itself
+    assert token_name("ab", b"ab") == "ab"
+
+    class ByteLevel:
+        def convert_ids_to_tokens(self, i):
+            return {0: "Ã", 1: "<0xA9>", 2: "<s>"}[i]
+
+        def decode(self, ids):
+            return "<s>"
+
+    tok = ByteLevel()
+    assert token_bytes(tok, 0) == b"\xc3" and token_bytes(tok, 1) == b"\xa9" and token_bytes(tok, 2) == b"<s>"
+
+
 def test_chat_shape_has_bytes():
-    body = chat_logprobs([token_logprob(torch.zeros(4), 3, 2)], TEXT)
+    body = chat_logprobs([token_logprob(torch.zeros(4), 3, 2)], TEXT, lambda i: TEXT(i).encode())
     item = body["content"][0]
     assert item["token"] == "é" and item["bytes"] == [0xC3, 0xA9] and len(item["top_logprobs"]) == 2
     assert body["refusal"] is None

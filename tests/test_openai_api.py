@@ -115,6 +115,17 @@ def greedy_reference(loaded, ids: list[int], n: int, adjust=None) -> list[int]:
     return out
 
 
+def token_name(tok, t: int) -> str:
+    """OpenAI's naming: the token's text, or ``bytes:\\xNN..`` when it is not whole UTF-8."""
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    text = tok.decode([t])
+    if "\ufffd" not in text:
+        return text
+    table = {c: b for b, c in bytes_to_unicode().items()}
+    return "bytes:" + "".join(f"\\x{table[c]:02x}" for c in tok.convert_ids_to_tokens(t))
+
+
 def _metric(url: str, name: str) -> float:
     return sum(s.value for fam in text_string_to_metric_families(httpx.get(url + "/metrics").text)
                for s in fam.samples if s.name == name)
@@ -142,15 +153,20 @@ def test_completion_logprobs_are_log_softmax_of_the_model_logits(client, loaded)
     tok = loaded[1]
     for i, t in enumerate(out):
         row = ref[len(ids) - 1 + i]
-        assert lp.tokens[i] == tok.decode([t])
+        assert lp.tokens[i] == token_name(tok, t)
         assert lp.token_logprobs[i] == pytest.approx(float(row[t]), abs=1e-4)
         top_ids = torch.topk(row, 5).indices.tolist()
-        expected = {tok.decode([j]): float(row[j]) for j in top_ids}
-        expected.setdefault(tok.decode([t]), float(row[t]))  # the sampled token is always listed
+        expected = {token_name(tok, j): float(row[j]) for j in reversed(top_ids)}
+        expected[token_name(tok, t)] = float(row[t])  # the sampled token is always listed, with its own logprob
         assert set(lp.top_logprobs[i]) == set(expected)
         for key, value in expected.items():
             assert lp.top_logprobs[i][key] == pytest.approx(value, abs=1e-4)
-    assert lp.text_offset == [sum(len(s) for s in lp.tokens[:i]) for i in range(8)]
+    # text_offset indexes the returned text: non-decreasing, and each whole token is found where it says
+    text = choice.text
+    assert lp.text_offset == sorted(lp.text_offset) and all(0 <= o <= len(text) for o in lp.text_offset)
+    for name, offset in zip(lp.tokens, lp.text_offset):
+        if not name.startswith("bytes:") and name not in tok.all_special_tokens:
+            assert text[offset:].startswith(name), (name, offset, text)
 
     # streamed: the same numbers, chunk by chunk, offsets continuing
     chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=8, temperature=0, logprobs=5,
@@ -185,11 +201,15 @@ def test_chat_logprobs_streamed_and_not(client, loaded):
     ref = ref_logprobs(loaded, ids + out)
     for i, (entry, t) in enumerate(zip(content, out)):
         row = ref[len(ids) - 1 + i]
-        assert entry.token == tok.decode([t])
-        assert entry.bytes == list(entry.token.encode("utf-8", errors="replace"))
+        assert entry.token == token_name(tok, t)
         assert entry.logprob == pytest.approx(float(row[t]), abs=1e-4)
-        assert [a.token for a in entry.top_logprobs] == [tok.decode([j]) for j in torch.topk(row, 3).indices.tolist()]
+        assert [a.token for a in entry.top_logprobs] == [token_name(tok, j) for j in torch.topk(row, 3).indices.tolist()]
         assert [a.logprob for a in entry.top_logprobs] == pytest.approx(torch.topk(row, 3).values.tolist(), abs=1e-4)
+    # the tokens' raw bytes join into the UTF-8 of the content, even where a character spans tokens
+    text = tok.decode(out, skip_special_tokens=True)
+    assert r.choices[0].message.content == text
+    joined = b"".join(bytes(e.bytes) for e in content if tok.decode([out[content.index(e)]]) not in tok.all_special_tokens)
+    assert joined.decode("utf-8", errors="replace") == text
     stream = list(client.chat.completions.create(**kw, stream=True))
     streamed = [e for c in stream if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
     assert [e.logprob for e in streamed] == pytest.approx([e.logprob for e in content], abs=1e-6)
@@ -242,7 +262,8 @@ def test_logit_bias_bans_a_token_and_is_validated(client, loaded):
         return logits
 
     assert out == greedy_reference(loaded, ids, 8, bias)
-    for bad in ({"999999": 1}, {"12": 101}, {"x": 1}):
+    for bad in ({"999999": 1}, {"12": 101}, {"x": 1}, {" 7": 1}, {"07": 1}, {"\u0667": 1}, {"\u00b2": 1},
+                {"--5": 1}, {"9" * 5000: 1}, {"7": "100"}, {"7": True}, {"-3": 1}):
         with pytest.raises(openai.BadRequestError) as e:
             client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=2, logit_bias=bad)
         assert e.value.body["param"].startswith("logit_bias")
@@ -351,6 +372,18 @@ def test_best_of_returns_the_candidate_with_the_best_logprob_per_token(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(**kw, n=1, best_of=2, stream=True)
     _refused(e, "best_of")
+
+
+def test_a_tiny_temperature_is_greedy(client, loaded):
+    r = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=1e-39,
+                                  extra_body={"ignore_eos": True})
+    assert r.choices[0].model_extra["token_ids"] == greedy_reference(loaded, prompt_ids(loaded), 6)
+
+
+def test_more_sequences_than_ever_queue_is_a_400_not_a_429(client):
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=["hi"] * 64, n=5, max_tokens=1)
+    _refused(e, "n")
 
 
 def test_seed_takes_any_signed_64_bit_integer(client):

@@ -141,6 +141,10 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompts: lis
     if req.candidates > runner.max_batch_size:
         raise bad_request(f"{count_param}={req.candidates} exceeds this model's batch size of {runner.max_batch_size}"
                           " (the choices of a prompt decode together)", param=count_param)
+    sequences = len(prompts) * req.candidates
+    if sequences > runner.max_waiting_requests:
+        raise bad_request(f"{len(prompts)} prompts x {count_param}={req.candidates} make {sequences} sequences, more than"
+                          f" this model ever queues ({runner.max_waiting_requests})", param=count_param)
     if chat:
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         prompt_logprobs = None
@@ -230,19 +234,42 @@ class Generation:
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion,
                 "prompt_tokens_details": {"cached_tokens": 0}}
 
-    def _logprobs(self, i: int, token_ids: list[int], entries: list[TokenLogprob], offset: int,
-                  first: bool) -> tuple[dict | None, int]:
-        """The logprobs object for some positions of handle ``i`` (with the prompt's on its first
-        positions when ``echo`` asked for them), and the next ``text_offset``."""
+    def _offsets(self, ids: list[int], positions: range) -> list[int]:
+        """``text_offset`` of tokens ``positions`` of ``ids``: where each starts in the decoded text.
+
+        Token ``i`` starts after the text of ``ids[:i]``, less a trailing U+FFFD that is only half
+        a character (one the text of all of ``ids`` does not keep there).
+        """
+        decode = self.runner.tokenizer.decode
+        full = decode(ids, skip_special_tokens=True)
+        out = []
+        for i in positions:
+            before = decode(ids[:i], skip_special_tokens=True)
+            n = len(before)
+            while n and before[n - 1] == "\ufffd" and (n > len(full) or full[n - 1] != "\ufffd"):
+                n -= 1
+            out.append(n)
+        return out
+
+    def _logprobs(self, i: int, first_generated: int, token_ids: list[int], entries: list[TokenLogprob],
+                  first: bool) -> dict | None:
+        """The logprobs object for handle ``i``'s generated positions ``first_generated ..`` (with the
+        prompt's before them on its first chunk when ``echo`` asked for them)."""
         if not self.want_logprobs:
-            return None, offset
+            return None
         if self.chat:
-            return chat_logprobs(entries, self.runner.token_text), offset
+            return chat_logprobs(entries, self.runner.token_name, self.runner.token_bytes)
         h = self.handles[i]
+        generated = list(h.token_ids)
+        base = len(self.prompt_texts[i // self.candidates]) if self.echo else 0
+        span = range(first_generated, first_generated + len(token_ids))
+        offsets = [base + o for o in self._offsets(generated[: span.stop], span)]
         if first and self.echo and h.prompt_logprobs is not None:
-            token_ids = list(h.prompt_ids) + token_ids
+            prompt = list(h.prompt_ids)
+            offsets = self._offsets(prompt, range(len(prompt))) + offsets
+            token_ids = prompt + token_ids
             entries = list(h.prompt_logprobs) + entries
-        return completion_logprobs(entries, token_ids, self.runner.token_text, offset)
+        return completion_logprobs(entries, token_ids, self.runner.token_name, offsets)
 
     def _choice(self, index: int, text: str, reason: str | None, token_ids: list[int] | None, delta: bool,
                 role: bool = True, logprobs: dict | None = None) -> dict:
@@ -300,7 +327,7 @@ class Generation:
         for index, i in enumerate(self._chosen()):
             h = self.handles[i]
             prefix = self.prompt_texts[i // self.candidates] if self.echo else ""
-            logprobs, _ = self._logprobs(i, list(h.token_ids), list(h.logprobs), 0, first=True)
+            logprobs = self._logprobs(i, 0, list(h.token_ids), list(h.logprobs), first=True)
             choices.append(self._choice(index, prefix + "".join(texts[i]), reasons[i], list(h.token_ids),
                                         delta=False, logprobs=logprobs))
         return JSONResponse({**self._envelope(choices, stream=False), "usage": self.usage()})
@@ -321,7 +348,7 @@ class Generation:
         async def body() -> AsyncIterator[str]:
             pending: tuple[int, GenerationEvent] | None = first
             started: set[int] = set()
-            offsets = [0] * len(self.handles)
+            emitted = [0] * len(self.handles)  # generated tokens already sent, per choice
             try:
                 while pending is not None:
                     i, event = pending
@@ -334,8 +361,9 @@ class Generation:
                         text = event.text
                         if is_first and self.echo:
                             text = self.prompt_texts[i // self.candidates] + text
-                        logprobs, offsets[i] = self._logprobs(i, list(event.token_ids), list(event.logprobs),
-                                                              offsets[i], first=is_first)
+                        logprobs = self._logprobs(i, emitted[i], list(event.token_ids), list(event.logprobs),
+                                                  first=is_first)
+                        emitted[i] += len(event.token_ids)
                         choice = self._choice(i, text, _finish_str(event.finish_reason), list(event.token_ids),
                                               delta=True, role=is_first, logprobs=logprobs)
                         yield f"data: {json.dumps(self._envelope([choice], stream=True))}\n\n"

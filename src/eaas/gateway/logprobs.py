@@ -10,8 +10,10 @@ Legend: ``V`` vocabulary size, ``P`` prompt tokens.
 
 from __future__ import annotations
 
+import functools
+import re
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -20,7 +22,44 @@ MAX_LOGPROBS = 20
 """Alternatives per position at most (vLLM's default ``max_logprobs``; OpenAI allows 20 for chat)."""
 
 TokenText = Callable[[int], str]
-"""Token id -> its text (``tokenizer.decode([id])``)."""
+"""Token id -> its name in a response: its text, or ``bytes:\\xNN...`` when it is not whole UTF-8."""
+TokenBytes = Callable[[int], bytes]
+"""Token id -> its raw bytes."""
+
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+
+
+@functools.lru_cache(maxsize=1)
+def _byte_decoder() -> dict[str, int]:
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    return {c: b for b, c in bytes_to_unicode().items()}
+
+
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """The raw bytes of one token.
+
+    Byte-level BPE vocabularies (GPT-2's byte-to-unicode alphabet, ``transformers.convert_slow_tokenizer``)
+    map back character by character; SentencePiece byte-fallback pieces are ``<0xNN>``; any other
+    token is its decoded text in UTF-8.
+    """
+    piece = tokenizer.convert_ids_to_tokens(token_id)
+    if isinstance(piece, str):
+        m = _BYTE_FALLBACK.match(piece)
+        if m:
+            return bytes([int(m.group(1), 16)])
+        table = _byte_decoder()
+        if piece and all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+    return tokenizer.decode([token_id]).encode("utf-8", errors="replace")
+
+
+def token_name(text: str, raw: bytes) -> str:
+    """How a token is named in a response: its text, or ``bytes:\\xe2\\x80`` (OpenAI's form) when
+    the token is not whole UTF-8 (its text would be U+FFFD, shared by many tokens)."""
+    if "\ufffd" in text and "\ufffd".encode() not in raw:
+        return "bytes:" + "".join(f"\\x{b:02x}" for b in raw)
+    return text
 
 
 def _finite(x: float) -> float:
@@ -81,48 +120,46 @@ def prompt_logprobs(logits: torch.Tensor, prompt_ids: Sequence[int], k: int) -> 
     return tuple(out)
 
 
-def completion_logprobs(entries: Sequence[TokenLogprob | None], token_ids: Sequence[int], text: TokenText,
-                        offset: int = 0) -> tuple[dict, int]:
+def completion_logprobs(entries: Sequence[TokenLogprob | None], token_ids: Sequence[int], name: TokenText,
+                        offsets: Sequence[int]) -> dict:
     """The ``choices[i].logprobs`` object of ``/v1/completions`` for some positions.
 
     Args:
         entries: one per position (None for the prompt's first token: null logprob, null top).
         token_ids: the tokens at those positions.
-        text: token id -> text.
-        offset: ``text_offset`` of the first position (characters into the choice's text).
+        name: token id -> its name (:func:`token_name`).
+        offsets: ``text_offset`` per position (characters into the choice's text).
 
     Returns:
-        ``({"tokens", "token_logprobs", "top_logprobs", "text_offset"}, offset after them)``.
-        ``top_logprobs[i]`` maps token text to logprob for the top ``k`` and the chosen token
-        (so up to ``k + 1`` entries, as OpenAI documents).
+        ``{"tokens", "token_logprobs", "top_logprobs", "text_offset"}``. ``top_logprobs[i]``
+        maps token name to logprob for the top ``k`` and the chosen token (so up to ``k + 1``
+        entries, as OpenAI documents); the chosen token's own logprob always wins its key.
     """
-    tokens, lps, tops, offsets = [], [], [], []
+    tokens, lps, tops = [], [], []
     for tid, entry in zip(token_ids, entries):
-        s = text(tid)
+        s = name(tid)
         tokens.append(s)
-        offsets.append(offset)
-        offset += len(s)
         if entry is None:
             lps.append(None)
             tops.append(None)
             continue
         lps.append(entry.logprob)
-        top = {text(i): lp for i, lp in entry.top}
-        top.setdefault(s, entry.logprob)
+        top = {name(i): lp for i, lp in reversed(entry.top)}  # on a shared name the likelier token wins
+        top[s] = entry.logprob
         tops.append(top)
-    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}, offset
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": list(offsets)}
 
 
-def chat_logprobs(entries: Sequence[TokenLogprob], text: TokenText) -> dict:
+def chat_logprobs(entries: Sequence[TokenLogprob], name: TokenText, raw: TokenBytes) -> dict:
     """The ``choices[i].logprobs`` object of ``/v1/chat/completions``: ``{"content": [...], "refusal": None}``.
 
     Each content item is ``{"token", "logprob", "bytes", "top_logprobs": [{"token", "logprob", "bytes"}]}``
-    (OpenAI's ``ChatCompletionTokenLogprob``); ``bytes`` is the UTF-8 encoding of the token text.
+    (OpenAI's ``ChatCompletionTokenLogprob``); ``bytes`` are the token's raw bytes, so the bytes of
+    consecutive tokens join into the UTF-8 of the content even where a character spans tokens.
     """
 
     def item(tid: int, lp: float) -> dict:
-        s = text(tid)
-        return {"token": s, "logprob": lp, "bytes": list(s.encode("utf-8", errors="replace"))}
+        return {"token": name(tid), "logprob": lp, "bytes": list(raw(tid))}
 
     content = [{**item(e.token_id, e.logprob), "top_logprobs": [item(i, lp) for i, lp in e.top]} for e in entries]
     return {"content": content, "refusal": None}

@@ -34,7 +34,7 @@ from transformers import DynamicCache
 from eaas.errors import EaaSError, NonFiniteLogits, Overloaded
 from eaas.gateway.handles import FinishReason, GenerationEvent, GenerationHandle
 from eaas.gateway.kvbatch import copy_cache, merge_caches, split_cache
-from eaas.gateway.logprobs import TokenLogprob, prompt_logprobs, token_logprob
+from eaas.gateway.logprobs import TokenLogprob, prompt_logprobs, token_bytes, token_logprob, token_name
 from eaas.gateway.metrics import GatewayMetrics
 from eaas.gateway.sampling import SamplingParams, TokenCounts, select_token
 from eaas.gateway.slotcache import SlotCache, attention_masks
@@ -202,7 +202,8 @@ class ModelRunner:
         self._backlog_lock = threading.Lock()
         self._backlog_requests = 0
         self._backlog_tokens = 0
-        self._token_texts: dict[int, str] = {}
+        self._token_names: dict[int, str] = {}
+        self._token_bytes: dict[int, bytes] = {}
         self.engine = engine
         self.max_prefill_tokens = max_prefill_tokens
         self._slots = SlotCache(max_batch_size, self.max_model_len + 1) if engine == "slots" else None
@@ -254,12 +255,21 @@ class ModelRunner:
 
     # --- API (any thread) -------------------------------------------------------------
 
-    def token_text(self, token_id: int) -> str:
-        """One token's text (``tokenizer.decode([id])``, special tokens kept), cached per id (logprobs)."""
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
+    def token_name(self, token_id: int) -> str:
+        """One token's name in logprobs: its text (special tokens kept), or ``bytes:\\xNN..`` when it
+        is not whole UTF-8 (:func:`~eaas.gateway.logprobs.token_name`); cached per id."""
+        name = self._token_names.get(token_id)
+        if name is None:
+            name = self._token_names[token_id] = token_name(self.tokenizer.decode([token_id]),
+                                                            self.token_bytes(token_id))
+        return name
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """One token's raw bytes (:func:`~eaas.gateway.logprobs.token_bytes`); cached per id."""
+        raw = self._token_bytes.get(token_id)
+        if raw is None:
+            raw = self._token_bytes[token_id] = token_bytes(self.tokenizer, token_id)
+        return raw
 
     def submit(
         self, prompt_ids: list[int], params: SamplingParams, loop: asyncio.AbstractEventLoop | None = None

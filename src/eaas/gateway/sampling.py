@@ -16,6 +16,8 @@ from dataclasses import dataclass, replace
 import torch
 
 _U64 = 1 << 64
+GREEDY_BELOW = 1e-5
+"""Temperatures below this are greedy, as vLLM's ``_SAMPLING_EPS`` (``vllm/sampling_params.py``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -24,7 +26,7 @@ class SamplingParams:
 
     Attributes:
         max_new_tokens: tokens to generate at most (>= 0; 0 only scores the prompt, ``echo``).
-        temperature: 0 = greedy (exactly ``generate(do_sample=False)``); > 0 samples.
+        temperature: below 1e-5 = greedy (exactly ``generate(do_sample=False)``); above, samples.
         top_p: nucleus mass kept, in (0, 1].
         top_k: keep the k most likely tokens; 0 = off (vLLM's ``top_k``; -1 is mapped to 0).
         min_p: drop tokens whose probability is below ``min_p`` x the top probability; 0 = off.
@@ -62,7 +64,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        return self.temperature <= 0.0
+        """Temperature below ``GREEDY_BELOW`` picks the argmax (dividing by it would overflow)."""
+        return self.temperature < GREEDY_BELOW
 
     @property
     def penalized(self) -> bool:

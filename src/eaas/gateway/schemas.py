@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal, Union
 
 from pydantic import (
@@ -9,6 +10,7 @@ from pydantic import (
     ConfigDict,
     Field,
     StrictBool,
+    StrictFloat,
     StrictInt,
     StrictStr,
     field_validator,
@@ -23,6 +25,7 @@ MAX_N = 128
 MAX_LOGPROBS = 20
 """``logprobs`` (completions) and ``top_logprobs`` (chat) at most, as vLLM's default ``max_logprobs``."""
 I64_MIN, I64_MAX = -(2**63), 2**63 - 1
+_TOKEN_ID = re.compile(r"0|[1-9][0-9]{0,9}", re.ASCII)
 
 TokenIds = list[StrictInt]
 Prompt = Union[StrictStr, list[StrictStr], TokenIds, list[TokenIds]]
@@ -85,7 +88,8 @@ class _Sampling(BaseModel):
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = Field(1, ge=1, le=MAX_N, description="choices per prompt (one prefill, n decodes)")
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    logit_bias: dict[str, StrictFloat | StrictInt] | None = Field(
+        None, description="token id (as a decimal string) -> bias in [-100, 100]")
     presence_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0, allow_inf_nan=False)
     user: StrictStr | None = Field(None, max_length=256, description="end-user id: written to the request log")
@@ -109,8 +113,8 @@ class _Sampling(BaseModel):
     @classmethod
     def _check_bias(cls, v: dict[str, float] | None) -> dict[str, float] | None:
         for key, bias in (v or {}).items():
-            if not key.strip().lstrip("-").isdigit():
-                raise ValueError(f"keys must be token ids, got {key!r}")
+            if not _TOKEN_ID.fullmatch(key):  # canonical ASCII only: "7", never " 7", "07" or another script's 7
+                raise ValueError(f"keys must be token ids written as decimal integers, got {key[:20]!r}")
             if not -100.0 <= bias <= 100.0:
                 raise ValueError(f"bias for token {key} must be in [-100, 100], got {bias}")
         return v
