@@ -53,6 +53,9 @@ def test_bench_e2e_tiny_real_run(tmp_path):
     assert c["monolithic_impl_source"] == "fastest measured"
     assert c["model"]["monolithic"] == c["model"]["eaas"] == "mixtral-e2e"
     assert c["written_checkpoint"]["hidden"] == 64 and c["wall_s"] > 0
+    assert c["engine"] == "slots"
+    floor = c["wave_prefill_floor"]["results"]
+    assert set(floor) == {"1", "2"} and floor["2"]["tokens"] >= 2 * 18 and floor["1"]["ms"] > 0
     # the monolithic gateway really loaded the chosen implementation
     log = (tmp_path / "run" / "monolithic.log").read_text()
     assert f"experts_implementation={c['monolithic_impl']}" in log
@@ -90,7 +93,8 @@ def test_choose_implementation():
 
 
 @pytest.mark.parametrize("kw", [{"concurrencies": ()}, {"concurrencies": (0,)}, {"max_tokens": 0},
-                                {"top_k": 9}, {"replicas": 3, "workers": 2}, {"torch_threads": 0}])
+                                {"top_k": 9}, {"replicas": 3, "workers": 2}, {"torch_threads": 0},
+                                {"engine": "paged"}])
 def test_config_rejects_bad_arguments(kw):
     with pytest.raises(ValueError):
         E2EBenchConfig(**kw).validate()

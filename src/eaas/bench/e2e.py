@@ -66,6 +66,8 @@ class E2EBenchConfig:
         replicas: replicas of every expert in the EaaS pool.
         torch_threads: torch threads ``t`` per process (monolithic: ``(W + 1) × t`` in its one process).
         monolithic_impl: force the monolithic experts implementation (None: the fastest measured).
+        engine: the runner engine of both gateways (``slots`` or ``padded``; ``EAAS_ENGINE``).
+        max_prefill_tokens: ``EAAS_MAX_PREFILL_TOKENS`` of both gateways (None: their default).
         layers, hidden, intermediate, experts, top_k, seed: the checkpoint written when no
             ``model_dir`` is given (Mixtral-shaped, float32).
         impl_repeats: timed forwards per implementation and token count (median reported).
@@ -81,6 +83,8 @@ class E2EBenchConfig:
     replicas: int = 1
     torch_threads: int = 1
     monolithic_impl: str | None = None
+    engine: str = "slots"
+    max_prefill_tokens: int | None = None
     layers: int = 4
     hidden: int = 1024
     intermediate: int = 2816
@@ -101,6 +105,8 @@ class E2EBenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.experts:
             raise ValueError(f"top_k {self.top_k} > experts {self.experts}")
+        if self.engine not in ("slots", "padded"):
+            raise ValueError(f"engine must be 'slots' or 'padded', got {self.engine!r}")
         if self.replicas > self.workers:
             raise ValueError(f"replicas {self.replicas} > workers {self.workers}")
 
@@ -219,6 +225,46 @@ def time_experts_implementations(
     return {impl: out[impl] for impl in candidates}
 
 
+def time_wave_prefill(checkpoint: Path, levels: Sequence[int], prompt_words: int, *, impl: str, threads: int,
+                      repeats: int = 2) -> dict[int, dict[str, float]]:
+    """The TTFT floor of a closed loop: one forward over ``c`` of the benchmark's prompts at once.
+
+    At concurrency ``c`` with a fixed output length the requests start, finish and come back
+    together, so the last of a wave gets its first token no sooner than one prefill of all
+    ``c`` prompts. This runs that forward monolithically in this process (``impl`` experts,
+    ``threads`` torch threads), right-padded as the ``slots`` engine pads them.
+
+    Returns:
+        ``{c: {"tokens": padded tokens, "ms": median ms of one forward}}``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from eaas.bench.serve import synthetic_prompts
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint, experts_implementation=impl).eval()
+    prompts = [tok(p)["input_ids"] for p in synthetic_prompts(max(levels), prompt_words)]
+    saved = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    out: dict[int, dict[str, float]] = {}
+    try:
+        with torch.inference_mode():
+            model(torch.tensor([prompts[0]]), logits_to_keep=1)  # warm-up
+            for c in sorted(set(levels)):
+                longest = max(len(p) for p in prompts[:c])
+                ids = torch.tensor([p + [0] * (longest - len(p)) for p in prompts[:c]])  # [c, P]
+                times = []
+                for _ in range(repeats):
+                    t0 = time.perf_counter()
+                    model(ids, logits_to_keep=1)
+                    times.append(time.perf_counter() - t0)
+                out[c] = {"tokens": c * longest, "ms": round(sorted(times)[len(times) // 2] * 1e3, 1)}
+    finally:
+        torch.set_num_threads(saved)
+    return out
+
+
 # --- the run --------------------------------------------------------------------------------
 
 
@@ -285,18 +331,21 @@ def run_e2e_bench(
                                                candidates=cfg.impl_candidates, repeats=cfg.impl_repeats,
                                                seed=cfg.seed)  # fmt: skip
         chosen = choose_implementation(timings, cfg.monolithic_impl)
+        step("timing one prefill of each level's whole wave of prompts (the TTFT floor)")
+        wave_floor = time_wave_prefill(model_dir, levels, cfg.prompt_words, impl=chosen, threads=mono_threads)
 
         # both servers start at once (start-up is not measured) and stay up for the whole run
         step(f"starting the monolithic gateway and EaaS ({cfg.workers} workers)")
         up = UpProcess(workdir / "eaas", workers=cfg.workers, replicas=cfg.replicas, autoscale=False,
-                       model_dir=model_dir, extra_args=["--torch-threads", str(cfg.torch_threads)])  # fmt: skip
+                       model_dir=model_dir, extra_env=_engine_env(cfg),
+                       extra_args=["--torch-threads", str(cfg.torch_threads)])  # fmt: skip
         stack.callback(up.stop)
         up_error: list[BaseException] = []
         up_thread = threading.Thread(target=_capture(up.start, up_error), name="eaas-e2e-up", daemon=True)
         up_thread.start()
         try:
             mono_url = stack.enter_context(local_gateway(model_dir, monolithic=True, torch_threads=mono_threads,
-                                                         experts_implementation=chosen,
+                                                         experts_implementation=chosen, extra_env=_engine_env(cfg),
                                                          log_path=workdir / "monolithic.log"))  # fmt: skip
         finally:
             up_thread.join()
@@ -362,6 +411,11 @@ def run_e2e_bench(
                      f"+ t = {cfg.torch_threads} in the gateway (attention, router, combine)"),
         },
         "monolithic_impl": chosen,
+        "wave_prefill_floor": {
+            "statistic": "median ms of one monolithic forward over the level's first c prompts (right-padded), "
+                         f"{mono_threads} threads: the last request of a wave gets its first token no sooner",
+            "results": wave_floor,
+        },
         "monolithic_impl_source": "forced" if cfg.monolithic_impl else "fastest measured",
         "experts_impl_timings": {
             "tokens": sorted(set(levels)), "threads": mono_threads, "repeats": cfg.impl_repeats,
@@ -390,6 +444,14 @@ def _capture(fn: Callable[[], Any], errors: list[BaseException]) -> Callable[[],
             errors.append(exc)
 
     return run
+
+
+def _engine_env(cfg: E2EBenchConfig) -> dict[str, str]:
+    """The runner settings both sides get, as environment."""
+    env = {"EAAS_ENGINE": cfg.engine}
+    if cfg.max_prefill_tokens is not None:
+        env["EAAS_MAX_PREFILL_TOKENS"] = str(cfg.max_prefill_tokens)
+    return env
 
 
 def _write_checkpoint(cfg: E2EBenchConfig, path: Path) -> Path:
@@ -490,6 +552,10 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
         else:
             lines.append(f"experts impl {impl}: unavailable ({t['error']}){mark}")
     lines.append(f"monolithic impl: {cfg['monolithic_impl']} ({cfg['monolithic_impl_source']})")
+    floor = cfg.get("wave_prefill_floor", {}).get("results", {})
+    if floor:
+        lines.append("TTFT floor, one prefill of a whole wave: " + ", ".join(
+            f"c={c}: {v['ms']:g} ms ({v['tokens']} tokens)" for c, v in floor.items()))
     lines.append(f"thread budget: {cfg['thread_budget']['note']}")
     failed = sum(r[s]["failed_requests"] for r in result["rows"] for s in SIDES)
     if failed:

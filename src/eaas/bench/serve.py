@@ -82,12 +82,16 @@ async def _one_request(client: httpx.AsyncClient, url: str, model: str, prompt: 
     return sample
 
 
+def synthetic_prompts(count: int, words_per_prompt: int) -> list[str]:
+    """The benchmark's prompts: ``words_per_prompt`` words from a fixed list, then the prompt's index."""
+    words = "the quick brown fox jumps over the lazy dog experts serve mixture models".split()
+    return [" ".join(words[(i + j) % len(words)] for j in range(words_per_prompt)) + f" {i}" for i in range(count)]
+
+
 async def run_level(url: str, model: str, concurrency: int, cfg: ServeBenchConfig) -> dict:
     """Closed-loop load at one concurrency; returns one result row."""
     num_requests = max(cfg.min_requests, concurrency * cfg.requests_per_client)
-    words = "the quick brown fox jumps over the lazy dog experts serve mixture models".split()
-    prompts = [" ".join(words[(i + j) % len(words)] for j in range(cfg.prompt_words)) + f" {i}"
-               for i in range(num_requests)]
+    prompts = synthetic_prompts(num_requests, cfg.prompt_words)
     queue: asyncio.Queue[str] = asyncio.Queue()
     for p in prompts:
         queue.put_nowait(p)
@@ -135,7 +139,8 @@ def wait_ready(url: str, timeout_s: float, proc: subprocess.Popen | None = None)
 
 @contextlib.contextmanager
 def local_gateway(model_dir: Path, *, monolithic: bool = True, torch_threads: int = 1,
-                  experts_implementation: str | None = None, log_path: Path | None = None) -> Iterator[str]:
+                  experts_implementation: str | None = None, log_path: Path | None = None,
+                  extra_env: dict[str, str] | None = None) -> Iterator[str]:
     """Start ``eaas gateway`` on a free loopback port in a subprocess; yield its URL.
 
     Args:
@@ -143,6 +148,7 @@ def local_gateway(model_dir: Path, *, monolithic: bool = True, torch_threads: in
         monolithic: ``--monolithic`` (the plain transformers model).
         torch_threads: ``--torch-threads`` and ``OMP_NUM_THREADS`` of the gateway.
         experts_implementation: ``--experts-implementation`` (monolithic only; None: transformers' default).
+        extra_env: more environment for the gateway (e.g. ``EAAS_ENGINE``).
         log_path: write the gateway's stderr to this file (and quote its tail if it does not
             start); None: a pipe, as before.
 
@@ -157,6 +163,7 @@ def local_gateway(model_dir: Path, *, monolithic: bool = True, torch_threads: in
     if experts_implementation:
         cmd += ["--experts-implementation", experts_implementation]
     env = dict(os.environ, OMP_NUM_THREADS=str(torch_threads))
+    env.update(extra_env or {})
     if log_path is not None:
         Path(log_path).parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log_file:

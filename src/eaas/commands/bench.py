@@ -255,6 +255,9 @@ def e2e(
     monolithic_impl: str = typer.Option(None, "--monolithic-impl",
                                         help="force the monolithic experts implementation (eager, grouped_mm, "
                                              "batched_mm; default: the fastest measured here)"),
+    engine: str = typer.Option("slots", "--engine", help="runner engine of both gateways: slots, or padded (the previous one)"),
+    max_prefill_tokens: int = typer.Option(None, "--max-prefill-tokens", min=1,
+                                           help="padded prompt tokens per prefill forward, both gateways (slots engine)"),
     workdir: str = typer.Option(None, "--workdir", help="keep logs and deployment state here (default: a temp dir)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     png: str = typer.Option(None, "--png", help="write throughput and ITL vs concurrency, both sides, to this PNG"),
@@ -270,7 +273,8 @@ def e2e(
         levels = tuple(int(c) for c in concurrency.split(",") if c.strip())
         cfg = be.E2EBenchConfig(concurrencies=levels, max_tokens=max_tokens, requests_per_client=requests_per_client,
                                 prompt_words=prompt_words, workers=workers, replicas=replicas,
-                                torch_threads=torch_threads, monolithic_impl=monolithic_impl, layers=layers,
+                                torch_threads=torch_threads, monolithic_impl=monolithic_impl, engine=engine,
+                                max_prefill_tokens=max_prefill_tokens, layers=layers,
                                 hidden=hidden, intermediate=intermediate)  # fmt: skip
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True),
                       transient=True) as prog:  # fmt: skip

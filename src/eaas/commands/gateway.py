@@ -18,6 +18,7 @@ def gateway(
     name: str = typer.Option(None, "--name", help="model id clients use (default: the directory name)"),
     torch_threads: int = typer.Option(None, "--torch-threads", help="torch intra-op threads (default: EAAS_TORCH_THREADS or 1)"),
     max_batch_size: int = typer.Option(None, "--max-batch-size", help="sequences decoded together at most"),
+    engine: str = typer.Option(None, "--engine", help="runner engine: slots (default; EAAS_ENGINE) or padded (the previous one)"),
     experts_implementation: str = typer.Option(
         None, "--experts-implementation",
         help="with --monolithic: transformers experts implementation (eager, grouped_mm, batched_mm;"
@@ -40,7 +41,7 @@ def gateway(
 
         raise ConfigError("--experts-implementation applies to --monolithic only (the attention client calls workers)")
     settings = get_settings(host=host, port=port, torch_threads=torch_threads, max_batch_size=max_batch_size,
-                            experts_implementation=experts_implementation)
+                            experts_implementation=experts_implementation, engine=engine)
     app = build_gateway(model, settings, monolithic=monolithic, name=name)
     what = ""
     if monolithic and app.state.runners:

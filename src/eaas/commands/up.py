@@ -42,13 +42,14 @@ def up(
     autoscale: bool = typer.Option(True, "--autoscale/--no-autoscale", help="grow and shrink the pool with queue depth"),
     max_replicas: int = typer.Option(4, "--max-replicas", min=1, help="autoscaler: most workers per shard group"),
     torch_threads: Optional[int] = typer.Option(None, "--torch-threads", help="torch threads per process (default 1)"),
+    engine: Optional[str] = typer.Option(None, "--engine", help="the gateway's runner engine: slots (default; EAAS_ENGINE) or padded"),
 ) -> None:
     """Start Redis, register the model, start a warm worker pool, the autoscaler and the gateway.
 
     Prints the URL and a ready-to-paste curl line; Ctrl-C or SIGTERM stops
     everything cleanly (workers drain, no orphan processes, no leaked shared memory).
     """
-    settings = get_settings(host=host, port=port, torch_threads=torch_threads)
+    settings = get_settings(host=host, port=port, torch_threads=torch_threads, engine=engine)
     _check_port_free(settings.host, settings.port)
     if not settings.redis_url:
         from eaas.registry.server import find_redis_server
