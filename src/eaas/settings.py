@@ -103,7 +103,7 @@ class Settings(BaseSettings):
         "slots", description="the runner's engine: 'slots' (batched prefill, KV slots written in place) or"
                              " 'padded' (the previous one: one prefill at a time, caches merged per step)")
     max_prefill_tokens: int = Field(
-        2048, gt=0, description="padded prompt tokens one batched prefill forward takes at most (slots engine)")
+        512, gt=0, description="padded prompt tokens one batched prefill forward takes at most (slots engine)")
     max_waiting_requests: int = Field(
         256, gt=0, description="sequences waiting for a batch slot at most; beyond: 429 with Retry-After"
     )

@@ -166,7 +166,7 @@ class ModelRunner:
         max_waiting_requests: int = 256,
         max_waiting_tokens: int = 1 << 18,
         engine: str = "slots",
-        max_prefill_tokens: int = 2048,
+        max_prefill_tokens: int = 512,
     ) -> None:
         if engine not in ("slots", "padded"):
             raise ValueError(f"engine must be 'slots' or 'padded', got {engine!r}")
