@@ -13,8 +13,9 @@ import asyncio
 import pytest
 import torch
 
-from eaas.gateway.runner import ModelRunner, prefill_batch
+from eaas.gateway.runner import ModelRunner
 from eaas.gateway.sampling import SamplingParams
+from eaas.gateway.sequence import prefill_batch
 from eaas.gateway.slotcache import allowed
 
 torch.set_num_threads(1)
@@ -95,7 +96,7 @@ def test_engine_matches_generate_for_every_request(tiny_checkpoint, arch, slidin
     assert forked == [want[tuple(PROMPTS[1])]] * 2
     assert late == [want[tuple(p)] for p in LATE]
     if engine == "slots":
-        assert runner._rows == [] and runner._slots.bytes_written > 0
+        assert runner._engine.rows == [] and runner._engine.cache.bytes_written > 0
 
 
 def test_a_decode_step_copies_nothing_that_grows_with_context(tiny_checkpoint):
@@ -108,7 +109,7 @@ def test_a_decode_step_copies_nothing_that_grows_with_context(tiny_checkpoint):
     try:
         runner.submit_all([list(range(1, 9))], SamplingParams(max_new_tokens=300, temperature=0, ignore_eos=True),
                           loop)
-        slots = runner._slots
+        slots = runner._engine.cache
         per_step = []
         with torch.inference_mode():
             for _ in range(200):

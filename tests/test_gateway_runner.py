@@ -6,8 +6,9 @@ import asyncio
 
 import torch
 
-from eaas.gateway.runner import ModelRunner, groups_to_admit
+from eaas.gateway.runner import ModelRunner
 from eaas.gateway.sampling import SamplingParams
+from eaas.gateway.sequence import groups_to_admit
 
 torch.set_num_threads(1)
 

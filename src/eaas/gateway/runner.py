@@ -1,43 +1,39 @@
 """The model runner: one thread owns the model and decodes many requests together.
 
-Each engine step is three parts (after nano-vllm): the scheduler decides how many
-waiting sequences to admit (:func:`num_to_admit`, a pure function), the runner
-prefills the admitted ones one by one (each into its own KV cache, so a lone
-request computes exactly what ``model.generate`` computes) and then runs *one*
-batched decode forward for every running sequence (:mod:`eaas.gateway.kvbatch`),
-and finally each sequence takes its token, releases text and maybe finishes.
+Each step (after nano-vllm): the engine decides how many waiting prompts to admit, prefills
+them, and runs *one* batched decode forward for every running sequence; then each sequence
+takes its token (sampling, logprobs), releases text and maybe finishes. The forwards and the
+KV cache belong to the engine (:mod:`eaas.gateway.engines`: ``slots``, batched prefill into
+KV slots read in place; ``padded``, the previous one); the rest is here.
 
 This is iteration-level (continuous) batching: a request joins or leaves the batch
 between any two forward passes. It works for every causal LM transformers can
-``generate`` with a ``DynamicCache`` — including DeepSeek-V3, which transformers'
-paged continuous batching cannot run — and for models loaded with
-``experts_implementation="eaas"``, whose expert calls then carry the tokens of the
-whole batch. Requests interact with the runner only through thread-safe queues.
+``generate`` with — including DeepSeek-V3, which transformers' paged continuous
+batching cannot run — and for models loaded with ``experts_implementation="eaas"``,
+whose expert calls then carry the tokens of the whole batch. Requests interact with the
+runner only through thread-safe queues.
 """
 
 from __future__ import annotations
 
 import asyncio
 import concurrent.futures
-import inspect
 import itertools
 import logging
 import queue
 import threading
 import time
-from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import torch
-from transformers import DynamicCache
 
 from eaas.errors import EaaSError, NonFiniteLogits, Overloaded
+from eaas.gateway.engines import Engine, PaddedEngine, SlotsEngine, StepHooks
 from eaas.gateway.handles import FinishReason, GenerationEvent, GenerationHandle
-from eaas.gateway.kvbatch import copy_cache, merge_caches, split_cache
-from eaas.gateway.logprobs import TokenLogprob, prompt_logprobs, token_bytes, token_logprob, token_name
+from eaas.gateway.logprobs import TokenLogprob, token_bytes, token_logprob, token_name
 from eaas.gateway.metrics import GatewayMetrics
 from eaas.gateway.sampling import SamplingParams, TokenCounts, select_token
-from eaas.gateway.slotcache import SlotCache, attention_masks
+from eaas.gateway.sequence import SequenceState
 from eaas.gateway.textstream import TextStream
 
 log = logging.getLogger(__name__)
@@ -46,74 +42,6 @@ _ids = itertools.count()
 
 IDLE_TICK_S = 1.0
 """An idle runner thread wakes this often (seconds), so its liveness stays visible."""
-
-
-@dataclass(eq=False)
-class _Sequence:
-    """Runner-side state of one sequence (touched only by the runner thread)."""
-
-    handle: GenerationHandle
-    params: SamplingParams
-    arrival_s: float
-    text: TextStream
-    queued: bool = True  # counted in the runner's admission backlog until its prefill starts or it ends
-    backlog_tokens: int = 0  # prompt tokens it counts in the backlog (a fork: 0, its parent counts them)
-    generator: torch.Generator | None = None
-    counts: TokenCounts | None = None  # only when a penalty needs them
-    cache: DynamicCache | None = None
-    output_ids: list[int] = field(default_factory=list)
-    forks: list[_Sequence] = field(default_factory=list)  # the other choices of an n > 1 request (share our prefill)
-    row: int = -1  # slots engine: its row in the SlotCache (-1: none)
-    kv_len: int = 0  # slots engine: positions written to its row
-    pending_prompt_logprobs: tuple[TokenLogprob | None, ...] | None = None  # sent with the first event
-
-    @property
-    def group(self) -> list[_Sequence]:
-        """This sequence and its forks: the sequences one prefill serves."""
-        return [self, *self.forks]
-
-    @property
-    def prompt_ids(self) -> list[int]:
-        return self.handle.prompt_ids
-
-    @property
-    def total_len(self) -> int:
-        return len(self.prompt_ids) + len(self.output_ids)
-
-
-def groups_to_admit(group_sizes: list[int], num_running: int, max_batch_size: int, max_prefills_per_step: int) -> int:
-    """Scheduler decision: how many waiting prompts (from the front, in arrival order) to prefill now.
-
-    Args:
-        group_sizes: per waiting prompt, the sequences its prefill starts (``n`` of its request).
-        num_running: sequences decoding now.
-        max_batch_size: sequences decoded together at most.
-        max_prefills_per_step: prefills between two decode steps at most.
-
-    Returns:
-        The count ``k``: the first ``k`` groups fit the batch together; first come, first served
-        (a large group at the front waits for room rather than be overtaken).
-    """
-    free = max_batch_size - num_running
-    admitted = 0
-    for size in group_sizes[:max_prefills_per_step]:
-        if size > free:
-            break
-        free -= size
-        admitted += 1
-    return admitted
-
-
-def prefill_batch(prompt_lengths: list[int], max_tokens: int) -> int:
-    """How many prompts (from the front) one batched prefill forward takes: the most ``k`` whose
-    padded size ``k * max(lengths[:k])`` fits ``max_tokens``; at least 1 (a long prompt goes alone)."""
-    k, longest = 0, 0
-    for n in prompt_lengths:
-        longest = max(longest, n)
-        if k and (k + 1) * longest > max_tokens:
-            break
-        k += 1
-    return k
 
 
 def expanded_kv_heads_fix(model: Any) -> int:
@@ -185,13 +113,10 @@ class ModelRunner:
         self.eos_token_ids: frozenset[int] = frozenset(
             [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
         )
-        self._logits_kw = (
-            {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
-        )
         self.metrics: GatewayMetrics | None = None
         self._inbox: queue.Queue[Any] = queue.Queue()
-        self._waiting: list[_Sequence] = []
-        self._running: list[_Sequence] = []
+        self._waiting: list[SequenceState] = []
+        self._running: list[SequenceState] = []
         self._thread: threading.Thread | None = None
         self._stopping = False
         self.started = threading.Event()
@@ -206,11 +131,11 @@ class ModelRunner:
         self._token_bytes: dict[int, bytes] = {}
         self.engine = engine
         self.max_prefill_tokens = max_prefill_tokens
-        self._slots = SlotCache(max_batch_size, self.max_model_len + 1) if engine == "slots" else None
-        self._rows: list[_Sequence] = []  # slots engine: the sequence in each row, rows 0..B-1
-        self._pad_id = 0
-        self._dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # of the attention masks
         expanded_kv_heads_fix(model)  # both engines pass masks (the padded one too, in batched decodes)
+        hooks = StepHooks(prefilled=self._start_group, decoded=self._take_token_or_fail, failed=self._fail)
+        self._engine: Engine = (
+            SlotsEngine(model, hooks, max_batch_size, self.max_model_len + 1, max_prefill_tokens)
+            if engine == "slots" else PaddedEngine(model, hooks, max_batch_size, max_prefills_per_step))
 
     # --- lifecycle ---------------------------------------------------------------------
 
@@ -322,14 +247,14 @@ class ModelRunner:
             group = []
             for j in range(n):
                 handle = GenerationHandle(f"seq-{next(_ids)}", list(prompt_ids), loop)
-                group.append(_Sequence(handle, params.for_choice(j), now, TextStream(self.tokenizer, params.stop)))
+                group.append(SequenceState(handle, params.for_choice(j), now, TextStream(self.tokenizer, params.stop)))
                 handles.append(handle)
             group[0].backlog_tokens = len(prompt_ids)
             group[0].forks = group[1:]
             self._inbox.put(group[0])
         return handles
 
-    def _leave_backlog(self, seq: _Sequence) -> None:
+    def _leave_backlog(self, seq: SequenceState) -> None:
         if seq.queued:
             seq.queued = False
             with self._backlog_lock:
@@ -360,13 +285,13 @@ class ModelRunner:
                         self._finish(seq, FinishReason.ERROR, error=exc)
                     self._waiting.clear()
                     self._running.clear()
-                    self._rows.clear()
+                    self._engine.reset()
         for seq in self._all_waiting() + self._running:
             self._finish(seq, FinishReason.ERROR, error=EaaSError("the model runner stopped"))
         self._waiting.clear()
         self._running.clear()
 
-    def _all_waiting(self) -> list[_Sequence]:
+    def _all_waiting(self) -> list[SequenceState]:
         return [s for parent in self._waiting for s in parent.group]
 
     def _step(self) -> bool:
@@ -375,23 +300,17 @@ class ModelRunner:
         if self._stopping:
             return False
         self._drop_cancelled()
-        if self._slots is None:
-            admit = groups_to_admit([len(s.forks) + 1 for s in self._waiting], len(self._running),
-                                    self.max_batch_size, self.max_prefills_per_step)
-            admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
-            for seq in admitted:
-                self._prefill(seq)
-            if self._running:
-                self._decode_step()
-        else:
-            admit = groups_to_admit([len(s.forks) + 1 for s in self._waiting], len(self._running),
-                                    self.max_batch_size, self.max_batch_size)
-            admit = min(admit, prefill_batch([len(s.prompt_ids) for s in self._waiting], self.max_prefill_tokens))
-            admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
-            if admitted:
-                self._prefill_slots(admitted)
-            if self._running:
-                self._decode_slots()
+        admit = self._engine.admit(self._waiting, len(self._running))
+        admitted, self._waiting = self._waiting[:admit], self._waiting[admit:]
+        if admitted:
+            for parent in admitted:
+                for member in parent.group:
+                    self._leave_backlog(member)
+            self._engine.prefill(admitted)
+        if self._running:
+            if self.metrics is not None:
+                self.metrics.batch_size.labels(model=self.name).observe(len(self._running))
+            self._engine.decode(self._running)
         self._update_gauges()
         return True
 
@@ -408,7 +327,7 @@ class ModelRunner:
     def _accept(self, item: Any) -> None:
         if item is None:
             self._stopping = True
-        elif isinstance(item, _Sequence):
+        elif isinstance(item, SequenceState):
             try:
                 for seq in item.group:
                     seq.generator = seq.params.make_generator()
@@ -437,30 +356,7 @@ class ModelRunner:
             self._running.remove(seq)
             self._finish(seq, FinishReason.CANCELLED)
 
-    def _prefill(self, seq: _Sequence) -> None:
-        """One forward over ``seq``'s prompt; ``seq`` and its forks each take their first token."""
-        group = seq.group
-        for member in group:
-            self._leave_backlog(member)
-        device = self.model.device
-        ids = torch.tensor([seq.prompt_ids], dtype=torch.long, device=device)  # [1, P]
-        k_prompt = seq.params.prompt_logprobs
-        # every position's logits only when the prompt's logprobs are asked for (logits_to_keep=0: all)
-        logits_kw = {"logits_to_keep": 0} if (k_prompt is not None and self._logits_kw) else self._logits_kw
-        cache = DynamicCache()
-        try:
-            out = self.model(input_ids=ids, cache=cache, use_cache=True, **logits_kw)
-            plps = prompt_logprobs(out.logits[0], seq.prompt_ids, k_prompt) if k_prompt is not None else None
-        except Exception as exc:
-            log.warning("runner %s: prefill of %s failed: %s", self.name, seq.handle.request_id, exc)
-            for member in group:
-                self._finish(member, FinishReason.ERROR, error=exc)
-            return
-        for i, member in enumerate(group):
-            member.cache = cache if i == 0 else copy_cache(cache)
-        self._start_group(seq, out.logits[0, -1], plps)
-
-    def _start_group(self, seq: _Sequence, last: torch.Tensor, plps: tuple[TokenLogprob | None, ...] | None) -> None:
+    def _start_group(self, seq: SequenceState, last: torch.Tensor, plps: tuple[TokenLogprob | None, ...] | None) -> None:
         """After ``seq``'s prefill (its KV in place for it and its forks): each member takes its
         first token from ``last[V]``, or ends (cancelled; ``max_new_tokens=0``)."""
         if self.metrics is not None:
@@ -479,149 +375,16 @@ class ModelRunner:
             self._running.append(member)
             self._take_token_or_fail(member, last)
 
-    # --- the slots engine ---------------------------------------------------------------
+    def _fail(self, seq: SequenceState, exc: BaseException) -> None:
+        """End ``seq`` with ``exc`` (its forward failed): out of the batch, its KV freed."""
+        if seq in self._running:
+            self._running.remove(seq)
+        self._finish(seq, FinishReason.ERROR, error=exc)
 
-    def _forward_slots(self, ids: torch.Tensor, positions: torch.Tensor, lengths: torch.Tensor, row0: int,
-                       write: torch.Tensor | None, logits_to_keep: Any) -> torch.Tensor:
-        """One forward over rows ``row0 ..`` of the slot cache.
+    def _release(self, seq: SequenceState) -> None:
+        self._engine.release(seq)
 
-        Args:
-            ids: ``[B, q]`` input token ids.
-            positions: ``[B, q]`` their positions (= cache columns).
-            lengths: ``[B]`` valid columns per row once this forward has written.
-            row0: first row.
-            write: ``[B]`` the column each row writes (decode), or None (prefill from column 0).
-            logits_to_keep: transformers' ``logits_to_keep`` (int, or a 1D index tensor).
-
-        Returns:
-            The logits ``[B, q', V]``.
-        """
-        device = self.model.device
-        span = int(lengths.max())
-        masks = attention_masks(self.config, positions, lengths, span, self._dtype)
-        if isinstance(masks, dict):
-            masks = {k: m.to(device) for k, m in masks.items()}
-        else:
-            masks = masks.to(device)
-        self._slots.begin(row0, ids.shape[0], span, None if write is None else write.to(device))
-        kw = {"logits_to_keep": logits_to_keep} if self._logits_kw else {}
-        out = self.model(input_ids=ids.to(device), cache=self._slots, attention_mask=masks,
-                         position_ids=positions.to(device), use_cache=True, **kw)
-        return out.logits
-
-    def _prefill_slots(self, parents: list[_Sequence]) -> None:
-        """Prefill ``parents`` (their prompts right-padded into one forward; a request asking for its
-        prompt's logprobs goes alone, with every position's logits) into fresh rows; forks copy
-        their parent's row."""
-        for parent in parents:
-            for member in parent.group:
-                self._leave_backlog(member)
-        batched = [p for p in parents if p.params.prompt_logprobs is None]
-        chunks = ([batched] if batched else []) + [[p] for p in parents if p.params.prompt_logprobs is not None]
-        for chunk in chunks:
-            self._prefill_chunk(chunk)
-
-    def _prefill_chunk(self, chunk: list[_Sequence]) -> None:
-        lengths = [len(s.prompt_ids) for s in chunk]
-        longest = max(lengths)
-        ids = torch.full((len(chunk), longest), self._pad_id, dtype=torch.long)  # [N, P] right-padded
-        for i, s in enumerate(chunk):
-            ids[i, : lengths[i]] = torch.tensor(s.prompt_ids, dtype=torch.long)
-        positions = torch.arange(longest).expand(len(chunk), longest)
-        k_prompt = chunk[0].params.prompt_logprobs if len(chunk) == 1 else None
-        last_cols = sorted(set(n - 1 for n in lengths))
-        keep: Any = 0 if (k_prompt is not None or not self._logits_kw) else torch.tensor(last_cols)
-        row0 = len(self._rows)
-        try:
-            logits = self._forward_slots(ids, positions, torch.tensor(lengths), row0, None, keep)  # [N, q', V]
-            plps = (prompt_logprobs(logits[0, : lengths[0]], chunk[0].prompt_ids, k_prompt)
-                    if k_prompt is not None else None)
-        except Exception as exc:
-            log.warning("runner %s: prefill of %d prompts failed: %s", self.name, len(chunk), exc)
-            for parent in chunk:
-                for member in parent.group:
-                    self._finish(member, FinishReason.ERROR, error=exc)
-            return
-        for parent, n in zip(chunk, lengths):
-            self._claim_row(parent, n)
-        for parent, n in zip(chunk, lengths):
-            for fork in parent.forks:
-                self._claim_row(fork, n)
-                self._slots.move_row(parent.row, fork.row, n)
-        for i, (parent, n) in enumerate(zip(chunk, lengths)):
-            col = n - 1 if isinstance(keep, int) else last_cols.index(n - 1)
-            self._start_group(parent, logits[i, col], plps)
-
-    def _claim_row(self, seq: _Sequence, kv_len: int) -> None:
-        seq.row = len(self._rows)
-        seq.kv_len = kv_len
-        self._rows.append(seq)
-
-    def _decode_slots(self) -> None:
-        """One decode forward over every row, reading and writing the slot cache in place."""
-        batch = list(self._rows)
-        written = torch.tensor([s.kv_len for s in batch], dtype=torch.long)  # [B] the column each row writes
-        ids = torch.tensor([[s.output_ids[-1]] for s in batch], dtype=torch.long)  # [B, 1]
-        try:
-            logits = self._forward_slots(ids, written.unsqueeze(1), written + 1, 0, written, 1)
-        except Exception as exc:
-            log.warning("runner %s: decode step of %d sequences failed: %s", self.name, len(batch), exc)
-            for seq in batch:
-                self._running.remove(seq)
-                self._finish(seq, FinishReason.ERROR, error=exc)
-            return
-        for seq in batch:
-            seq.kv_len += 1
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(model=self.name).observe(len(batch))
-        for row, seq in enumerate(batch):
-            self._take_token_or_fail(seq, logits[row, -1])
-
-    def _release(self, seq: _Sequence) -> None:
-        """Free ``seq``'s KV: its cache (padded engine) or its row, refilled by the last row (slots)."""
-        seq.cache = None
-        if seq.row < 0:
-            return
-        last = self._rows[-1]
-        if last is not seq:
-            self._slots.move_row(last.row, seq.row, last.kv_len)
-            self._rows[seq.row] = last
-            last.row = seq.row
-        self._rows.pop()
-        seq.row = -1
-
-    def _decode_step(self) -> None:
-        batch = list(self._running)
-        device = self.model.device
-        ids = torch.tensor([[s.output_ids[-1]] for s in batch], dtype=torch.long, device=device)  # [B, 1]
-        try:
-            if len(batch) == 1:
-                out = self.model(input_ids=ids, cache=batch[0].cache, use_cache=True, **self._logits_kw)
-            else:
-                merged = merge_caches([s.cache for s in batch])
-                out = self.model(
-                    input_ids=ids,
-                    cache=merged.cache,
-                    attention_mask=merged.attention_mask.to(device),
-                    position_ids=merged.position_ids.to(device),
-                    use_cache=True,
-                    **self._logits_kw,
-                )
-                for seq, cache in zip(batch, split_cache(merged, merged.cache)):
-                    seq.cache = cache
-        except Exception as exc:
-            log.warning("runner %s: decode step of %d sequences failed: %s", self.name, len(batch), exc)
-            for seq in batch:
-                self._running.remove(seq)
-                self._finish(seq, FinishReason.ERROR, error=exc)
-            return
-        if self.metrics is not None:
-            self.metrics.batch_size.labels(model=self.name).observe(len(batch))
-        logits = out.logits[:, -1]  # [B, V]
-        for row, seq in enumerate(batch):
-            self._take_token_or_fail(seq, logits[row])
-
-    def _take_token_or_fail(self, seq: _Sequence, logits: torch.Tensor) -> None:
+    def _take_token_or_fail(self, seq: SequenceState, logits: torch.Tensor) -> None:
         """Take one token; any failure (non-finite logits, a sampling error) ends this sequence only."""
         try:
             self._take_token(seq, logits)
@@ -631,7 +394,7 @@ class ModelRunner:
                 self._running.remove(seq)
             self._finish(seq, FinishReason.ERROR, error=exc)
 
-    def _take_token(self, seq: _Sequence, logits: torch.Tensor) -> None:
+    def _take_token(self, seq: SequenceState, logits: torch.Tensor) -> None:
         """Select, append and deliver one token of ``seq`` from ``logits[V]`` (fp32/bf16).
 
         Raises:
@@ -667,7 +430,7 @@ class ModelRunner:
             self._count_finish(reason)
         seq.handle._deliver(event)
 
-    def _finish(self, seq: _Sequence, reason: FinishReason, error: BaseException | None = None) -> None:
+    def _finish(self, seq: SequenceState, reason: FinishReason, error: BaseException | None = None) -> None:
         self._leave_backlog(seq)
         self._release(seq)
         seq.handle._deliver(GenerationEvent(finish_reason=reason, error=error))
