@@ -175,7 +175,8 @@ def test_chat_and_models(gateway):
     assert r.json()["choices"][0]["message"]["role"] == "assistant"
     models = get(gateway, "/v1/models").json()
     assert [m["id"] for m in models["data"]] == [MODEL]
-    assert get(gateway, "/healthz").status_code == 200
+    health = get(gateway, "/healthz")
+    assert health.status_code == 200 and health.json()["runners"][MODEL]["engine"] == "slots"
     assert get(gateway, "/readyz").json()["ready"] is True
 
 

@@ -43,10 +43,11 @@ def gateway(
     settings = get_settings(host=host, port=port, torch_threads=torch_threads, max_batch_size=max_batch_size,
                             experts_implementation=experts_implementation, engine=engine)
     app = build_gateway(model, settings, monolithic=monolithic, name=name)
-    what = ""
+    what = f" (engine {settings.engine})"
     if monolithic and app.state.runners:
         loaded = next(iter(app.state.runners.values())).model
-        what = f" (monolithic, experts_implementation={getattr(loaded.config, '_experts_implementation', None)})"
+        what = (f" (monolithic, experts_implementation={getattr(loaded.config, '_experts_implementation', None)},"
+                f" engine {settings.engine})")
     typer.echo(f"eaas gateway: serving {app.state.runners and next(iter(app.state.runners))}{what} "
                f"on http://{settings.host}:{settings.port}", err=True)
     # uvicorn handles SIGTERM/SIGINT while it serves, then restores these handlers

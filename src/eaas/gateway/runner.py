@@ -174,7 +174,7 @@ class ModelRunner:
         since_s = time.monotonic() - self.last_tick_s
         alive = self.alive
         stuck = alive and since_s > stuck_after_s
-        detail = {"alive": alive, "stuck": stuck, "since_last_step_s": round(since_s, 3),
+        detail = {"alive": alive, "stuck": stuck, "since_last_step_s": round(since_s, 3), "engine": self.engine,
                   "running": len(self._running), "waiting": len(self._waiting), "step_failures": self.step_failures}
         return alive and not stuck, detail
 
