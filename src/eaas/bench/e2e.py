@@ -517,7 +517,8 @@ def summary_table(result: dict[str, Any]) -> Any:
     cfg = result["config"]
     tb = cfg["thread_budget"]
     title = (f"eaas bench e2e: {cfg['layers']}L D={cfg['hidden']} I={cfg['intermediate']} E={cfg['experts']} "
-             f"k={cfg['top_k']}, max_tokens={cfg['max_tokens']} | monolithic {tb['monolithic_threads']} threads, "
+             f"k={cfg['top_k']}, max_tokens={cfg['max_tokens']}, engine {cfg.get('engine', 'slots')} | "
+             f"monolithic {tb['monolithic_threads']} threads, "
              f"experts={cfg['monolithic_impl']} | EaaS {tb['workers']}x{tb['eaas_worker_threads']} worker threads "
              f"+ {tb['eaas_gateway_threads']} gateway, replicas={cfg['replicas']}")
     table = Table(title=title)
@@ -587,7 +588,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.legend()
-    fig.suptitle(f"eaas bench e2e (monolithic experts={result['config']['monolithic_impl']})")
+    cfg = result["config"]
+    fig.suptitle(f"eaas bench e2e (engine {cfg.get('engine', 'slots')}, monolithic experts={cfg['monolithic_impl']})")
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
