@@ -12,6 +12,7 @@ import asyncio
 
 import pytest
 import torch
+from gateway_ckpt import IdTokenizer
 
 from eaas.gateway.runner import ModelRunner
 from eaas.gateway.sampling import SamplingParams
@@ -25,16 +26,6 @@ SLIDING = {"mixtral": {"sliding_window": 5}, "gpt_oss": {"sliding_window": 4}}
 PROMPTS = [[5, 6, 7], [11, 12, 13, 14, 15, 16, 17, 18, 19], [21], [31, 32, 33, 34, 35, 36]]
 LATE = [[41, 42, 43, 44], [51, 52]]
 NEW = 10
-
-
-class _IdTokenizer:
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def __len__(self):
-        return 100
 
 
 def _load(tiny_checkpoint, arch: str, sliding: bool):
@@ -72,7 +63,7 @@ CASES = [(arch, False) for arch in FAMILIES] + [(arch, True) for arch in SLIDING
 def test_engine_matches_generate_for_every_request(tiny_checkpoint, arch, sliding, engine):
     model = _load(tiny_checkpoint, arch, sliding)
     want = {tuple(p): _reference(model, p) for p in PROMPTS + LATE}
-    runner = ModelRunner(model, _IdTokenizer(), name=arch, max_batch_size=8, engine=engine)
+    runner = ModelRunner(model, IdTokenizer(100), name=arch, max_batch_size=8, engine=engine)
     runner.start()
 
     async def run():
@@ -104,7 +95,7 @@ def test_a_decode_step_copies_nothing_that_grows_with_context(tiny_checkpoint):
     (the padded engine copied every cached position twice per step). The runner's steps are
     driven by hand here (no thread), so each step's bytes are read exactly."""
     model = _load(tiny_checkpoint, "mixtral", False)
-    runner = ModelRunner(model, _IdTokenizer(), name="m", max_batch_size=4)
+    runner = ModelRunner(model, IdTokenizer(100), name="m", max_batch_size=4)
     loop = asyncio.new_event_loop()  # events are queued on it, never read
     try:
         runner.submit_all([list(range(1, 9))], SamplingParams(max_new_tokens=300, temperature=0, ignore_eos=True),

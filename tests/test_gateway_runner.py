@@ -5,22 +5,13 @@ from __future__ import annotations
 import asyncio
 
 import torch
+from gateway_ckpt import IdTokenizer
 
 from eaas.gateway.runner import ModelRunner
 from eaas.gateway.sampling import SamplingParams
 from eaas.gateway.sequence import groups_to_admit
 
 torch.set_num_threads(1)
-
-
-class _IdTokenizer:
-    eos_token_id = None
-
-    def decode(self, ids, skip_special_tokens=True):
-        return " ".join(map(str, ids))
-
-    def __len__(self):
-        return 300
 
 
 def test_groups_to_admit():
@@ -35,25 +26,12 @@ def test_groups_to_admit():
 
 
 def test_deepseek_v3_batched_matches_generate():
-    from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = DeepseekV3Config(
-        vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
-        topk_group=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=16, qk_rope_head_dim=8,
-        qk_nope_head_dim=8, v_head_dim=8, max_position_embeddings=128,
-    )
-    model = DeepseekV3ForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for p in model.parameters():
-            if p.dim() > 1:
-                p.normal_(0.0, 0.2)
+    model = _tiny_deepseek(seed=0)
     prompts = [[1, 2, 3, 4, 5], [7, 8], [9, 10, 11, 12, 13, 14, 15, 16]]
     with torch.no_grad():
         refs = [model.generate(torch.tensor([p]), max_new_tokens=12, do_sample=False, eos_token_id=None)[0, len(p):].tolist()
                 for p in prompts]
-    runner = ModelRunner(model, _IdTokenizer(), name="ds")
+    runner = ModelRunner(model, IdTokenizer(), name="ds")
     runner.start()
 
     async def run():
@@ -69,10 +47,11 @@ def test_deepseek_v3_batched_matches_generate():
         runner.stop()
 
 
-def _tiny_deepseek():
+def _tiny_deepseek(seed: int):
+    """A tiny DeepSeek-V3 (MLA, 4 routed experts, first layer dense) with weights drawn from N(0, 0.2)."""
     from transformers import DeepseekV3Config, DeepseekV3ForCausalLM
 
-    torch.manual_seed(1)
+    torch.manual_seed(seed)
     cfg = DeepseekV3Config(
         vocab_size=300, hidden_size=64, intermediate_size=128, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=4, n_routed_experts=4, num_experts_per_tok=2, n_group=1,
@@ -90,11 +69,11 @@ def _tiny_deepseek():
 def test_n_choices_fork_one_prefill_into_independent_caches():
     """n > 1 copies one prefill's (MLA) cache per choice: greedy choices all equal generate, and a
     seeded fork j equals a lone request seeded with seed + j (so the forks never share a cache)."""
-    model = _tiny_deepseek()
+    model = _tiny_deepseek(seed=1)
     prompt = [3, 1, 4, 1, 5, 9, 2, 6]
     with torch.no_grad():
         ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, eos_token_id=None)[0, 8:].tolist()
-    runner = ModelRunner(model, _IdTokenizer(), name="ds")
+    runner = ModelRunner(model, IdTokenizer(), name="ds")
     runner.start()
 
     async def finish(handles):

@@ -2,57 +2,22 @@
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
 import sys
 
 import httpx
 import pytest
+from gateway_ckpt import gateway_process, write_gateway_checkpoint
 from prometheus_client.parser import text_string_to_metric_families
 
-from gateway_ckpt import write_gateway_checkpoint
-
-from eaas.testing import WaitTimeout, wait_for
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from eaas.testing import wait_for
 
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     ckpt = write_gateway_checkpoint(tmp_path_factory.mktemp("srv") / "tiny")
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", EAAS_TORCH_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(ckpt), "--monolithic",
-         "--port", str(port), "--name", "tiny"],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited: {proc.stdout.read()}")
-        try:
-            return httpx.get(url + "/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 90, interval_s=0.2, what="gateway /readyz")
-    except WaitTimeout:
-        proc.kill()
-        raise
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with gateway_process(ckpt) as (url, _):
+        yield url
 
 
 def _metric(url: str, name: str, **labels: str) -> float:
@@ -127,27 +92,10 @@ def test_sigterm_finishes_cleanly_with_exit_0(tmp_path):
     """Its own gateway (the module's server serves the tests above): SIGTERM after a
     request -> graceful uvicorn shutdown, exit 0, no traceback."""
     ckpt = write_gateway_checkpoint(tmp_path / "tiny")
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(ckpt), "--monolithic", "--port", str(port)],
-        env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        def ready() -> bool:
-            assert proc.poll() is None, proc.stdout.read()
-            try:
-                return httpx.get(url + "/readyz", timeout=1).status_code == 200
-            except httpx.HTTPError:
-                return False
-
-        wait_for(ready, 90, interval_s=0.2, what="gateway /readyz")
+    with gateway_process(ckpt, name=None) as (url, proc):
         r = httpx.post(url + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=30)
         assert r.status_code == 200, r.text
         proc.terminate()
         out, _ = proc.communicate(timeout=30)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
     assert proc.returncode == 0, out
     assert "Traceback" not in out and "stopped (SIGTERM)" in out, out

@@ -8,32 +8,20 @@ that names it.
 
 from __future__ import annotations
 
-import os
-import socket
-import subprocess
-import sys
-
 import httpx
 import openai
 import pytest
 import torch
-from gateway_ckpt import write_gateway_checkpoint
+from gateway_ckpt import gateway_process, write_gateway_checkpoint
 from prometheus_client.parser import text_string_to_metric_families
 
 from eaas.gateway.schemas import UNSUPPORTED_CHAT, UNSUPPORTED_COMPLETION
-from eaas.testing import WaitTimeout, wait_for
 
 torch.set_num_threads(1)
 
 MODEL = "tiny"
 PROMPT = "the quick brown fox"
 CHAT = [{"role": "user", "content": "hello there"}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -43,34 +31,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def server(checkpoint):
-    port = _free_port()
-    env = dict(os.environ, OMP_NUM_THREADS="1", EAAS_TORCH_THREADS="1")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(checkpoint), "--monolithic",
-         "--port", str(port), "--name", MODEL],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )
-    url = f"http://127.0.0.1:{port}"
-
-    def ready() -> bool:
-        if proc.poll() is not None:
-            pytest.fail(f"gateway exited: {proc.stdout.read()}")
-        try:
-            return httpx.get(url + "/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    try:
-        wait_for(ready, 90, interval_s=0.2, what="gateway /readyz")
-    except WaitTimeout:
-        proc.kill()
-        raise
-    yield url
-    proc.terminate()
-    try:
-        proc.wait(timeout=15)
-    except subprocess.TimeoutExpired:
-        proc.kill()
+    with gateway_process(checkpoint, name=MODEL) as (url, _):
+        yield url
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ Legend: ``B`` sequences in a forward, ``P`` prompt tokens, ``V`` vocabulary size
 
 from __future__ import annotations
 
+import inspect
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -66,8 +67,6 @@ class Engine(Protocol):
 
 def logits_kwargs(model: Any) -> dict[str, int]:
     """``{"logits_to_keep": 1}`` when the model's forward takes it (only the last position's logits)."""
-    import inspect
-
     return {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
 
 

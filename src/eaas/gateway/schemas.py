@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from typing import Any, Literal, Union
+from typing import Any, ClassVar, Literal, Union
 
 from pydantic import (
     BaseModel,
@@ -78,6 +78,8 @@ class _Sampling(BaseModel):
     ``repetition_penalty`` and ``ignore_eos``). Unknown fields are refused (400 naming the field)."""
 
     model_config = ConfigDict(extra="forbid")
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = {}
+    """Documented parameters refused unless null or a no-op value (per endpoint)."""
 
     model: StrictStr
     max_tokens: StrictInt | None = Field(None, ge=0, description="tokens to generate at most")
@@ -143,8 +145,7 @@ class _Sampling(BaseModel):
 
     def refused_parameter(self) -> str | None:
         """The first unsupported OpenAI parameter this request sets to a value that would matter."""
-        table = UNSUPPORTED_CHAT if isinstance(self, ChatCompletionRequest) else UNSUPPORTED_COMPLETION
-        for name, harmless in table.items():
+        for name, harmless in self.UNSUPPORTED.items():
             value = getattr(self, name)
             if value is not None and not any(value == h for h in harmless):
                 return name
@@ -153,6 +154,8 @@ class _Sampling(BaseModel):
 
 class CompletionRequest(_Sampling):
     """``POST /v1/completions`` (OpenAI's legacy completions; every documented field is known)."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_COMPLETION
 
     prompt: Prompt = Field(..., description="text, list of texts, token ids, or list of token-id lists")
     max_tokens: StrictInt | None = Field(16, ge=0, description="tokens to generate at most (0 only with echo)")
@@ -234,6 +237,8 @@ class ChatMessage(BaseModel):
 class ChatCompletionRequest(_Sampling):
     """``POST /v1/chat/completions`` (needs a tokenizer with a chat template; every documented
     field is known: implemented, or refused by :meth:`refused_parameter`)."""
+
+    UNSUPPORTED: ClassVar[dict[str, tuple[Any, ...]]] = UNSUPPORTED_CHAT
 
     messages: list[ChatMessage] = Field(..., min_length=1)
     max_completion_tokens: StrictInt | None = Field(None, ge=1, description="wins over max_tokens")

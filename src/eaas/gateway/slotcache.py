@@ -98,6 +98,7 @@ class SlotCache(Cache):
         self._row0 = 0
         self._count = 0
         self._write: torch.Tensor | None = None  # [B] columns (decode) or None (prefill: columns 0..q-1)
+        self._write_rows: torch.Tensor | None = None  # [B] the rows of a decode forward
         self._span = 0
         self.bytes_written = 0  # new keys/values written by forwards
         self.bytes_copied = 0  # moved between rows (compaction, forks) or by growing the buffers
@@ -121,6 +122,8 @@ class SlotCache(Cache):
             raise ValueError(f"slot cache limits: rows {row0 + count} > {self.max_rows} or columns {span} > "
                              f"{self.max_columns}")
         self._row0, self._count, self._span, self._write = row0, count, span, write_columns
+        if write_columns is not None:  # the rows each layer's write indexes, made once per forward
+            self._write_rows = torch.arange(row0, row0 + count, device=write_columns.device)
         if self.keys and span > self.columns:
             self._grow(span)
 
@@ -176,9 +179,8 @@ class SlotCache(Cache):
             k[r, :, :q] = key_states
             v[r, :, :q] = value_states
         else:
-            rows = torch.arange(self._row0, self._row0 + self._count, device=k.device)
-            k[rows, :, self._write] = key_states[:, :, 0]
-            v[rows, :, self._write] = value_states[:, :, 0]
+            k[self._write_rows, :, self._write] = key_states[:, :, 0]
+            v[self._write_rows, :, self._write] = value_states[:, :, 0]
         return k[r, :, : self._span], v[r, :, : self._span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
