@@ -77,3 +77,29 @@ def test_zero_rows(case):
     x = torch.empty(0, spec.hidden_size, dtype=getattr(torch, dtype))
     assert shard.forward(x, [((layer, 2), 0)]).shape == (0, spec.hidden_size)
     assert shard.forward(x, []).shape == (0, spec.hidden_size)
+
+
+@pytest.mark.parametrize("n", [1, 7, 64])
+def test_direct_body_is_bit_identical_to_the_eager_forward(case, n):
+    """The worker's direct per-expert body (expert_math) gives the eager forward's bits,
+    with an expert in several segments, zero-row segments and experts out of order."""
+    from eaas.functions.expert_math import expert_body
+
+    spec, _, dtype = case
+    dt = getattr(torch, dtype)
+    layer = spec.moe_layers[-1]
+    shard = load_shard(spec.checkpoint, [(layer, e) for e in range(spec.num_experts)], model=spec.name)
+    module = shard.module(layer)
+    assert expert_body(module) is not None, type(module).__name__  # every supported family takes the fast path
+    assert getattr(module.config, "_experts_implementation", None) in (None, "eager")
+    gen = torch.Generator().manual_seed(100 + n)
+    order = [5, 2, 5, 0, 7, 2]
+    counts = [int(c) for c in torch.bincount(torch.randint(len(order), (n,), generator=gen), minlength=len(order))]
+    assert sum(counts) == n
+    segments = [((layer, e), c) for e, c in zip(order, counts)]
+    x = torch.randn(n, spec.hidden_size, generator=gen).to(dt)
+    y = shard.forward(x, segments)
+    local = torch.repeat_interleave(torch.tensor(order), torch.tensor(counts))[:, None]
+    with torch.no_grad():
+        ref = module(x, local, torch.ones((n, 1), dtype=dt))
+    assert torch.equal(y, ref), float((y.float() - ref.float()).abs().max())

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.spin import SpinState, spin_budget_s
+from eaas.platform.spin import EXPLORE_EVERY, SpinState, prefer_spinning, spin_budget_s, spin_this_wait
 from eaas.platform.transport.ring import (
     REQ_POSTED,
     WORKER_ASLEEP,
@@ -123,20 +123,50 @@ def test_announced_ring_geometry_is_validated(slots, slot_bytes, size) -> None:
 # --- the spin policy (pure) --------------------------------------------------------------
 
 
-@pytest.mark.parametrize("typical_us,runnable,cpus,want_us", [
-    (100, 1, 2, 200),      # short waits, a free core: spin twice the typical wait
-    (10, 1, 2, 50),        # never below the floor
-    (2000, 1, 2, 3000),    # capped
-    (5000, 1, 2, 50),      # waits longer than the cap: sleep after the floor
-    (100, 3, 2, 50),       # more runnable processes than cores: do not steal one
+@pytest.mark.parametrize("typical_us,may_spin,want_us", [
+    (100, True, 200),      # short waits: spin twice the typical wait
+    (10, True, 50),        # never below the floor
+    (2000, True, 3000),    # capped
+    (5000, True, 50),      # waits longer than the cap: sleep after the floor
+    (100, False, 50),      # the sleeping arm: the floor only
 ])
-def test_spin_budget(typical_us, runnable, cpus, want_us) -> None:
-    got = spin_budget_s(typical_us / 1e6, runnable, cpus, floor_s=50e-6, cap_s=3000e-6)
+def test_spin_budget(typical_us, may_spin, want_us) -> None:
+    got = spin_budget_s(typical_us / 1e6, may_spin, floor_s=50e-6, cap_s=3000e-6)
     assert got == pytest.approx(want_us / 1e6)
 
 
+@pytest.mark.parametrize("spin_us,sleep_us,want", [
+    (None, None, True),    # nothing measured: spin
+    (300, None, True),     # an arm not measured yet loses to one that was (exploration measures it)
+    (None, 300, False),
+    (200, 300, True),      # spinning waits were shorter: keep spinning
+    (400, 300, False),     # spinning made the waits longer (it stole the compute): sleep
+])
+def test_the_arm_whose_waits_were_shorter_is_preferred(spin_us, sleep_us, want) -> None:
+    us = lambda v: None if v is None else v / 1e6  # noqa: E731
+    assert prefer_spinning(us(spin_us), us(sleep_us)) is want
+    arms = [spin_this_wait(i, us(spin_us), us(sleep_us)) for i in range(EXPLORE_EVERY * 2)]
+    assert arms.count(not want) == 2 and arms[EXPLORE_EVERY - 1] is (not want)  # the other arm, explored
+
+
+def test_a_waiter_that_spins_into_longer_waits_stops_spinning() -> None:
+    """The mechanism feeds the policy: waits that spun and took longer turn spinning off."""
+    s = SpinState()
+    assert s.may_spin()
+    for i in range(4 * EXPLORE_EVERY):
+        arm = s.may_spin()
+        s.observe(0.0009 if arm else 0.0003, slept=not arm, spun_arm=arm)  # spinning costs 0.6 ms here
+    assert s.spin_wait_s == pytest.approx(0.0009) and s.sleep_wait_s == pytest.approx(0.0003)
+    assert not prefer_spinning(s.spin_wait_s, s.sleep_wait_s)
+    later = []
+    for _ in range(2 * EXPLORE_EVERY):
+        later.append(s.may_spin())
+        s.observe(0.0009 if later[-1] else 0.0003, slept=not later[-1], spun_arm=later[-1])
+    assert later.count(True) == 2  # from now on only the explorations spin
+
+
 def test_spinning_can_be_switched_off_and_state_learns() -> None:
-    assert spin_budget_s(1e-4, 1, 8, floor_s=50e-6, cap_s=0) == 0
+    assert spin_budget_s(1e-4, True, floor_s=50e-6, cap_s=0) == 0
     s = SpinState()
     for _ in range(50):
         s.observe(0.001, slept=True)

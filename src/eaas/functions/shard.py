@@ -3,10 +3,12 @@
 A shard holds, per MoE layer, the family's own transformers experts module
 (e.g. ``MixtralExperts``) built on the meta device with only the hosted experts
 and then given real parameters sliced from the checkpoint (experts on dim 0).
-``f_e(x)`` is that module's eager forward with ``top_k_index`` = the local expert
-index (k = 1) and routing weight 1.0, which multiplies exactly, so every
-family quirk (interleaved gate/up, transposed weights, biases, clamped SwiGLU)
-is the reference's own code. Routing weights are never applied here.
+``f_e(x)`` is that module's eager loop body for expert ``e``
+(:mod:`eaas.functions.expert_math`, the same bits as its eager forward with
+``top_k_index`` = the local expert index and routing weight 1.0, without the
+routing preamble), so every family quirk (interleaved gate/up, transposed
+weights, biases, clamped SwiGLU) is the reference's own code; a family without
+a known body runs the eager forward itself. Routing weights are never applied here.
 
 Legend: ``N`` rows, ``D`` hidden, ``E`` hosted experts of a layer.
 """
@@ -21,6 +23,7 @@ from pathlib import Path
 import torch
 
 from eaas.errors import CheckpointError, ShardInputError, UnknownFunction
+from eaas.functions.expert_math import expert_body, grouped_forward, grouped_rows
 from eaas.functions.loader import Checkpoint, build_meta_experts, open_checkpoint
 from eaas.functions.storage import dtype_name, parse_dtype
 
@@ -65,8 +68,11 @@ class ExpertShard:
             (layer, e): i for layer, es in experts.items() for i, e in enumerate(es)
         }
         self.functions: tuple[tuple[int, int], ...] = tuple(sorted(self._local))
-        # (counts, local experts, dtype) -> (local_index [n, 1], ones [n, 1]) for small batches
-        self._routing: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        # layer -> the eager loop's per-expert body, when the family's is known (expert_math)
+        self._bodies = {layer: expert_body(m) for layer, m in modules.items()}
+        # small batches' routing, per (counts, local experts, dtype): the rows of each
+        # expert (direct body) or (local_index [n, 1], ones [n, 1]) (eager forward)
+        self._routing: dict[tuple, object] = {}
         self.nbytes = sum(
             p.numel() * p.element_size() for m in modules.values() for p in m.parameters()
         )
@@ -140,21 +146,33 @@ class ExpertShard:
     __call__ = forward
 
     def _run(self, layer: int, x: torch.Tensor, counts: list[int], locals_: list[int]) -> torch.Tensor:
-        """One eager forward of ``layer``'s module; computes each hosted expert once."""
-        key = (tuple(counts), tuple(locals_), x.dtype)
+        """One forward of ``layer``'s hosted experts over ``x``; computes each expert once.
+
+        With a known family the eager loop's per-expert body runs alone
+        (:mod:`eaas.functions.expert_math`: the same bits without the routing preamble);
+        otherwise the module's eager forward runs with ``top_k_index`` = local expert, weight 1.
+        """
+        body = self._bodies[layer]
+        key = (tuple(counts), tuple(locals_), x.dtype, body is None)
         routing = self._routing.get(key)
         if routing is None:  # the same small groupings recur request after request at decode
             with torch.inference_mode(False):
-                local_index = torch.repeat_interleave(
-                    torch.tensor(locals_, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
-                ).to(x.device)[:, None]  # [n, 1]
-                ones = torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device)  # [n, 1]
-            routing = (local_index, ones)
+                if body is not None:
+                    routing = [(e, r if isinstance(r, slice) else r.to(x.device))
+                               for e, r in grouped_rows(key[0], key[1])]
+                else:
+                    local_index = torch.repeat_interleave(
+                        torch.tensor(locals_, dtype=torch.long), torch.tensor(counts, dtype=torch.long)
+                    ).to(x.device)[:, None]  # [n, 1]
+                    routing = (local_index, torch.ones((x.shape[0], 1), dtype=x.dtype, device=x.device))
             if x.shape[0] <= ROUTING_CACHE_ROWS:
                 if len(self._routing) >= ROUTING_CACHE_MAX:
                     self._routing.clear()
                 self._routing[key] = routing
-        return self._modules[layer](x, *routing)
+        module = self._modules[layer]
+        if body is not None:
+            return grouped_forward(module, body, x, routing)  # type: ignore[arg-type]
+        return module(x, *routing)  # type: ignore[misc]
 
     def _check_input(self, x: object) -> None:
         if not isinstance(x, torch.Tensor):

@@ -2,18 +2,27 @@
 
 A process waiting for its peer on the same host can spin on a shared-memory word
 (a round trip of ~1 µs) or sleep in the kernel until the peer rings its doorbell
-(a wake-up costs ~30-60 µs on a small VM). Spinning burns a core, so it only pays
-when the wait is short *and* a core is free: with more runnable processes than
-cores, a spinner steals the very compute it waits for.
+(a wake-up costs ~30-60 µs on a small VM, and the compute right after it runs on cold
+caches). Spinning burns a core, so it only pays when the wait is short *and* the
+spinning does not take the core from the very process it waits for — which happens
+when there are more busy processes than cores.
 
-The rule (:func:`spin_budget_s`) is the classic ski-rental bound, adapted:
+Whether that happens is measured, not guessed. A machine-wide runnable count
+(``/proc/loadavg``) cannot tell: spinners are runnable too, so two workers and a client
+spinning on two cores each saw "no spare core" and made one another sleep (measured on
+the 2-vCPU VMs: +0.35 ms per T=1 layer call, D=256). Instead each waiter keeps two
+exponentially weighted means of its own waits — those that were allowed to spin up to
+the cap and those that slept after the floor — and prefers the arm whose waits were
+shorter (:func:`prefer_spinning`), trying the other arm once every
+:data:`EXPLORE_EVERY` waits (:func:`spin_this_wait`). If spinning steals the compute
+a waiter waits for, that compute takes longer and the spinning arm's waits grow
+past the sleeping arm's: the waiter stops spinning. The rule for one wait
+(:func:`spin_budget_s`) is the classic ski-rental bound, adapted:
 
 - always spin at least ``floor_s`` (about one kernel wake-up): a wait that short
   costs no more spinning than sleeping would add;
-- spin up to ``cap_s`` only while the machine has a core to spare (the runnable
-  count, minus ourselves, is below the core count) and the recent waits
-  (``typical_wait_s``, an exponentially weighted mean) fit in the cap — then a
-  spin catches the reply without a wake-up;
+- spin up to ``cap_s`` when this wait may spin and the recent waits
+  (``typical_wait_s``) fit in the cap — then a spin catches the reply without a wake-up;
 - otherwise spin only ``floor_s`` and sleep.
 
 Spin loops also call ``sched_yield`` between checks, so a runnable peer on the
@@ -24,18 +33,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-#: weight of a new observation in the exponentially weighted mean of waits
+#: weight of a new observation in the exponentially weighted means
 EWMA_ALPHA = 0.2
+#: one wait in this many tries the arm not preferred (keeps both means current)
+EXPLORE_EVERY = 16
 
 
-def spin_budget_s(typical_wait_s: float, runnable: int, cpus: int, *, floor_s: float, cap_s: float) -> float:
+def spin_budget_s(typical_wait_s: float, may_spin: bool, *, floor_s: float, cap_s: float) -> float:
     """Seconds to spin before sleeping.
 
     Args:
         typical_wait_s: recent waits' weighted mean (s).
-        runnable: processes runnable on the machine now, this one included
-            (``/proc/loadavg``'s fourth field, numerator).
-        cpus: cores this process may run on.
+        may_spin: this wait may spin past the floor (:func:`spin_this_wait`).
         floor_s: always spin this long (about one kernel wake-up), s.
         cap_s: never spin longer (s); 0 disables spinning entirely.
 
@@ -46,16 +55,30 @@ def spin_budget_s(typical_wait_s: float, runnable: int, cpus: int, *, floor_s: f
     if cap_s <= 0:
         return 0.0
     floor = min(floor_s, cap_s)
-    if runnable - 1 >= cpus:  # no spare core: spinning would take it from someone runnable
-        return floor
-    if typical_wait_s > cap_s:
+    if not may_spin or typical_wait_s > cap_s:
         return floor
     return max(floor, min(cap_s, 2.0 * typical_wait_s))
 
 
-def ewma(mean: float, sample: float, alpha: float = EWMA_ALPHA) -> float:
-    """Exponentially weighted mean: ``mean + alpha * (sample - mean)``."""
-    return mean + alpha * (sample - mean)
+def prefer_spinning(spin_wait_s: float | None, sleep_wait_s: float | None) -> bool:
+    """Whether the spinning arm's recent waits (s) were no longer than the sleeping arm's.
+
+    An arm not measured yet (None) loses to one that was; with neither measured, spin.
+    """
+    if spin_wait_s is None or sleep_wait_s is None:
+        return sleep_wait_s is None
+    return spin_wait_s <= sleep_wait_s
+
+
+def spin_this_wait(waits: int, spin_wait_s: float | None, sleep_wait_s: float | None) -> bool:
+    """The arm of wait number ``waits``: the preferred one, the other every :data:`EXPLORE_EVERY`-th."""
+    preferred = prefer_spinning(spin_wait_s, sleep_wait_s)
+    return (not preferred) if waits % EXPLORE_EVERY == EXPLORE_EVERY - 1 else preferred
+
+
+def ewma(mean: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
+    """Exponentially weighted mean: ``mean + alpha * (sample - mean)`` (the sample alone when ``mean`` is None)."""
+    return sample if mean is None else mean + alpha * (sample - mean)
 
 
 @dataclass(slots=True)
@@ -63,17 +86,32 @@ class SpinState:
     """One waiter's memory of its recent waits (the mechanism feeds it, the policy reads it).
 
     Attributes:
-        typical_wait_s: weighted mean of recent waits (s).
+        typical_wait_s: weighted mean of all recent waits (s).
+        spin_wait_s: weighted mean of the waits that were allowed to spin to the cap (s), None before one.
+        sleep_wait_s: weighted mean of the waits that slept after the floor (s), None before one.
+        waits: waits observed.
         spun: waits that ended while spinning; slept: waits that needed a kernel wake-up.
     """
 
     typical_wait_s: float = 0.0
+    spin_wait_s: float | None = None
+    sleep_wait_s: float | None = None
+    waits: int = 0
     spun: int = 0
     slept: int = 0
 
-    def observe(self, waited_s: float, slept: bool) -> None:
-        """Record one finished wait of ``waited_s`` seconds."""
+    def may_spin(self) -> bool:
+        """The arm of the next wait (:func:`spin_this_wait`)."""
+        return spin_this_wait(self.waits, self.spin_wait_s, self.sleep_wait_s)
+
+    def observe(self, waited_s: float, slept: bool, spun_arm: bool = True) -> None:
+        """Record one finished wait of ``waited_s`` seconds, taken on the spinning arm or not."""
         self.typical_wait_s = ewma(self.typical_wait_s, waited_s)
+        if spun_arm:
+            self.spin_wait_s = ewma(self.spin_wait_s, waited_s)
+        else:
+            self.sleep_wait_s = ewma(self.sleep_wait_s, waited_s)
+        self.waits += 1
         if slept:
             self.slept += 1
         else:

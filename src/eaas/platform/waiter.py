@@ -6,7 +6,8 @@ few turns, whether a ZeroMQ socket has input), yielding the core between checks;
 then, if nothing came, each ring's ``asleep`` word is set and the process sleeps in
 one ``poll`` over the ZeroMQ sockets and the rings' doorbells. How long to spin is
 :func:`eaas.platform.spin.spin_budget_s`'s decision, fed with this waiter's recent
-waits and the machine's runnable count.
+waits: how long they were, and whether the waits that spun were shorter than those
+that slept (:class:`eaas.platform.spin.SpinState`).
 """
 
 from __future__ import annotations
@@ -21,18 +22,7 @@ import zmq
 
 from eaas.platform.spin import SpinState, spin_budget_s
 
-LOADAVG_PATH = "/proc/loadavg"
-LOAD_SAMPLE_S = 0.02  # re-read the runnable count at most this often
 ZMQ_CHECK_EVERY = 8  # spin turns between two ZeroMQ input checks
-
-
-def runnable_now(path: str = LOADAVG_PATH) -> int:
-    """Processes runnable on this machine now (``/proc/loadavg``'s ``running/total``), or 1."""
-    try:
-        with open(path, "rb") as f:
-            return int(f.read().split()[3].split(b"/")[0])
-    except (OSError, ValueError, IndexError):
-        return 1
 
 
 def usable_cpus() -> int:
@@ -51,11 +41,13 @@ class WaitResult:
         closed: rings whose peer closed the doorbell (the peer exited or dropped the pair).
         slept: the wait ended in the kernel, not while spinning.
         waited_s: how long it took (s).
+        long_spin: it was allowed to spin past the floor (the spinning arm of the policy).
     """
 
     closed: list[Any] = field(default_factory=list)
     slept: bool = False
     waited_s: float = 0.0
+    long_spin: bool = False
 
 
 class Waiter:
@@ -64,24 +56,15 @@ class Waiter:
     Args:
         floor_s: always spin at least this long when spinning is on (s).
         cap_s: never spin longer (s); 0 never spins.
-        cpus: cores available (default: this process's affinity).
     """
 
-    def __init__(self, floor_s: float, cap_s: float, cpus: int | None = None) -> None:
+    def __init__(self, floor_s: float, cap_s: float) -> None:
         self.floor_s, self.cap_s = floor_s, cap_s
-        self.cpus = cpus or usable_cpus()
         self.state = SpinState()
-        self._runnable = 1
-        self._runnable_at = 0.0
 
-    def budget_s(self, now: float) -> float:
-        """This wait's spin budget (s)."""
-        if self.cap_s <= 0:
-            return 0.0
-        if now - self._runnable_at > LOAD_SAMPLE_S:
-            self._runnable, self._runnable_at = runnable_now(), now
-        return spin_budget_s(self.state.typical_wait_s, self._runnable, self.cpus,
-                             floor_s=self.floor_s, cap_s=self.cap_s)
+    def budget_s(self, may_spin: bool) -> float:
+        """A wait's spin budget (s), on the spinning arm of the policy or not."""
+        return spin_budget_s(self.state.typical_wait_s, may_spin, floor_s=self.floor_s, cap_s=self.cap_s)
 
     def wait(self, rings: Sequence[Any], socks: Sequence[zmq.Socket], timeout_s: float) -> WaitResult:
         """Return once a ring or a socket has input, a ring's peer closed, or ``timeout_s`` passed.
@@ -93,9 +76,11 @@ class Waiter:
         """
         t0 = time.perf_counter()
         res = WaitResult(closed=[r for r in rings if r.closed])
+        res.long_spin = self.state.may_spin()
+        budget = self.budget_s(res.long_spin)
         if res.closed:
             return self._done(res, t0)
-        spin_until = t0 + min(self.budget_s(t0), timeout_s)
+        spin_until = t0 + min(budget, timeout_s)
         turn = 0
         while True:
             for r in rings:
@@ -134,5 +119,5 @@ class Waiter:
 
     def _done(self, res: WaitResult, t0: float) -> WaitResult:
         res.waited_s = time.perf_counter() - t0
-        self.state.observe(res.waited_s, res.slept)
+        self.state.observe(res.waited_s, res.slept, res.long_spin)
         return res
