@@ -67,3 +67,10 @@ def test_small_and_tensor_plans_agree(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_call_with_only_masked_experts_plans_nothing() -> None:
     plan = plan_layer(torch.full((3, 2), 8), 8)
     assert not plan and plan.expert_rows() == []
+
+
+def test_a_lone_tokens_rounds_are_slices() -> None:
+    """Decode of one stream: combine adds slices, no index tensors (bit-identity: the test above, t=1)."""
+    plan = plan_layer(torch.tensor([[3, 1]]), 8)
+    assert plan.experts == (1, 3)
+    assert plan.rounds == ((slice(0, 1), slice(0, 1)), (slice(1, 2), slice(0, 1)))

@@ -39,14 +39,16 @@ class LayerPlan:
         weight_idx: ``[R]`` int64 index of each row's weight in ``top_k_weights.reshape(-1)``
             (``token * K + slot``).
         rounds: the accumulation rounds of :func:`combine`: round ``j`` adds, for every token,
-            the output of its ``j``-th expert (ascending id); ``(rows of y [m], tokens [m])``.
+            the output of its ``j``-th expert (ascending id); ``(rows of y [m], tokens [m])``
+            as int64 tensors, or as two slices when the rows are consecutive and the tokens
+            are ``0..m-1`` (every round of a lone token).
     """
 
     experts: tuple[int, ...]
     counts: tuple[int, ...]
     token_idx: torch.Tensor
     weight_idx: torch.Tensor
-    rounds: tuple[tuple[torch.Tensor, torch.Tensor], ...]
+    rounds: tuple[tuple[torch.Tensor, torch.Tensor] | tuple[slice, slice], ...]
 
     def __bool__(self) -> bool:
         return bool(self.experts)
@@ -128,7 +130,16 @@ def _plan_small(ids: list[list[int]], t: int, k: int, num_experts: int) -> Layer
         rounds[j][0].append(row)
         rounds[j][1].append(tok)
     return LayerPlan(tuple(experts), tuple(len(buckets[e]) for e in experts), _tensor(tokens), _tensor(pairs),
-                     tuple((_tensor(r), _tensor(tk)) for r, tk in rounds))
+                     tuple(_round(r, tk) for r, tk in rounds))
+
+
+def _round(rows: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor] | tuple[slice, slice]:
+    """One combine round: slices when its rows are consecutive and its tokens are ``0..m-1``
+    (a lone decode token's rounds: no index tensors, no gathers), else index tensors."""
+    m = len(rows)
+    if tokens == list(range(m)) and rows == list(range(rows[0], rows[0] + m)):
+        return slice(rows[0], rows[0] + m), slice(0, m)
+    return _tensor(rows), _tensor(tokens)
 
 
 def _rounds_tensor(token_idx: torch.Tensor, k: int) -> tuple[tuple[torch.Tensor, torch.Tensor], ...]:
@@ -178,7 +189,10 @@ def combine(
     w = top_k_weights.reshape(-1).index_select(0, plan.weight_idx.to(dev))
     cur = (y * w[:, None]).to(out.dtype)
     for rows, tokens in plan.rounds:
-        out.index_add_(0, tokens.to(dev), cur.index_select(0, rows.to(dev)))
+        if isinstance(rows, slice):  # the same additions, without index tensors
+            out[tokens].add_(cur[rows])
+        else:
+            out.index_add_(0, tokens.to(dev), cur.index_select(0, rows.to(dev)))
     return out
 
 

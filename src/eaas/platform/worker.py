@@ -256,9 +256,8 @@ class ExpertWorker:
         segments = [(self._fid_to_pair[f], r) for p in live for f, r in p.header.segments]
         t0 = time.monotonic()
         try:
-            with torch.inference_mode():
-                x = live[0].x if len(live) == 1 else torch.cat([p.x for p in live])
-                y = self.shard.forward(x, segments)
+            x = live[0].x if len(live) == 1 else torch.cat([p.x for p in live])
+            y = self.shard.forward(x, segments)  # runs in inference mode
         except Exception as e:  # noqa: BLE001 - a failed batch answers errors, the worker lives
             log.exception("worker %s: batch of %d requests failed", self.id, len(live))
             for p in live:
