@@ -79,7 +79,7 @@ class Settings(BaseSettings):
         True, description="same host: invokes and replies through a ring in the shm arena, not ZeroMQ (x86-64)"
     )
     spin_cap_us: int = Field(
-        3000, ge=0, description="fast path: longest spin before a kernel wait, when a core is free (0 = never spin)"
+        3000, ge=0, description="fast path: longest spin before a kernel wait, while spinning shortens the waits (0 = never spin)"
     )
     spin_floor_us: int = Field(50, ge=0, description="fast path: spin at least this long (about one kernel wake-up)")
     reply_send_timeout_ms: int = Field(
