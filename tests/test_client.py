@@ -151,3 +151,35 @@ def test_no_replica_then_recovery(registry, registered, tiny_checkpoint, workers
         assert (out - ref(x, idx, w)).abs().max().item() <= 1e-5
     finally:
         client.close()
+
+
+def test_concurrent_calls_each_get_their_own_lane_and_exact_results(registry, registered, tiny_checkpoint, workers) -> None:  # type: ignore[no-untyped-def]
+    """Two threads call at once (the runner's micro-batches): every output is exact, each thread
+    reads only its own replies (a lane each: its connections and rings), and a worker SIGKILLed
+    during the calls loses nothing."""
+    import threading
+
+    model = registered("mixtral")
+    procs = workers(model, ["all", "all"])
+    wait_workers_ready(registry, model, 2)
+    ref = _layer_reference(tiny_checkpoint("mixtral"), 1)
+    client = ExpertClient(registry, model, _settings(registry, request_timeout_ms=3000))
+    results: dict[int, list[float]] = {}
+    inside = threading.Barrier(2, timeout=60)
+
+    def stream(k: int) -> None:
+        inside.wait()  # both threads start calling together
+        results[k] = _stream_calls(client, ref, 60, (lambda i: procs[0].send_signal(signal.SIGKILL) if i == 30 else None)
+                                   if k == 0 else None)
+
+    threads = [threading.Thread(target=stream, args=(k,)) for k in range(2)]
+    try:
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+        assert not any(t.is_alive() for t in threads)
+    finally:
+        client.close()
+    assert sorted(results) == [0, 1] and all(len(e) == 60 and max(e) <= 1e-5 for e in results.values())
+    assert len(client._lanes) == 2 and client.stats.calls == 120

@@ -16,7 +16,7 @@ from gateway_ckpt import IdTokenizer
 
 from eaas.gateway.runner import ModelRunner
 from eaas.gateway.sampling import SamplingParams
-from eaas.gateway.sequence import prefill_batch
+from eaas.gateway.sequence import microbatch_split, prefill_batch
 from eaas.gateway.slotcache import allowed
 
 torch.set_num_threads(1)
@@ -58,12 +58,14 @@ async def _tokens(handle) -> list[int]:
 CASES = [(arch, False) for arch in FAMILIES] + [(arch, True) for arch in SLIDING]
 
 
-@pytest.mark.parametrize("engine", ["slots", "padded"])
+@pytest.mark.parametrize("engine", ["slots", "padded", "slots-microbatch"])
 @pytest.mark.parametrize("arch,sliding", CASES, ids=[f"{a}{'-sliding' if s else ''}" for a, s in CASES])
 def test_engine_matches_generate_for_every_request(tiny_checkpoint, arch, sliding, engine):
     model = _load(tiny_checkpoint, arch, sliding)
     want = {tuple(p): _reference(model, p) for p in PROMPTS + LATE}
-    runner = ModelRunner(model, IdTokenizer(100), name=arch, max_batch_size=8, engine=engine)
+    microbatch = engine == "slots-microbatch"  # every decode step of >= 2 rows as two concurrent halves
+    runner = ModelRunner(model, IdTokenizer(100), name=arch, max_batch_size=8, engine=engine.split("-")[0],
+                         microbatch_min_batch=2 if microbatch else 0)
     runner.start()
 
     async def run():
@@ -86,8 +88,9 @@ def test_engine_matches_generate_for_every_request(tiny_checkpoint, arch, slidin
     assert results == [want[tuple(p)] for p in PROMPTS]
     assert forked == [want[tuple(PROMPTS[1])]] * 2
     assert late == [want[tuple(p)] for p in LATE]
-    if engine == "slots":
+    if engine != "padded":
         assert runner._engine.rows == [] and runner._engine.cache.bytes_written > 0
+        assert (runner._engine.overlapped_steps > 0) is microbatch
 
 
 def test_a_decode_step_copies_nothing_that_grows_with_context(tiny_checkpoint):
@@ -133,3 +136,9 @@ def test_allowed_masks_are_causal_per_row_and_windowed():
     assert ok.tolist() == [[True, True, True, False, False], [True] * 5]
     ok = allowed(q, torch.tensor([3, 5]), 5, 2)[:, 0, 0]
     assert ok.tolist() == [[False, True, True, False, False], [False, False, False, True, True]]
+
+
+def test_microbatch_split():
+    assert microbatch_split(8, 0) == 0  # off
+    assert microbatch_split(1, 1) == 0  # one row cannot overlap with itself
+    assert microbatch_split(7, 8) == 0 and microbatch_split(8, 8) == 4 and microbatch_split(9, 2) == 4

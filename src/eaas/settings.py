@@ -102,6 +102,9 @@ class Settings(BaseSettings):
     engine: Literal["slots", "padded"] = Field(
         "slots", description="the runner's engine: 'slots' (batched prefill, KV slots written in place) or"
                              " 'padded' (the previous one: one prefill at a time, caches merged per step)")
+    microbatch_min_batch: int = Field(
+        0, ge=0, description="slots engine: decode steps of at least this many sequences run as two micro-batches "
+        "whose attention and expert calls overlap (0 = never)")
     max_prefill_tokens: int = Field(
         512, gt=0, description="padded prompt tokens one batched prefill forward takes at most (slots engine)")
     max_waiting_requests: int = Field(

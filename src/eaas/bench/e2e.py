@@ -68,6 +68,7 @@ class E2EBenchConfig:
         monolithic_impl: force the monolithic experts implementation (None: the fastest measured).
         engine: the runner engine of both gateways (``slots`` or ``padded``; ``EAAS_ENGINE``).
         max_prefill_tokens: ``EAAS_MAX_PREFILL_TOKENS`` of both gateways (None: their default).
+        microbatch_min_batch: ``EAAS_MICROBATCH_MIN_BATCH`` of both gateways (None: their default).
         layers, hidden, intermediate, experts, top_k, seed: the checkpoint written when no
             ``model_dir`` is given (Mixtral-shaped, float32).
         impl_repeats: timed forwards per implementation and token count (median reported).
@@ -85,6 +86,7 @@ class E2EBenchConfig:
     monolithic_impl: str | None = None
     engine: str = "slots"
     max_prefill_tokens: int | None = None
+    microbatch_min_batch: int | None = None
     layers: int = 4
     hidden: int = 1024
     intermediate: int = 2816
@@ -451,6 +453,8 @@ def _engine_env(cfg: E2EBenchConfig) -> dict[str, str]:
     env = {"EAAS_ENGINE": cfg.engine}
     if cfg.max_prefill_tokens is not None:
         env["EAAS_MAX_PREFILL_TOKENS"] = str(cfg.max_prefill_tokens)
+    if cfg.microbatch_min_batch is not None:
+        env["EAAS_MICROBATCH_MIN_BATCH"] = str(cfg.microbatch_min_batch)
     return env
 
 

@@ -258,6 +258,9 @@ def e2e(
     engine: str = typer.Option("slots", "--engine", help="runner engine of both gateways: slots, or padded (the previous one)"),
     max_prefill_tokens: int = typer.Option(None, "--max-prefill-tokens", min=1,
                                            help="padded prompt tokens per prefill forward, both gateways (slots engine)"),
+    microbatch_min_batch: int = typer.Option(None, "--microbatch-min-batch", min=0,
+                                             help="decode steps of at least this many sequences as two overlapped "
+                                                  "micro-batches, both gateways (0: never; default: theirs)"),
     workdir: str = typer.Option(None, "--workdir", help="keep logs and deployment state here (default: a temp dir)"),
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     png: str = typer.Option(None, "--png", help="write throughput and ITL vs concurrency, both sides, to this PNG"),
@@ -274,7 +277,8 @@ def e2e(
         cfg = be.E2EBenchConfig(concurrencies=levels, max_tokens=max_tokens, requests_per_client=requests_per_client,
                                 prompt_words=prompt_words, workers=workers, replicas=replicas,
                                 torch_threads=torch_threads, monolithic_impl=monolithic_impl, engine=engine,
-                                max_prefill_tokens=max_prefill_tokens, layers=layers,
+                                max_prefill_tokens=max_prefill_tokens, microbatch_min_batch=microbatch_min_batch,
+                                layers=layers,
                                 hidden=hidden, intermediate=intermediate)  # fmt: skip
         with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True),
                       transient=True) as prog:  # fmt: skip

@@ -17,6 +17,7 @@ from __future__ import annotations
 import inspect
 import logging
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -25,7 +26,7 @@ from transformers import DynamicCache
 
 from eaas.gateway.kvbatch import copy_cache, merge_caches, split_cache
 from eaas.gateway.logprobs import TokenLogprob, prompt_logprobs
-from eaas.gateway.sequence import SequenceState, groups_to_admit, prefill_batch
+from eaas.gateway.sequence import SequenceState, groups_to_admit, microbatch_split, prefill_batch
 from eaas.gateway.slotcache import SlotCache, attention_masks
 
 log = logging.getLogger(__name__)
@@ -63,6 +64,9 @@ class Engine(Protocol):
 
     def release(self, seq: SequenceState) -> None:
         """Free ``seq``'s KV (it finished, failed or was cancelled); idempotent."""
+
+    def close(self) -> None:
+        """Stop any helper thread (the runner stopped)."""
 
 
 def logits_kwargs(model: Any) -> dict[str, int]:
@@ -139,6 +143,9 @@ class PaddedEngine:
     def release(self, seq: SequenceState) -> None:
         seq.cache = None
 
+    def close(self) -> None:
+        pass
+
 
 class SlotsEngine:
     """Batched prefill into a :class:`SlotCache`; decode steps read and write it in place.
@@ -154,10 +161,16 @@ class SlotsEngine:
         max_batch_size: rows of the cache.
         max_columns: positions per row at most (the model's context length).
         max_prefill_tokens: padded prompt tokens per prefill forward.
+        microbatch_min_batch: a decode step of at least this many rows (and at least 2) runs as
+            two micro-batches of rows ``[0, B/2)`` and ``[B/2, B)``, one on a helper thread, so
+            that one's attention (torch ops release the GIL) runs while the other's expert call
+            waits on the workers (MegaScale-Infer's ping-pong, SGLang's two-batch overlap);
+            0: never. Each row computes what it computes in the one-forward step, over its own
+            KV row; only the GEMMs' row counts differ.
     """
 
     def __init__(self, model: Any, hooks: StepHooks, max_batch_size: int, max_columns: int,
-                 max_prefill_tokens: int) -> None:
+                 max_prefill_tokens: int, microbatch_min_batch: int = 0) -> None:
         self.model = model
         self.hooks = hooks
         self.max_batch_size = max_batch_size
@@ -169,6 +182,9 @@ class SlotsEngine:
         self._logits_kw = logits_kwargs(model)
         self._dtype = getattr(model, "dtype", None) or next(model.parameters()).dtype  # of the attention masks
         self._pad_id = 0
+        self.microbatch_min_batch = microbatch_min_batch
+        self._helper: ThreadPoolExecutor | None = None  # runs the first micro-batch of an overlapped step
+        self.overlapped_steps = 0
 
     def admit(self, waiting: list[SequenceState], num_running: int) -> int:
         admit = groups_to_admit([len(s.forks) + 1 for s in waiting], num_running, self.max_batch_size,
@@ -247,7 +263,11 @@ class SlotsEngine:
         written = torch.tensor([s.kv_len for s in batch], dtype=torch.long)  # [B] the column each row writes
         ids = torch.tensor([[s.output_ids[-1]] for s in batch], dtype=torch.long)  # [B, 1]
         try:
-            logits = self._forward(ids, written.unsqueeze(1), written + 1, 0, written, 1)
+            split = microbatch_split(len(batch), self.microbatch_min_batch)
+            if split:
+                logits = self._overlapped(ids, written, split)
+            else:
+                logits = self._forward(ids, written.unsqueeze(1), written + 1, 0, written, 1)
         except Exception as exc:  # noqa: BLE001 - the step's sequences fail, the runner goes on
             log.warning("decode step of %d sequences failed: %s", len(batch), exc)
             for seq in batch:
@@ -257,6 +277,36 @@ class SlotsEngine:
             seq.kv_len += 1
         for row, seq in enumerate(batch):
             self.hooks.decoded(seq, logits[row, -1])
+
+    def _overlapped(self, ids: torch.Tensor, written: torch.Tensor, split: int) -> torch.Tensor:
+        """One decode step as two concurrent forwards over rows ``[0, split)`` (on the helper
+        thread) and ``[split, B)`` (here); returns their logits ``[B, 1, V]`` in row order.
+
+        Raises:
+            Exception: whatever either forward raised (after both ended).
+        """
+        self.cache.reserve(int(written.max()) + 1)  # grow once, before the two forwards share the buffers
+        if self._helper is None:
+            self._helper = ThreadPoolExecutor(1, thread_name_prefix="eaas-microbatch")
+        inference = torch.is_inference_mode_enabled()  # grad mode is per thread: the helper takes ours
+
+        def first() -> torch.Tensor:
+            with torch.inference_mode(inference):
+                return self._forward(ids[:split], written[:split, None], written[:split] + 1, 0, written[:split], 1)
+
+        fut = self._helper.submit(first)
+        try:
+            second = self._forward(ids[split:], written[split:, None], written[split:] + 1, split, written[split:], 1)
+        finally:
+            head = fut.result()  # always wait: its forward writes the shared buffers
+        self.overlapped_steps += 1
+        return torch.cat([head, second])
+
+    def close(self) -> None:
+        """Stop the micro-batch helper thread, if any."""
+        if self._helper is not None:
+            self._helper.shutdown(wait=True)
+            self._helper = None
 
     def release(self, seq: SequenceState) -> None:
         seq.cache = None

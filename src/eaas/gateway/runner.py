@@ -80,6 +80,8 @@ class ModelRunner:
             steps read and write in place. ``"padded"``: the previous engine, one prefill at a time
             into per-sequence caches merged and split every decode step (:mod:`eaas.gateway.kvbatch`).
         max_prefill_tokens: see ``engine``.
+        microbatch_min_batch: ``slots`` engine: decode steps of at least this many sequences run
+            as two concurrent micro-batches (0: never); see :class:`~eaas.gateway.engines.SlotsEngine`.
     """
 
     def __init__(
@@ -95,6 +97,7 @@ class ModelRunner:
         max_waiting_tokens: int = 1 << 18,
         engine: str = "slots",
         max_prefill_tokens: int = 512,
+        microbatch_min_batch: int = 0,
     ) -> None:
         if engine not in ("slots", "padded"):
             raise ValueError(f"engine must be 'slots' or 'padded', got {engine!r}")
@@ -134,7 +137,8 @@ class ModelRunner:
         expanded_kv_heads_fix(model)  # both engines pass masks (the padded one too, in batched decodes)
         hooks = StepHooks(prefilled=self._start_group, decoded=self._take_token_or_fail, failed=self._fail)
         self._engine: Engine = (
-            SlotsEngine(model, hooks, max_batch_size, self.max_model_len + 1, max_prefill_tokens)
+            SlotsEngine(model, hooks, max_batch_size, self.max_model_len + 1, max_prefill_tokens,
+                        microbatch_min_batch)
             if engine == "slots" else PaddedEngine(model, hooks, max_batch_size, max_prefills_per_step))
 
     # --- lifecycle ---------------------------------------------------------------------
@@ -290,6 +294,7 @@ class ModelRunner:
             self._finish(seq, FinishReason.ERROR, error=EaaSError("the model runner stopped"))
         self._waiting.clear()
         self._running.clear()
+        self._engine.close()
 
     def _all_waiting(self) -> list[SequenceState]:
         return [s for parent in self._waiting for s in parent.group]

@@ -83,3 +83,15 @@ def prefill_batch(prompt_lengths: list[int], max_tokens: int) -> int:
             break
         k += 1
     return k
+
+
+def microbatch_split(batch: int, min_batch: int) -> int:
+    """Rows of the first micro-batch of a decode step of ``batch`` rows, or 0 (one forward).
+
+    Two micro-batches only pay when each still has rows to overlap: the step is split in
+    halves (the first takes ``batch // 2``) when ``min_batch`` > 0 and ``batch >= max(2, min_batch)``.
+    """
+    if min_batch <= 0 or batch < max(2, min_batch):
+        return 0
+    return batch // 2
+

@@ -111,7 +111,8 @@ def assemble_gateway(model: Any, tokenizer: Any, name: str, settings: Settings, 
         model: a transformers causal LM (monolithic or an attention client).
         tokenizer: its tokenizer.
         name: the model id clients use.
-        settings: ``max_batch_size``, ``engine``, ``max_prefill_tokens``, ``max_waiting_*`` and the app's.
+        settings: ``max_batch_size``, ``engine``, ``max_prefill_tokens``, ``microbatch_min_batch``,
+            ``max_waiting_*`` and the app's.
         client: the :class:`~eaas.platform.client.ExpertClient` behind ``model``, if any.
         **app_kw: override :func:`eaas.gateway.app.create_app` hooks.
     """
@@ -120,6 +121,7 @@ def assemble_gateway(model: Any, tokenizer: Any, name: str, settings: Settings, 
 
     runner = ModelRunner(model, tokenizer, name=name, max_batch_size=settings.max_batch_size,
                          engine=settings.engine, max_prefill_tokens=settings.max_prefill_tokens,
+                         microbatch_min_batch=settings.microbatch_min_batch,
                          max_waiting_requests=settings.max_waiting_requests,
                          max_waiting_tokens=settings.max_waiting_tokens)
     hooks = eaas_hooks(client) if client is not None else {}

@@ -21,6 +21,8 @@ allocated, ``L`` columns a forward attends over, ``q`` new tokens per row, ``d``
 
 from __future__ import annotations
 
+import threading
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -76,6 +78,17 @@ def attention_masks(config: Any, query_pos: torch.Tensor, lengths: torch.Tensor,
     return make(window)
 
 
+@dataclass(slots=True)
+class _Forward:
+    """One forward's rows and writes (see :meth:`SlotCache.begin`)."""
+
+    row0: int = 0
+    count: int = 0
+    span: int = 0
+    write: torch.Tensor | None = None  # [B] columns (decode) or None (prefill: columns 0..q-1)
+    write_rows: torch.Tensor | None = None  # [B] the rows of a decode forward
+
+
 class SlotCache(Cache):
     """Preallocated per-layer KV slots; one transformers ``Cache`` object serves every forward.
 
@@ -95,13 +108,18 @@ class SlotCache(Cache):
         self.keys: list[torch.Tensor] = []  # per layer [R, H, C, d]
         self.values: list[torch.Tensor] = []
         self.columns = 0  # columns allocated
-        self._row0 = 0
-        self._count = 0
-        self._write: torch.Tensor | None = None  # [B] columns (decode) or None (prefill: columns 0..q-1)
-        self._write_rows: torch.Tensor | None = None  # [B] the rows of a decode forward
-        self._span = 0
+        # the current forward of each thread (micro-batches run concurrently on disjoint rows)
+        self._local = threading.local()
+        self._count_lock = threading.Lock()
         self.bytes_written = 0  # new keys/values written by forwards
         self.bytes_copied = 0  # moved between rows (compaction, forks) or by growing the buffers
+
+    @property
+    def _fwd(self) -> _Forward:
+        f = getattr(self._local, "f", None)
+        if f is None:
+            f = self._local.f = _Forward()
+        return f
 
     # --- what the runner calls --------------------------------------------------------------
 
@@ -115,15 +133,23 @@ class SlotCache(Cache):
             write_columns: ``[B]`` int64, the column each row writes its one new token to
                 (decode); None: a prefill, rows written from column 0.
 
+        The state is the calling thread's: two threads may run forwards at once over
+        disjoint rows (micro-batch overlap) once :meth:`reserve` has grown the columns.
+
         Raises:
             ValueError: more rows or columns than ``max_rows`` / ``max_columns``.
         """
         if row0 + count > self.max_rows or span > self.max_columns:  # noqa: SIM102
             raise ValueError(f"slot cache limits: rows {row0 + count} > {self.max_rows} or columns {span} > "
                              f"{self.max_columns}")
-        self._row0, self._count, self._span, self._write = row0, count, span, write_columns
+        f = self._fwd
+        f.row0, f.count, f.span, f.write = row0, count, span, write_columns
         if write_columns is not None:  # the rows each layer's write indexes, made once per forward
-            self._write_rows = torch.arange(row0, row0 + count, device=write_columns.device)
+            f.write_rows = torch.arange(row0, row0 + count, device=write_columns.device)
+        self.reserve(span)
+
+    def reserve(self, span: int) -> None:
+        """Grow the columns (if the buffers exist) so that ``span`` fit; call before concurrent forwards."""
         if self.keys and span > self.columns:
             self._grow(span)
 
@@ -160,10 +186,11 @@ class SlotCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                *args: Any, **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Write one layer's new keys/values ``[B, H, q, d]`` and return the view ``[B, H, L, d]``."""
+        f = self._fwd
         if layer_idx == len(self.keys):  # first forward: allocate this layer, every row at once
             if layer_idx == 0:
                 cols = MIN_COLUMNS
-                while cols < self._span:
+                while cols < f.span:
                     cols *= 2
                 self.columns = min(cols, self.max_columns)
             _, h, _, dk = key_states.shape
@@ -171,21 +198,22 @@ class SlotCache(Cache):
             self.values.append(value_states.new_zeros((self.max_rows, value_states.shape[1], self.columns,
                                                        value_states.shape[3])))
         k, v = self.keys[layer_idx], self.values[layer_idx]
-        self.bytes_written += key_states.numel() * key_states.element_size()
-        self.bytes_written += value_states.numel() * value_states.element_size()
-        r = slice(self._row0, self._row0 + self._count)
-        if self._write is None:
+        with self._count_lock:
+            self.bytes_written += key_states.numel() * key_states.element_size()
+            self.bytes_written += value_states.numel() * value_states.element_size()
+        r = slice(f.row0, f.row0 + f.count)
+        if f.write is None:
             q = key_states.shape[2]
             k[r, :, :q] = key_states
             v[r, :, :q] = value_states
         else:
-            k[self._write_rows, :, self._write] = key_states[:, :, 0]
-            v[self._write_rows, :, self._write] = value_states[:, :, 0]
-        return k[r, :, : self._span], v[r, :, : self._span]
+            k[f.write_rows, :, f.write] = key_states[:, :, 0]
+            v[f.write_rows, :, f.write] = value_states[:, :, 0]
+        return k[r, :, : f.span], v[r, :, : f.span]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
         """Columns of the current view (transformers asks only when no position ids are given)."""
-        return self._span
+        return self._fwd.span
 
     def get_mask_sizes(self, *args: Any, **kwargs: Any) -> tuple[int, int]:
         raise NotImplementedError("SlotCache forwards pass their own 4D masks")

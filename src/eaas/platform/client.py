@@ -26,11 +26,13 @@ call's dispatch, waiting and failover by :class:`~eaas.platform.inflight.LayerCa
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import random
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,6 +50,9 @@ from eaas.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
+#: concurrent calls at most (each holds a lane: its own connections and waiter); more wait
+MAX_LANES = 4
+
 
 class ExpertClient:
     """Calls the routed experts of one registered model on EaaS workers.
@@ -60,8 +65,11 @@ class ExpertClient:
             default ``settings.transport`` (``auto``: chosen per pair).
         seed: seed of the replica-choice random source.
 
-    Not thread-safe for concurrent calls: calls are serialised by a lock (the
-    gateway's model runner owns one client). Close it when done.
+    Thread-safe: concurrent calls (the runner's two micro-batches, the gateway's invoke
+    endpoints) each take a *lane* — their own connections (sockets, arenas, rings) and
+    reply waiter — so a reply is only ever read by the thread whose call it answers; at
+    most ``MAX_LANES`` calls run at once, more wait for a lane. The routing view, the
+    suspects and the counters are shared. Close it when done.
 
     Raises:
         NotFound: the model is not registered.
@@ -85,17 +93,41 @@ class ExpertClient:
         self.transport = transport or self.settings.transport
         self.stats = ClientStats()
         self._rng = random.Random(seed)
-        self._conns = Connections(model, self.settings, self.transport)
-        self._call_lock = threading.Lock()
         self._stop = threading.Event()
         self._ids = itertools.count()
         self._id_prefix = f"{os.getpid():x}.{random.getrandbits(24):06x}."
         self._fid_cache: dict[tuple[int, int], str] = {}
         self.suspects = Suspects(max(0.25, 4 * self.settings.lease_ttl_s), self._rng)
         self.routing = RoutingView(registry, model, self.settings.routing_refresh_s)
-        self.waiter = Waiter(self.settings.spin_floor_us / 1e6, self.settings.spin_cap_us / 1e6)
-        self._env = CallEnv(model, self.settings, self.routing, self._conns, self.suspects, self.waiter, self._rng,
-                            self.stats, self._stop, self._next_request_id)
+        self._metrics: Any = None
+        self._lanes: list[CallEnv] = []  # every lane made
+        self._free: list[CallEnv] = []  # lanes not in use
+        self._lane_cv = threading.Condition()
+        first = self._new_lane()
+        self._free.append(first)
+        self._conns, self.waiter = first.conns, first.waiter  # the first lane's (tests, transports)
+
+    def _new_lane(self) -> CallEnv:
+        lane = CallEnv(self.model, self.settings, self.routing, Connections(self.model, self.settings, self.transport),
+                       self.suspects, Waiter(self.settings.spin_floor_us / 1e6, self.settings.spin_cap_us / 1e6),
+                       self._rng, self.stats, self._stop, self._next_request_id, self._metrics)
+        self._lanes.append(lane)
+        return lane
+
+    @contextlib.contextmanager
+    def _lane(self) -> Iterator[CallEnv]:
+        """A lane for one call: a free one, a new one below ``MAX_LANES``, or the next one freed."""
+        with self._lane_cv:
+            while not self._free and len(self._lanes) >= MAX_LANES:
+                self._lane_cv.wait()
+            lane = self._free.pop() if self._free else self._new_lane()
+            self.stats.calls += 1
+        try:
+            yield lane
+        finally:
+            with self._lane_cv:
+                self._free.append(lane)
+                self._lane_cv.notify()
 
     # --- routing ---------------------------------------------------------------------
 
@@ -116,8 +148,11 @@ class ExpertClient:
         return self.routing.pool_summary()
 
     def transports(self) -> dict[str, str]:
-        """Worker id -> transport of each open connection (``inline``, ``shm``, ...)."""
-        return self._conns.transports()
+        """Worker id -> transport of its open connections (``inline``, ``shm``, ...), over every lane."""
+        out: dict[str, str] = {}
+        for lane in list(self._lanes):
+            out.update(lane.conns.transports())
+        return out
 
     # --- calls --------------------------------------------------------------------
 
@@ -171,7 +206,7 @@ class ExpertClient:
         """Compute one function on ``x[N, D]`` remotely: ``y[N, D] = f(x)``.
 
         Args:
-            cancelled: if set by the time this call gets its turn (calls are serialised),
+            cancelled: if set by the time this call gets its turn (a free lane),
                 nothing is sent and :class:`~eaas.errors.Cancelled` is raised.
 
         Raises:
@@ -186,23 +221,22 @@ class ExpertClient:
 
     def _run(self, x: torch.Tensor, items: list[Item], total_rows: int,
              cancelled: threading.Event | None = None) -> torch.Tensor:
-        with self._call_lock:
+        with self._lane() as lane:
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled("the caller cancelled this call before it was sent")
-            self.stats.calls += 1
-            return self._run_locked(x, items, total_rows)
-
-    def _run_locked(self, x: torch.Tensor, items: list[Item], total_rows: int) -> torch.Tensor:
-        return LayerCall(self._env, x, items, total_rows).run()
+            return LayerCall(lane, x, items, total_rows).run()
 
     @property
     def metrics(self) -> Any:
         """Optional sink: ``record_expert_call(n, model)``, ``record_failover(n, model)``."""
-        return self._env.metrics
+        return self._metrics
 
     @metrics.setter
     def metrics(self, sink: Any) -> None:
-        self._env.metrics = sink
+        with self._lane_cv:
+            self._metrics = sink
+            for lane in self._lanes:
+                lane.metrics = sink
 
     def _next_request_id(self) -> str:
         return f"{self._id_prefix}{next(self._ids)}"
@@ -211,7 +245,8 @@ class ExpertClient:
         """Stop the routing thread and close every connection (frees shared arenas)."""
         self._stop.set()
         self.routing.close()
-        self._conns.close()
+        for lane in list(self._lanes):
+            lane.conns.close()
 
     def __enter__(self) -> "ExpertClient":
         return self
