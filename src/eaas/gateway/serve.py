@@ -60,7 +60,8 @@ def eaas_hooks(client: Any) -> dict[str, Any]:
 
     def readiness() -> tuple[bool, dict[str, Any]]:
         missing = client.missing_functions()
-        return (not missing, {"model": client.model, "functions_without_replica": len(missing), "examples": missing[:5]})
+        return (not missing, {"model": client.model, "functions_without_replica": len(missing), "examples": missing[:5],
+                              "transports": client.transports()})  # worker id -> its pair's data plane
 
     def invoke(function_id: str, x: Any, cancelled: Any = None) -> Any:
         if not function_id.startswith(client.model + "/"):

@@ -98,7 +98,8 @@ class Connections:
         except TransportError as e:
             log.warning("client %s: %s; using inline with worker %s", self.model, e, worker.id)
         channel = make_client_channel(name, arena_bytes=self.settings.shm_arena_bytes, ring=self.settings.shm_ring,
-                                      device=device if name == "cuda_ipc" else "cpu")
+                                      device=device if name == "cuda_ipc" else "cpu",
+                                      xfer_timeout_s=self.settings.request_timeout_ms / 1000)
         c = Conn(worker, sock, monitor, channel, name)
         hello = channel.hello_header()
         try:

@@ -215,9 +215,13 @@ def _keeper_main(path: str) -> int:  # pragma: no cover - runs in the keeper pro
     payload = json.loads(sys.stdin.readline())
     record = WorkerRecord.from_hash(payload["hash"], payload["shard"])
     settings = get_settings()
-    registry, _ = open_registry(settings)
-    board = LeaseBoard(path)
     wid, ttl, interval = record.id, settings.lease_ttl_s, settings.heartbeat_interval_s
+    # A beat stuck on an unreachable Redis (its host cut off) must not outlast a third of the
+    # lease: once the network heals, the next beat gets through at once instead of after a
+    # full socket timeout (2 s by default), and the worker is back within its TTL + ~1 s.
+    beat_timeout_s = min(settings.redis_timeout_s, max(interval, ttl / 3))
+    registry, _ = open_registry(settings.model_copy(update={"redis_timeout_s": beat_timeout_s}))
+    board = LeaseBoard(path)
 
     def register() -> None:
         epoch = registry.register_worker(record, ttl)

@@ -149,18 +149,19 @@ class _Agent:
             except Exception:  # noqa: BLE001 - already gone
                 pass
 
-    def write(self, local_addr: int, remote: str, remote_addr: int, nbytes: int, notif: bytes) -> None:
+    def write(self, local_addr: int, remote: str, remote_addr: int, nbytes: int, notif: bytes,
+              timeout_s: float = XFER_TIMEOUT_S) -> None:
         """One-sided WRITE of ``nbytes`` with notification; returns when DONE.
 
         Raises:
-            TransportError: the transfer failed or did not finish in ``XFER_TIMEOUT_S``.
+            TransportError: the transfer failed or did not finish in ``timeout_s``.
         """
         with self.lock:
             src = self.agent.get_xfer_descs([(local_addr, nbytes, 0)], "DRAM")
             dst = self.agent.get_xfer_descs([(remote_addr, nbytes, 0)], "DRAM")
             h = self.agent.initialize_xfer("WRITE", src, dst, remote, notif)
             state = self.agent.transfer(h)
-            deadline = time.monotonic() + XFER_TIMEOUT_S
+            deadline = time.monotonic() + timeout_s
             spins = 0
             try:
                 while state != "DONE":
@@ -213,11 +214,15 @@ class NixlClientChannel(ArenaChannel):
 
     Args:
         arena_bytes: arena size on each side.
+        xfer_timeout_s: longest an invoke's WRITE may take (the client's per-attempt deadline:
+            a WRITE to a host that was cut off must not hold the caller past the point where it
+            would fail over anyway).
     """
 
     name = "nixl"
 
-    def __init__(self, arena_bytes: int) -> None:
+    def __init__(self, arena_bytes: int, xfer_timeout_s: float = XFER_TIMEOUT_S) -> None:
+        self.xfer_timeout_s = xfer_timeout_s
         self._agent = _Agent.get()
         self.arena = torch.empty(arena_bytes, dtype=torch.uint8)  # [bytes]
         self._reg = self._agent.register(self.arena)
@@ -256,7 +261,7 @@ class NixlClientChannel(ArenaChannel):
             raise TransportError("nixl: invoke before hello_ack")
         agent, raddr = self._remote
         self._agent.write(self.arena.data_ptr() + slot.offset, agent, raddr + slot.offset, slot.nbytes,
-                          f"x:{request_id}".encode())
+                          f"x:{request_id}".encode(), self.xfer_timeout_s)
 
     def _on_reply(self, slot: Slot, header: Header) -> None:
         if self._remote is None:

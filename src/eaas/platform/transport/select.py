@@ -39,6 +39,10 @@ def _host_ids() -> tuple[str, str | None]:
     except OSError:
         boot_id = "unknown-boot"
     host_id = f"{socket.gethostname()}/{boot_id}"
+    try:  # another network namespace is another host to the network (containers, eaas.netns)
+        host_id += f"/net:{os.stat('/proc/self/ns/net').st_ino}"
+    except OSError:
+        pass
     try:
         st = os.stat(SHM_DIR)
         shm_id = f"{host_id}/{st.st_dev}:{st.st_ino}" if os.access(SHM_DIR, os.W_OK) else None
@@ -118,10 +122,11 @@ def select_transport(client_caps: Mapping[str, Any], worker_caps: Mapping[str, A
 
 
 def make_client_channel(transport: str, *, arena_bytes: int = 64 << 20, device: str = "cpu",
-                        ring: bool = True) -> ClientChannel:
+                        ring: bool = True, xfer_timeout_s: float | None = None) -> ClientChannel:
     """Client side of one pair for ``transport`` (a name from :func:`select_transport`).
 
-    ``ring``: offer the shm message ring (the same-host fast path).
+    ``ring``: offer the shm message ring (the same-host fast path). ``xfer_timeout_s``: the
+    longest a ``nixl`` invoke's WRITE may block (default: the transport's own bound).
 
     Raises:
         TransportError: the transport cannot be set up here.
@@ -137,7 +142,8 @@ def make_client_channel(transport: str, *, arena_bytes: int = 64 << 20, device: 
     if transport == "nixl":
         from eaas.platform.transport.nixl import NixlClientChannel
 
-        return NixlClientChannel(arena_bytes)
+        return NixlClientChannel(arena_bytes) if xfer_timeout_s is None else NixlClientChannel(arena_bytes,
+                                                                                                 xfer_timeout_s)
     raise TransportError(f"unknown transport {transport!r} (known: {', '.join(TRANSPORTS)})")
 
 

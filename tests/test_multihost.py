@@ -1,0 +1,190 @@
+"""Several hosts on one machine (network namespaces, :mod:`eaas.netns`): cross-host serving.
+
+Topology: Redis on host A, the gateway (attention client) and one worker on host B, two
+workers on hosts C and D; every expert on all three workers. Every address is in
+``127.100.0.0/24`` inside namespaces this test made. The test process itself stays outside:
+it reaches the hosts only through ``ip netns exec``. Needs root; skips with the reason otherwise.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+import torch
+
+from eaas import netns
+from eaas.registry.server import find_redis_server
+from eaas.testing import wait_for
+
+REASON = netns.unavailable()
+pytestmark = pytest.mark.skipif(REASON is not None, reason=f"multi-host tests: {REASON}")
+
+A, B, C, D = 0, 1, 2, 3
+PROMPT = "The expert said"
+PORT = 8000
+
+HTTP = """
+import json, sys, urllib.request, urllib.error
+url, body = sys.argv[1], sys.argv[2]
+req = urllib.request.Request(url, data=body.encode() if body else None,
+                             headers={"Content-Type": "application/json"})
+try:
+    with urllib.request.urlopen(req, timeout=float(sys.argv[3])) as r:
+        print(json.dumps({"status": r.status, "body": json.loads(r.read())}))
+except urllib.error.HTTPError as e:
+    print(json.dumps({"status": e.code, "body": json.loads(e.read() or b"null")}))
+except Exception as e:
+    print(json.dumps({"status": 0, "error": repr(e)}))
+"""
+
+
+def http(hosts: netns.Hosts, host: int, path: str, body: dict | None = None, timeout_s: float = 60) -> dict:
+    """A request from ``host`` to the gateway on host B: ``{"status", "body"}`` (status 0: no answer)."""
+    url = f"http://{hosts.addr(B)}:{PORT}{path}"
+    r = hosts.run(host, [sys.executable, "-c", HTTP, url, json.dumps(body) if body else "", str(timeout_s)],
+                  timeout_s=timeout_s + 30)
+    assert r.returncode == 0, r.stderr[-2000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def cluster(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
+    ckpt = tiny_checkpoint("mixtral")
+    logs = tmp_path_factory.mktemp("multihost")
+    with netns.Hosts(4) as hosts:
+        redis_url = f"redis://{hosts.addr(A)}:6379/0"
+        env = {**os.environ, "EAAS_REDIS_URL": redis_url, "EAAS_PREFIX": f"mh{uuid.uuid4().hex[:8]}",
+               "EAAS_STATE_DIR": str(logs / "state"), "EAAS_CACHE_DIR": str(logs / "cache"),
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "EAAS_LEASE_TTL_S": "2",
+               "UCX_NET_DEVICES": "eth0"}  # NIXL's UCX: the hosts' one NIC (not lo, which every host has)
+
+        def start(host: int, name: str, argv: list[str], **extra: str) -> subprocess.Popen:
+            out = open(logs / f"{name}.log", "wb")  # noqa: SIM115 - closed with the process
+            return hosts.popen(host, argv, env={**env, **extra}, stdout=out, stderr=subprocess.STDOUT)
+
+        start(A, "redis", [find_redis_server(), "--bind", hosts.addr(A), "--port", "6379", "--save", "",
+                           "--appendonly", "no", "--protected-mode", "no"])
+        ping = [sys.executable, "-c", f"import redis; redis.Redis.from_url({redis_url!r}, socket_timeout=1).ping()"]
+        wait_for(lambda: hosts.run(B, ping, env=env).returncode == 0, 30, interval_s=0.2, what="Redis on host A")
+        reg = hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "register", str(ckpt)], env=env)
+        assert reg.returncode == 0, reg.stdout + reg.stderr
+        for host in (B, C, D):
+            start(host, f"worker-{host}", [sys.executable, "-m", "eaas.cli", "worker", "--model", ckpt.name,
+                                           "--shard", "all", "--id", f"w{host}"], EAAS_BIND_HOST=hosts.addr(host))
+        start(B, "gateway", [sys.executable, "-m", "eaas.cli", "gateway", "--model", str(ckpt),
+                             "--host", hosts.addr(B), "--port", str(PORT)])
+        wait_for(lambda: http(hosts, B, "/readyz", timeout_s=5)["status"] == 200, 180, interval_s=0.5,
+                 what="the gateway on host B ready")
+        yield hosts, env, ckpt, logs
+
+
+@pytest.fixture(scope="module")
+def reference(cluster):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    _, _, ckpt, _ = cluster
+    tok = AutoTokenizer.from_pretrained(ckpt)
+    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
+
+    def generate(prompt: str, n: int) -> list[int]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+        return out[0, ids.shape[1]:].tolist()
+
+    return generate
+
+
+def test_cross_host_serving_is_exact_and_picks_the_right_transport_per_pair(cluster, reference) -> None:  # type: ignore[no-untyped-def]
+    hosts, env, ckpt, _ = cluster
+    want = reference(PROMPT, 24)
+    for _ in range(3):  # several completions: the client opens pairs to every worker it picks
+        r = http(hosts, B, "/v1/completions", {"model": ckpt.name, "prompt": PROMPT, "max_tokens": 24,
+                                             "temperature": 0, "ignore_eos": True})
+        assert r["status"] == 200, r
+        assert r["body"]["choices"][0]["token_ids"] == want
+    # workers advertise the address they are reachable at, on their own host
+    out = hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"], env=env)
+    assert out.returncode == 0, out.stderr
+    endpoints = {w["id"]: w["endpoint"] for w in json.loads(out.stdout)}
+    assert {wid: ep.rsplit(":", 1)[0] for wid, ep in endpoints.items()} == {
+        f"w{h}": f"tcp://{hosts.addr(h)}" for h in (B, C, D)}
+    # the data plane per pair: shared memory with the worker on the gateway's host, a
+    # cross-host transport with the others (NIXL over UCX when installed, else the tensor
+    # bytes in ZeroMQ frames over tcp)
+    transports = http(hosts, B, "/readyz")["body"]["detail"]["transports"]
+    assert transports.get(f"w{B}", "shm") == "shm"
+    assert {t for w, t in transports.items() if w != f"w{B}"} <= {"inline", "nixl"}
+    assert any(w != f"w{B}" for w in transports), transports  # at least one pair crossed hosts
+
+
+def test_a_host_cut_off_mid_stream_loses_no_token_and_serves_again_after_healing(cluster, reference) -> None:  # type: ignore[no-untyped-def]
+    """Cut host C off in the middle of a 48-token stream: the stream finishes exact (failover
+    to B and D); heal C: it serves again within its lease TTL + 1 s."""
+    hosts, env, ckpt, logs = cluster
+    want = reference(PROMPT, 48)
+    stream = """
+import json, sys, time, urllib.request
+req = urllib.request.Request(sys.argv[1], data=sys.argv[2].encode(), headers={"Content-Type": "application/json"})
+tokens, gaps, last = [], [], None
+with urllib.request.urlopen(req, timeout=120) as r:
+    for raw in r:
+        line = raw.decode().strip()
+        if not line.startswith("data: ") or line == "data: [DONE]":
+            continue
+        ids = json.loads(line[6:])["choices"][0].get("token_ids") or []
+        now = time.monotonic()
+        if ids and last is not None:
+            gaps.append(now - last)
+        if ids:
+            last = now
+        tokens += ids
+        if len(tokens) >= 8 and len(tokens) - len(ids) < 8:
+            print("EIGHT", flush=True)  # the test cuts host C off now
+print(json.dumps({"tokens": tokens, "max_gap_s": max(gaps or [0])}), flush=True)
+"""
+    body = {"model": ckpt.name, "prompt": PROMPT, "max_tokens": 48, "temperature": 0, "ignore_eos": True,
+            "stream": True}
+    proc = hosts.popen(B, [sys.executable, "-c", stream, f"http://{hosts.addr(B)}:{PORT}/v1/completions",
+                           json.dumps(body)], stdout=subprocess.PIPE, text=True, env=env)
+    try:
+        first = proc.stdout.readline()  # blocks until 8 tokens came (or the stream ended)
+        assert first.strip() == "EIGHT", first
+        hosts.cut(C)
+        out, _ = proc.communicate(timeout=180)
+    finally:
+        hosts.heal(C)
+        t_heal_wall = time.time()  # wall clock: the poller below runs in another process
+        if proc.poll() is None:
+            proc.kill()
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["tokens"] == want
+    print(f"longest token gap with host C cut off mid-stream: {result['max_gap_s'] * 1000:.0f} ms")
+    # healed: C's worker serves again within its lease TTL + 1 s (its lease may have lapsed
+    # while it was cut off); a poller on host B reads the registry every 50 ms from the heal on
+    poll = f"""
+import sys, time
+from eaas.registry import Registry
+reg = Registry.from_url({env["EAAS_REDIS_URL"]!r}, {env["EAAS_PREFIX"]!r}, 1.0)
+t0 = float(sys.argv[1])
+while time.time() - t0 < 60:
+    try:
+        if any(w.id == "w{C}" and w.state.value == "ready" for w in reg.workers()):
+            print(time.time() - t0)
+            break
+    except Exception:
+        pass
+    time.sleep(0.05)
+"""
+    out = hosts.run(B, [sys.executable, "-c", poll, repr(t_heal_wall)], env=env, timeout_s=90)
+    assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
+    took = float(out.stdout.strip())
+    ttl = float(env["EAAS_LEASE_TTL_S"])
+    print(f"host C's worker listed ready {took:.2f} s after healing (lease TTL {ttl:g} s)")
+    assert took <= ttl + 1, took
