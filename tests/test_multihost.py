@@ -188,3 +188,56 @@ while time.time() - t0 < 60:
     ttl = float(env["EAAS_LEASE_TTL_S"])
     print(f"host C's worker listed ready {took:.2f} s after healing (lease TTL {ttl:g} s)")
     assert took <= ttl + 1, took
+
+
+def test_redis_host_cut_off_serving_goes_on_and_recovers(cluster, reference) -> None:  # type: ignore[no-untyped-def]
+    """Cut Redis's host off: completions stay exact on the routing table the gateway holds (no
+    hang), /readyz says the registry is unreachable; heal it: the registry is reachable again,
+    the workers' leases are back (new incarnations where they lapsed), completions stay exact."""
+    hosts, env, ckpt, _ = cluster
+    want = reference(PROMPT, 24)
+    body = {"model": ckpt.name, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    hosts.cut(A)
+    try:
+        status = lambda: http(hosts, B, "/readyz", timeout_s=10)["body"]["detail"]["registry"]  # noqa: E731
+        wait_for(lambda: not status()["reachable"], 30, interval_s=0.2, what="/readyz: registry unreachable")
+        t0 = time.monotonic()
+        r = http(hosts, B, "/v1/completions", body, timeout_s=60)
+        took = time.monotonic() - t0
+        assert r["status"] == 200 and r["body"]["choices"][0]["token_ids"] == want, r
+        print(f"completion with Redis's host cut off: {took:.2f} s (the workers' leases lapse meanwhile)")
+        assert not status()["reachable"]
+    finally:
+        hosts.heal(A)
+    wait_for(lambda: http(hosts, B, "/readyz", timeout_s=10)["body"]["detail"]["registry"]["reachable"], 30,
+             interval_s=0.2, what="/readyz: registry reachable again")
+    out = wait_for(lambda: (o := hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"],
+                                           env=env)).returncode == 0
+                   and {w["id"] for w in json.loads(o.stdout) if w["state"] == "ready"} == {f"w{h}" for h in (B, C, D)}
+                   and o, 30, interval_s=0.2, what="every worker's lease back")
+    assert out
+    r = http(hosts, B, "/v1/completions", body, timeout_s=60)
+    assert r["status"] == 200 and r["body"]["choices"][0]["token_ids"] == want, r
+
+
+def test_gateway_cut_off_from_one_worker_only_fails_over_without_a_hang(cluster, reference) -> None:  # type: ignore[no-untyped-def]
+    """Asymmetric partition: B (gateway) and D cannot reach each other, while D still renews its
+    lease with Redis on A. Nothing but the client's own timeouts can tell: calls fail over to
+    B's and C's workers; completions stay exact; D is routed around, not waited for."""
+    hosts, env, ckpt, _ = cluster
+    want = reference(PROMPT, 24)
+    body = {"model": ckpt.name, "prompt": PROMPT, "max_tokens": 24, "temperature": 0, "ignore_eos": True}
+    hosts.cut_between(B, D)
+    try:
+        times = []
+        for _ in range(3):
+            t0 = time.monotonic()
+            r = http(hosts, B, "/v1/completions", body, timeout_s=90)
+            times.append(time.monotonic() - t0)
+            assert r["status"] == 200 and r["body"]["choices"][0]["token_ids"] == want, r
+        workers = json.loads(hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"],
+                                       env=env).stdout)
+        assert any(w["id"] == f"w{D}" and w["state"] == "ready" for w in workers)  # D's lease lives on
+        print("completions with B and D cut off from each other: " + ", ".join(f"{t:.2f} s" for t in times))
+    finally:
+        hosts.heal_between(B, D)

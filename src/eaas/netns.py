@@ -10,7 +10,9 @@ made can be reached from them. Loopback addresses on a veth need
 of on the wire).
 
 A command runs "on" a host through ``ip netns exec`` (:meth:`Hosts.popen`); a host is cut
-off, and healed, by taking its bridge port down and up (:meth:`Hosts.cut`, :meth:`Hosts.heal`).
+off, and healed, by taking its bridge port down and up (:meth:`Hosts.cut`, :meth:`Hosts.heal`);
+two hosts are cut off from each other only by isolating their two bridge ports
+(:meth:`Hosts.cut_between`).
 Everything is removed on exit, also after a failed test; namespaces an earlier run left
 behind (its pid, in the names, is dead) are removed when the next one starts
 (:func:`sweep_stale`). Making namespaces needs root (``CAP_SYS_ADMIN``): :func:`unavailable`
@@ -147,6 +149,20 @@ class Hosts:
     def heal(self, i: int) -> None:
         """Join host ``i`` again (its bridge port comes back up)."""
         _ip("-n", self.bridge_ns, "link", "set", f"port{i}", "up")
+
+    def cut_between(self, i: int, j: int) -> None:
+        """Cut hosts ``i`` and ``j`` off from each other only (an asymmetric partition: both
+        still reach every other host). Their bridge ports become *isolated*, and isolated ports
+        do not forward to one another, so one such pair at a time."""
+        for k in (i, j):
+            subprocess.run(["bridge", "-n", self.bridge_ns, "link", "set", "dev", f"port{k}", "isolated", "on"],
+                           check=True, capture_output=True, timeout=30)
+
+    def heal_between(self, i: int, j: int) -> None:
+        """Undo :meth:`cut_between`."""
+        for k in (i, j):
+            subprocess.run(["bridge", "-n", self.bridge_ns, "link", "set", "dev", f"port{k}", "isolated", "off"],
+                           check=True, capture_output=True, timeout=30)
 
     def close(self) -> None:
         """Kill what :meth:`popen` started and delete every namespace made (idempotent)."""

@@ -61,7 +61,9 @@ def eaas_hooks(client: Any) -> dict[str, Any]:
     def readiness() -> tuple[bool, dict[str, Any]]:
         missing = client.missing_functions()
         return (not missing, {"model": client.model, "functions_without_replica": len(missing), "examples": missing[:5],
-                              "transports": client.transports()})  # worker id -> its pair's data plane
+                              "transports": client.transports(),  # worker id -> its pair's data plane
+                              # unreachable: serving goes on with the routing table last read
+                              "registry": client.routing.registry_status()})
 
     def invoke(function_id: str, x: Any, cancelled: Any = None) -> Any:
         if not function_id.startswith(client.model + "/"):

@@ -45,6 +45,8 @@ class RoutingView:
         self._missing_since: dict[str, float] = {}  # function id -> first seen with no replica (monotonic)
         self._refresh_now = threading.Event()
         self._stop = threading.Event()
+        self._registry_error: str | None = None  # the watch's last failure, until a pass succeeds
+        self._failing_since: float | None = None  # monotonic
         self.refresh()
         self._thread = threading.Thread(target=self._watch, name=f"eaas-routing-{model}", daemon=True)
         self._thread.start()
@@ -72,6 +74,7 @@ class RoutingView:
         while not self._stop.is_set():
             try:
                 for ev in self.registry.events(timeout_s=0.1, stop=self._stop):
+                    self._registry_error = self._failing_since = None  # the registry answered
                     now = time.monotonic()
                     due = now - last_full >= self.refresh_s
                     if ev is not None or due or self._refresh_now.is_set():
@@ -81,11 +84,25 @@ class RoutingView:
                             last_full = now
                         self.refresh()
             except EaaSError as e:
+                self._failed(str(e))
                 log.warning("client %s: routing watch failed (%s); retrying", self.model, e)
                 self._stop.wait(0.5)
-            except Exception:  # noqa: BLE001 - the watch thread never dies of one bad pass
+            except Exception as e:  # noqa: BLE001 - the watch thread never dies of one bad pass
+                self._failed(repr(e))
                 log.exception("client %s: routing watch failed; retrying", self.model)
                 self._stop.wait(0.5)
+
+    def _failed(self, error: str) -> None:
+        self._registry_error = error
+        if self._failing_since is None:
+            self._failing_since = time.monotonic()
+
+    def registry_status(self) -> dict[str, Any]:
+        """``{"reachable", "error", "unreachable_for_s"}``: whether the watch's last pass reached
+        the registry. While it does not, calls keep routing with the table last read."""
+        since = self._failing_since
+        return {"reachable": self._registry_error is None, "error": self._registry_error,
+                "unreachable_for_s": None if since is None else round(time.monotonic() - since, 3)}
 
     # --- reads ---------------------------------------------------------------------
 
