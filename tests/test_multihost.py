@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from eaas import netns
+from eaas.platform.curve import generate_keys
 from eaas.registry.server import find_redis_server
 from eaas.testing import wait_for
 
@@ -57,11 +58,12 @@ def http(hosts: netns.Hosts, host: int, path: str, body: dict | None = None, tim
 def cluster(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
     ckpt = tiny_checkpoint("mixtral")
     logs = tmp_path_factory.mktemp("multihost")
+    keys = generate_keys(logs / "keys")  # CURVE on every worker socket, as across real hosts
     with netns.Hosts(4) as hosts:
         redis_url = f"redis://{hosts.addr(A)}:6379/0"
         env = {**os.environ, "EAAS_REDIS_URL": redis_url, "EAAS_PREFIX": f"mh{uuid.uuid4().hex[:8]}",
                "EAAS_STATE_DIR": str(logs / "state"), "EAAS_CACHE_DIR": str(logs / "cache"),
-               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "EAAS_LEASE_TTL_S": "2",
+               "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "EAAS_LEASE_TTL_S": "2", "EAAS_CURVE_KEYS_DIR": str(keys),
                "UCX_NET_DEVICES": "eth0"}  # NIXL's UCX: the hosts' one NIC (not lo, which every host has)
 
         def start(host: int, name: str, argv: list[str], **extra: str) -> subprocess.Popen:
@@ -241,3 +243,30 @@ def test_gateway_cut_off_from_one_worker_only_fails_over_without_a_hang(cluster,
         print("completions with B and D cut off from each other: " + ", ".join(f"{t:.2f} s" for t in times))
     finally:
         hosts.heal_between(B, D)
+
+
+def test_a_client_without_the_key_on_another_host_gets_no_answer(cluster, reference) -> None:  # type: ignore[no-untyped-def]
+    """From host A, a ping to the worker on host C: answered with the deployment's keys, never
+    without them (no CURVE, or a stranger's keys); the worker keeps serving."""
+    hosts, env, ckpt, logs = cluster
+    endpoint = next(w["endpoint"] for w in json.loads(hosts.run(
+        B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"], env=env).stdout) if w["id"] == f"w{C}")
+    ping = """
+import sys, zmq
+from eaas.platform.curve import connect_curve, load_keys
+from eaas.platform.protocol import Header, encode_header
+sock = zmq.Context.instance().socket(zmq.DEALER)
+sock.setsockopt(zmq.LINGER, 0)
+if sys.argv[2] != "-":
+    connect_curve(sock, load_keys(sys.argv[2]))
+sock.connect(sys.argv[1])
+sock.send(encode_header(Header(kind="ping", id="p")))
+print("answered" if sock.poll(3000) else "silent")
+"""
+    stranger = generate_keys(logs / "stranger")
+    got = {name: hosts.run(A, [sys.executable, "-c", ping, endpoint, d], env=env).stdout.strip()
+           for name, d in (("keys", str(env["EAAS_CURVE_KEYS_DIR"])), ("none", "-"), ("stranger", str(stranger)))}
+    assert got == {"keys": "answered", "none": "silent", "stranger": "silent"}, got
+    r = http(hosts, B, "/v1/completions", {"model": ckpt.name, "prompt": PROMPT, "max_tokens": 8, "temperature": 0,
+                                         "ignore_eos": True})
+    assert r["status"] == 200 and r["body"]["choices"][0]["token_ids"] == reference(PROMPT, 8)

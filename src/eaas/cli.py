@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from eaas.commands import autoscaler, bench, checkpoint, gateway, redis_cmd, registry, up, worker
+from eaas.commands import autoscaler, bench, checkpoint, gateway, keys, redis_cmd, registry, up, worker
 from eaas.commands.common import setup_logging
 
 app = typer.Typer(
@@ -41,6 +41,7 @@ app.command("autoscaler")(autoscaler.autoscaler)
 app.add_typer(bench.app, name="bench")
 app.command("gateway")(gateway.gateway)
 app.add_typer(checkpoint.app, name="checkpoint")
+app.command("keys")(keys.keys)
 
 
 def main() -> None:  # pragma: no cover - entry point

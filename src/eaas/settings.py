@@ -71,6 +71,9 @@ class Settings(BaseSettings):
     # --- wire / data plane ---
     transport: TransportName = Field("auto", description="data-plane transport")
     bind_host: str = Field("127.0.0.1", description="address workers bind (loopback by default)")
+    curve_keys_dir: Path | None = Field(
+        None, description="the deployment's CURVE key directory (`eaas keys DIR`): workers serve CURVE only and "
+        "admit the client keys in DIR/authorized; clients pin DIR/server.key. Required to bind beyond loopback")
     advertise_host: str | None = Field(None, description="address workers advertise (default: bind)")
     max_message_bytes: int = Field(1 << 30, gt=0, description="largest tensor payload accepted")
     max_batch_tokens: int = Field(8192, gt=0, description="worker continuous-batching cap (rows)")

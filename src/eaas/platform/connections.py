@@ -17,6 +17,7 @@ from typing import Any
 import zmq
 
 from eaas.errors import EaaSError, ProtocolError, TransportError
+from eaas.platform.curve import connect_curve, load_keys
 from eaas.platform.protocol import Header, encode_header
 from eaas.platform.decode import decode_header
 from eaas.platform.transport.select import local_capabilities, make_client_channel, select_transport
@@ -55,6 +56,8 @@ class Connections:
         self._caps: dict[str, dict] = {}  # device -> local_capabilities(device)
         self._ctx = zmq.Context.instance()
         self._conns: dict[str, Conn] = {}
+        # CURVE: pin the workers' public key and present ours (eaas.platform.curve)
+        self._curve = load_keys(settings.curve_keys_dir) if settings.curve_keys_dir else None
 
     def __contains__(self, wid: str) -> bool:
         return wid in self._conns
@@ -90,6 +93,8 @@ class Connections:
         sock = self._ctx.socket(zmq.DEALER)
         sock.setsockopt(zmq.LINGER, 0)
         sock.setsockopt(zmq.IMMEDIATE, 1)
+        if self._curve is not None:
+            connect_curve(sock, self._curve)
         monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED)
         sock.connect(worker.endpoint)
         name = "inline"

@@ -36,6 +36,7 @@ import torch
 import zmq
 
 from eaas.errors import EaaSError, ExpertComputeError, ProtocolError, RegistryError
+from eaas.platform.curve import load_keys, require_keys_beyond_loopback, serve_curve
 from eaas.platform.lease import LeaseBoard, start_keeper
 from eaas.platform.mailroom import Mailroom
 from eaas.platform.outbox import ReplyOutbox
@@ -123,6 +124,11 @@ class ExpertWorker:
                                  Waiter(settings.spin_floor_us / 1e6, settings.spin_cap_us / 1e6), self.id,
                                  self._queue_invoke)
         addr = bind or f"tcp://{settings.bind_host}:0"
+        keys = load_keys(settings.curve_keys_dir) if settings.curve_keys_dir else None
+        require_keys_beyond_loopback(addr, keys)
+        if keys is not None:
+            serve_curve(self._sock, keys)  # before bind: every connection then needs the handshake
+        self.curve = keys is not None
         if addr.startswith("tcp://") and addr.endswith(":0"):
             port = self._sock.bind_to_random_port(addr[: -len(":0")])
             bound = f"{addr[: -len(':0')]}:{port}"
