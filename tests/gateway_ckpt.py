@@ -74,3 +74,21 @@ def gateway_process(checkpoint: Path, *extra_args: str, name: str | None = "tiny
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
                 proc.kill()
+
+
+def greedy_reference(checkpoint: Path):  # type: ignore[no-untyped-def]
+    """``generate(prompt, n) -> n token ids``: transformers' own greedy continuation of ``prompt``
+    on ``checkpoint``, monolithically, exactly ``n`` tokens (EOS not honoured)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(checkpoint)
+    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+
+    def generate(prompt: str, n: int) -> list[int]:
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
+        return out[0, ids.shape[1]:].tolist()
+
+    return generate

@@ -16,7 +16,7 @@ import time
 import uuid
 
 import pytest
-import torch
+from gateway_ckpt import greedy_reference
 
 from eaas import netns
 from eaas.platform.curve import generate_keys
@@ -88,19 +88,7 @@ def cluster(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def reference(cluster):  # type: ignore[no-untyped-def]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    _, _, ckpt, _ = cluster
-    tok = AutoTokenizer.from_pretrained(ckpt)
-    model = AutoModelForCausalLM.from_pretrained(ckpt).eval()
-
-    def generate(prompt: str, n: int) -> list[int]:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-        return out[0, ids.shape[1]:].tolist()
-
-    return generate
+    return greedy_reference(cluster[2])
 
 
 def test_cross_host_serving_is_exact_and_picks_the_right_transport_per_pair(cluster, reference) -> None:  # type: ignore[no-untyped-def]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-import torch
+from gateway_ckpt import greedy_reference
 from prometheus_client.parser import text_string_to_metric_families
 
 from eaas.registry import Registry
@@ -71,18 +71,7 @@ def up(tmp_path_factory) -> Iterator[Up]:  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="module")
 def reference(up: Up):  # type: ignore[no-untyped-def]
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(up.checkpoint)
-    model = AutoModelForCausalLM.from_pretrained(up.checkpoint).eval()
-
-    def generate(prompt: str, n: int) -> list[int]:
-        ids = tok(prompt, return_tensors="pt").input_ids
-        with torch.no_grad():
-            out = model.generate(ids, max_new_tokens=n, do_sample=False, min_new_tokens=n)
-        return out[0, ids.shape[1]:].tolist()
-
-    return generate
+    return greedy_reference(up.checkpoint)
 
 
 def _complete(up: Up, **body: object) -> dict:
