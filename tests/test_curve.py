@@ -17,7 +17,7 @@ import zmq
 
 from eaas.errors import EaaSError, NoReplicaAvailable
 from eaas.platform.client import ExpertClient
-from eaas.platform.curve import generate_keys, is_loopback_bind, load_keys, require_keys_beyond_loopback
+from eaas.platform.curve import ensure_keys, generate_keys, is_loopback_bind, load_keys, require_keys_beyond_loopback
 from eaas.settings import get_settings
 from eaas.testing import wait_workers_ready
 
@@ -37,6 +37,8 @@ def test_what_counts_as_binding_beyond_loopback(address, loopback) -> None:
 
 
 def test_key_directory_is_made_once_with_private_secrets(tmp_path) -> None:
+    assert ensure_keys(None) is False  # no directory set: nothing to make
+    assert ensure_keys(tmp_path / "keys") is True and ensure_keys(tmp_path / "keys") is False  # eaas up / worker
     d = generate_keys(tmp_path / "keys")
     first = load_keys(d)
     assert generate_keys(d) == d and load_keys(d) == first  # idempotent: the keys stay

@@ -51,6 +51,10 @@ def up(
     """
     settings = get_settings(host=host, port=port, torch_threads=torch_threads, engine=engine)
     _check_port_free(settings.host, settings.port)
+    from eaas.platform.curve import ensure_keys
+
+    if ensure_keys(settings.curve_keys_dir):  # its workers and its gateway then share them
+        err_console.print(f"made CURVE keys in {settings.curve_keys_dir}", highlight=False)
     if not settings.redis_url:
         from eaas.registry.server import find_redis_server
 

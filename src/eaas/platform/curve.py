@@ -1,7 +1,8 @@
 """Authenticated, encrypted worker sockets across hosts: ZeroMQ CURVE (RFC 26 / CurveZMQ).
 
 One key directory per deployment (``EAAS_CURVE_KEYS_DIR``), in pyzmq's certificate format
-(``zmq.auth``), made by :func:`generate_keys` (``eaas keys DIR``):
+(``zmq.auth``), made by :func:`generate_keys` (``eaas keys DIR``; ``eaas up`` and ``eaas worker``
+make it when the directory they are pointed at has no server key yet):
 
 - ``server.key_secret`` / ``server.key``: the workers' key pair (every worker of the
   deployment serves with it; clients need only its public half, ``server.key``);
@@ -81,6 +82,18 @@ def generate_keys(directory: str | Path) -> Path:
     if not (d / AUTHORIZED / f"{CLIENT}.key").exists():
         shutil.copy(d / f"{CLIENT}.key", d / AUTHORIZED / f"{CLIENT}.key")
     return d
+
+
+def ensure_keys(directory: str | Path | None) -> bool:
+    """Make the key directory when ``directory`` is set and holds no server key yet (what
+    ``eaas up`` and ``eaas worker`` do at start-up); True when it made one."""
+    if directory is None:
+        return False
+    d = Path(directory)
+    if (d / f"{SERVER}.key_secret").exists() or (d / f"{SERVER}.key").exists():
+        return False
+    generate_keys(d)
+    return True
 
 
 def load_keys(directory: str | Path) -> CurveKeys:
