@@ -17,7 +17,14 @@ import zmq
 
 from eaas.errors import EaaSError, NoReplicaAvailable
 from eaas.platform.client import ExpertClient
-from eaas.platform.curve import ensure_keys, generate_keys, is_loopback_bind, load_keys, require_keys_beyond_loopback
+from eaas.platform.curve import (
+    ensure_keys,
+    generate_keys,
+    is_loopback_bind,
+    load_keys,
+    require_keys_beyond_loopback,
+    worker_bind_address,
+)
 from eaas.settings import get_settings
 from eaas.testing import wait_workers_ready
 
@@ -34,6 +41,12 @@ def test_what_counts_as_binding_beyond_loopback(address, loopback) -> None:
     if not loopback:
         with pytest.raises(EaaSError, match="EAAS_CURVE_KEYS_DIR"):
             require_keys_beyond_loopback(address, None)
+
+
+def test_worker_bind_addresses() -> None:
+    assert worker_bind_address(None, "127.0.0.1") == "tcp://127.0.0.1:0"
+    assert worker_bind_address(None, "::") == "tcp://[::]:0" and not is_loopback_bind("tcp://[::]:0")
+    assert worker_bind_address("ipc:///tmp/w.sock", "10.0.0.1") == "ipc:///tmp/w.sock"
 
 
 def test_key_directory_is_made_once_with_private_secrets(tmp_path) -> None:

@@ -91,6 +91,7 @@ def test_engine_matches_generate_for_every_request(tiny_checkpoint, arch, slidin
     if engine != "padded":
         assert runner._engine.rows == [] and runner._engine.cache.bytes_written > 0
         assert (runner._engine.overlapped_steps > 0) is microbatch
+        assert (runner.health(60)[1]["microbatch_steps"] > 0) is microbatch  # /healthz shows it
 
 
 def test_a_decode_step_copies_nothing_that_grows_with_context(tiny_checkpoint):

@@ -8,12 +8,12 @@ from eaas.commands.common import cli_errors, console
 
 
 @cli_errors
-def keys(directory: str = typer.Argument(..., help="key directory to make (existing keys are kept)")) -> None:
+def keys(directory: str = typer.Argument(..., metavar="DIR", help="key directory to make (existing keys are kept)")) -> None:
     """Make the CURVE keys that authenticate and encrypt worker sockets across hosts.
 
-    DIR gets the workers' key pair (server.key_secret), a client key pair (client.key_secret)
-    and authorized/ (client public keys workers accept). Point EAAS_CURVE_KEYS_DIR at it on
-    every worker and client; give clients a copy without server.key_secret.
+    DIR gets server.key and server.key_secret (the workers' pair), client.key and client.key_secret (a client pair) and authorized/ (the client public keys workers accept).
+
+    Point EAAS_CURVE_KEYS_DIR at it on every worker and client; give client hosts a copy without server.key_secret.
     """
     from eaas.platform.curve import generate_keys
 

@@ -31,14 +31,18 @@ def worker(
     import torch
 
     from eaas.functions import load_shard
-    from eaas.platform.curve import ensure_keys
+    from eaas.platform.curve import ensure_keys, load_keys, require_keys_beyond_loopback, worker_bind_address
     from eaas.platform.shards import parse_shard_spec
     from eaas.platform.worker import ExpertWorker
     from eaas.registry.deployment import connect_registry
 
     settings = get_settings(device=device, torch_threads=torch_threads, advertise_host=advertise_host)
     if ensure_keys(settings.curve_keys_dir):
-        err_console.print(f"made CURVE keys in {settings.curve_keys_dir} (copy them to the clients)", highlight=False)
+        err_console.print(f"made NEW CURVE keys in {settings.curve_keys_dir}: clients need its server.key and "
+                          "client.key_secret", highlight=False)
+    # refuse a bind beyond loopback without keys now, before connecting and loading anything
+    require_keys_beyond_loopback(worker_bind_address(bind, settings.bind_host),
+                                 load_keys(settings.curve_keys_dir) if settings.curve_keys_dir else None)
     torch.set_num_threads(settings.torch_threads)
     registry = connect_registry(settings, f"worker {worker_id or model}")
     spec = registry.model(model)

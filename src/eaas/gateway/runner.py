@@ -179,7 +179,9 @@ class ModelRunner:
         alive = self.alive
         stuck = alive and since_s > stuck_after_s
         detail = {"alive": alive, "stuck": stuck, "since_last_step_s": round(since_s, 3), "engine": self.engine,
-                  "running": len(self._running), "waiting": len(self._waiting), "step_failures": self.step_failures}
+                  "running": len(self._running), "waiting": len(self._waiting), "step_failures": self.step_failures,
+                  # decode steps run as two overlapped micro-batches (EAAS_MICROBATCH_MIN_BATCH; slots engine)
+                  "microbatch_steps": getattr(self._engine, "overlapped_steps", 0)}
         return alive and not stuck, detail
 
     # --- API (any thread) -------------------------------------------------------------

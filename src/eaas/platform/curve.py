@@ -132,6 +132,13 @@ def is_loopback_bind(address: str) -> bool:
         return False  # a name or an interface (tcp://eth0:5555, tcp://*:5555): beyond loopback
 
 
+def worker_bind_address(bind: str | None, bind_host: str) -> str:
+    """The ZeroMQ address a worker binds: ``bind``, else ``tcp://{bind_host}:0`` (IPv6 in brackets)."""
+    if bind:
+        return bind
+    return f"tcp://[{bind_host}]:0" if ":" in bind_host else f"tcp://{bind_host}:0"
+
+
 def require_keys_beyond_loopback(address: str, keys: CurveKeys | None) -> None:
     """Refuse a worker bind outside loopback without CURVE keys.
 

@@ -36,7 +36,7 @@ import torch
 import zmq
 
 from eaas.errors import EaaSError, ExpertComputeError, ProtocolError, RegistryError
-from eaas.platform.curve import load_keys, require_keys_beyond_loopback, serve_curve
+from eaas.platform.curve import load_keys, require_keys_beyond_loopback, serve_curve, worker_bind_address
 from eaas.platform.lease import LeaseBoard, start_keeper
 from eaas.platform.mailroom import Mailroom
 from eaas.platform.outbox import ReplyOutbox
@@ -123,7 +123,7 @@ class ExpertWorker:
         self.mailroom = Mailroom(self._sock, self.endpoint_io, self.outbox,
                                  Waiter(settings.spin_floor_us / 1e6, settings.spin_cap_us / 1e6), self.id,
                                  self._queue_invoke)
-        addr = bind or f"tcp://{settings.bind_host}:0"
+        addr = worker_bind_address(bind, settings.bind_host)
         keys = load_keys(settings.curve_keys_dir) if settings.curve_keys_dir else None
         require_keys_beyond_loopback(addr, keys)
         if keys is not None:
