@@ -54,6 +54,13 @@ def http(hosts: netns.Hosts, host: int, path: str, body: dict | None = None, tim
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
+def workers_json(hosts: netns.Hosts, env: dict) -> list[dict]:
+    """``eaas registry workers --json``, run on host B."""
+    out = hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"], env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
 @pytest.fixture(scope="module")
 def cluster(tiny_checkpoint, tmp_path_factory):  # type: ignore[no-untyped-def]
     ckpt = tiny_checkpoint("mixtral")
@@ -100,9 +107,7 @@ def test_cross_host_serving_is_exact_and_picks_the_right_transport_per_pair(clus
         assert r["status"] == 200, r
         assert r["body"]["choices"][0]["token_ids"] == want
     # workers advertise the address they are reachable at, on their own host
-    out = hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"], env=env)
-    assert out.returncode == 0, out.stderr
-    endpoints = {w["id"]: w["endpoint"] for w in json.loads(out.stdout)}
+    endpoints = {w["id"]: w["endpoint"] for w in workers_json(hosts, env)}
     assert {wid: ep.rsplit(":", 1)[0] for wid, ep in endpoints.items()} == {
         f"w{h}": f"tcp://{hosts.addr(h)}" for h in (B, C, D)}
     # the data plane per pair: shared memory with the worker on the gateway's host, a
@@ -161,16 +166,17 @@ print(json.dumps({"tokens": tokens, "max_gap_s": max(gaps or [0])}), flush=True)
     poll = f"""
 import sys, time
 from eaas.registry import Registry
+from eaas.testing import wait_for
 reg = Registry.from_url({env["EAAS_REDIS_URL"]!r}, {env["EAAS_PREFIX"]!r}, 1.0)
-t0 = float(sys.argv[1])
-while time.time() - t0 < 60:
+
+def ready():
     try:
-        if any(w.id == "w{C}" and w.state.value == "ready" for w in reg.workers()):
-            print(time.time() - t0)
-            break
+        return any(w.id == "w{C}" and w.state.value == "ready" for w in reg.workers())
     except Exception:
-        pass
-    time.sleep(0.05)
+        return False
+
+wait_for(ready, 60, interval_s=0.05, what="w{C} ready")
+print(time.time() - float(sys.argv[1]))
 """
     out = hosts.run(B, [sys.executable, "-c", poll, repr(t_heal_wall)], env=env, timeout_s=90)
     assert out.returncode == 0 and out.stdout.strip(), out.stderr[-2000:]
@@ -201,11 +207,8 @@ def test_redis_host_cut_off_serving_goes_on_and_recovers(cluster, reference) -> 
         hosts.heal(A)
     wait_for(lambda: http(hosts, B, "/readyz", timeout_s=10)["body"]["detail"]["registry"]["reachable"], 30,
              interval_s=0.2, what="/readyz: registry reachable again")
-    out = wait_for(lambda: (o := hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"],
-                                           env=env)).returncode == 0
-                   and {w["id"] for w in json.loads(o.stdout) if w["state"] == "ready"} == {f"w{h}" for h in (B, C, D)}
-                   and o, 30, interval_s=0.2, what="every worker's lease back")
-    assert out
+    wait_for(lambda: {w["id"] for w in workers_json(hosts, env) if w["state"] == "ready"} == {f"w{h}" for h in (B, C, D)},
+             30, interval_s=0.2, what="every worker's lease back")
     r = http(hosts, B, "/v1/completions", body, timeout_s=60)
     assert r["status"] == 200 and r["body"]["choices"][0]["token_ids"] == want, r
 
@@ -225,9 +228,7 @@ def test_gateway_cut_off_from_one_worker_only_fails_over_without_a_hang(cluster,
             r = http(hosts, B, "/v1/completions", body, timeout_s=90)
             times.append(time.monotonic() - t0)
             assert r["status"] == 200 and r["body"]["choices"][0]["token_ids"] == want, r
-        workers = json.loads(hosts.run(B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"],
-                                       env=env).stdout)
-        assert any(w["id"] == f"w{D}" and w["state"] == "ready" for w in workers)  # D's lease lives on
+        assert any(w["id"] == f"w{D}" and w["state"] == "ready" for w in workers_json(hosts, env))  # D's lease lives on
         print("completions with B and D cut off from each other: " + ", ".join(f"{t:.2f} s" for t in times))
     finally:
         hosts.heal_between(B, D)
@@ -237,8 +238,7 @@ def test_a_client_without_the_key_on_another_host_gets_no_answer(cluster, refere
     """From host A, a ping to the worker on host C: answered with the deployment's keys, never
     without them (no CURVE, or a stranger's keys); the worker keeps serving."""
     hosts, env, ckpt, logs = cluster
-    endpoint = next(w["endpoint"] for w in json.loads(hosts.run(
-        B, [sys.executable, "-m", "eaas.cli", "registry", "workers", "--json"], env=env).stdout) if w["id"] == f"w{C}")
+    endpoint = next(w["endpoint"] for w in workers_json(hosts, env) if w["id"] == f"w{C}")
     ping = """
 import sys, zmq
 from eaas.platform.curve import connect_curve, load_keys

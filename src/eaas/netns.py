@@ -154,14 +154,15 @@ class Hosts:
         """Cut hosts ``i`` and ``j`` off from each other only (an asymmetric partition: both
         still reach every other host). Their bridge ports become *isolated*, and isolated ports
         do not forward to one another, so one such pair at a time."""
-        for k in (i, j):
-            subprocess.run(["bridge", "-n", self.bridge_ns, "link", "set", "dev", f"port{k}", "isolated", "on"],
-                           check=True, capture_output=True, timeout=30)
+        self._isolate((i, j), "on")
 
     def heal_between(self, i: int, j: int) -> None:
         """Undo :meth:`cut_between`."""
-        for k in (i, j):
-            subprocess.run(["bridge", "-n", self.bridge_ns, "link", "set", "dev", f"port{k}", "isolated", "off"],
+        self._isolate((i, j), "off")
+
+    def _isolate(self, hosts: Sequence[int], state: str) -> None:
+        for k in hosts:
+            subprocess.run(["bridge", "-n", self.bridge_ns, "link", "set", "dev", f"port{k}", "isolated", state],
                            check=True, capture_output=True, timeout=30)
 
     def close(self) -> None:

@@ -189,10 +189,3 @@ def connect_curve(sock: zmq.Socket, keys: CurveKeys) -> None:
     sock.curve_publickey = keys.client_public
     sock.curve_secretkey = keys.client_secret
 
-
-def stop_authenticators() -> None:
-    """Stop every ZAP authenticator thread this process started (before its context terminates)."""
-    with _auth_lock:
-        for auth in _authenticators.values():
-            auth.stop()
-        _authenticators.clear()
