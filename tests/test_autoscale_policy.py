@@ -16,6 +16,7 @@ from eaas.platform.autoscale import (
     WorkerState,
     decide,
 )
+from eaas.platform.autoscale.policy import balancedness, choose_hot_functions, plan_hot_workers
 
 SHARD = "shard-0"
 BASE = AutoscalerConfig(
@@ -127,30 +128,56 @@ def test_busy_fraction_signal():
     assert decision.desired[SHARD] == 8
 
 
-def _hot_snapshot(now_s, hot_rate, n_ready=4):
-    funcs = [FunctionMetrics(f"m/0/{e}", SHARD, 100.0) for e in range(8)]
-    funcs[3] = FunctionMetrics("m/0/3", SHARD, hot_rate)
-    return MetricsSnapshot(now_s, tuple(workers(n_ready, 4.0, BASE, now_s)), tuple(funcs))
+def _skewed_snapshot(now_s, rate_a, rate_b, n_ready=2):
+    """Two shards of 4 functions with ``n_ready`` workers each; shard A's function 3 takes most of A's tokens."""
+    ws = [WorkerMetrics(f"{s}{i}", s, WorkerState.READY, now_s) for s in ("A", "B") for i in range(n_ready)]
+    funcs = [FunctionMetrics(f"m/0/{e}", "A", rate_a * (0.7 if e == 3 else 0.1)) for e in range(4)]
+    funcs += [FunctionMetrics(f"m/0/{e}", "B", rate_b / 4) for e in range(4, 8)]
+    return MetricsSnapshot(now_s, tuple(ws), tuple(funcs))
 
 
-@pytest.mark.parametrize("hot_rate, expect", [(100.0, {}), (300.0, {}), (5000.0, {"m/0/3": 2})])
-def test_hot_expert_extra_replicas(hot_rate, expect):
-    config = dataclasses.replace(BASE, upscale_delay_s=0, max_hot_replicas=2, hot_expert_factor=4.0)
-    decision, state = decide(_hot_snapshot(0.0, hot_rate), config, PolicyState())
-    assert decision.hot_extra == expect
-    assert decision.desired[SHARD] == 4
-    assert decision.total_replicas == 4 + sum(expect.values())
+def test_balancedness_is_mean_over_max():
+    assert balancedness([300, 300, 100, 100]) == pytest.approx(200 / 300)
+    assert balancedness([5, 5, 5]) == 1.0
+    assert balancedness([]) == 1.0 and balancedness([0, 0]) == 1.0
 
 
-def test_hot_expert_extras_removed_after_downscale_delay():
-    config = dataclasses.replace(BASE, upscale_delay_s=0, downscale_delay_s=30)
-    d, state = decide(_hot_snapshot(0.0, 5000.0), config, PolicyState())
-    assert d.hot_extra
-    for t in range(1, 30):
-        d, state = decide(_hot_snapshot(float(t), 100.0), config, state)
-        assert d.hot_extra, t
-    d, state = decide(_hot_snapshot(31.0, 100.0), config, state)
-    assert d.hot_extra == {} and state.hot == {}
+def test_plan_hot_workers_relieves_the_hot_shard_until_balanced():
+    plan = {"A": 600.0, "B": 200.0}
+    kw = dict(target=0.9, min_gain=0.03, max_per_shard=2)
+    # 300,300,100,100 (0.67) -> +1 on A: 200x3,100x2 (0.80) -> +1 on A: 150x4,100x2 (0.89)
+    assert plan_hot_workers(plan, {"A": 2, "B": 2}, **kw) == {"A": 2}
+    assert plan_hot_workers(plan, {"A": 2, "B": 2}, **{**kw, "max_per_shard": 1}) == {"A": 1}
+    assert plan_hot_workers({"A": 200.0, "B": 200.0}, {"A": 2, "B": 2}, **kw) == {}
+    assert plan_hot_workers({"A": 230.0, "B": 200.0}, {"A": 2, "B": 2}, **kw) == {}  # 0.87: one more makes it worse
+    assert plan_hot_workers(plan, {"A": 2, "B": 2}, **{**kw, "target": 0.6}) == {}
+
+
+def test_choose_hot_functions_hottest_first_with_hysteresis():
+    rates = {"m/0/0": 10.0, "m/0/1": 30.0, "m/0/2": 50.0, "m/0/3": 10.0}
+    assert choose_hot_functions(rates, 40.0) == ("m/0/2",)  # 50 >= 1.25 * 40
+    assert choose_hot_functions(rates, 60.0) == ("m/0/2", "m/0/1")
+    assert choose_hot_functions(rates, 35.0, previous=("m/0/1", "m/0/3")) == ("m/0/1", "m/0/3")  # still carries 40
+    assert choose_hot_functions(rates, 35.0, previous=("m/0/0", "m/0/3")) == ("m/0/2",)  # 20 no longer does
+    assert choose_hot_functions(rates, 0.0) == ()
+
+
+def test_hot_workers_follow_the_skew_through_the_delays():
+    config = dataclasses.replace(BASE, upscale_delay_s=5, downscale_delay_s=30, max_hot_replicas=2)
+    d, state = decide(_skewed_snapshot(0.0, 600.0, 200.0), config, PolicyState())
+    assert d.hot == {} and d.balancedness == pytest.approx(200 / 300)
+    for t in range(1, 5):
+        d, state = decide(_skewed_snapshot(float(t), 600.0, 200.0), config, state)
+        assert d.hot == {}, t  # the upscale delay
+    d, state = decide(_skewed_snapshot(5.0, 600.0, 200.0), config, state)
+    assert d.hot["A"].replicas == 2 and d.hot["A"].functions == ("m/0/3",)  # 420 tokens/s >= 1.25 * 300
+    assert d.hot_extra == {"m/0/3": 2}
+    assert d.total_replicas == 2 + 2 + 2
+    for t in range(6, 35):  # the skew is gone: the hot workers stay for the downscale delay
+        d, state = decide(_skewed_snapshot(float(t), 200.0, 200.0), config, state)
+        assert d.hot["A"].replicas == 2, t
+    d, state = decide(_skewed_snapshot(36.0, 200.0, 200.0), config, state)
+    assert d.hot == {} and state.hot == {} and state.hot_sets == {}
 
 
 def test_decide_is_pure():

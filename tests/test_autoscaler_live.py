@@ -186,3 +186,97 @@ def test_a_fresh_autoscaler_waits_for_a_full_window_before_scaling_down(registry
         desired.append(scaler.desired_replicas()["shard-0"])
     first_down = next(i for i, n in enumerate(desired) if n < 3)
     assert first_down == 17, desired  # 10 s after the pool last changed (second 7), not 10 s after start
+
+
+# hot-expert workers only: the shards stay at one worker each, every delay short
+HOT = AutoscalerConfig(min_replicas=1, max_replicas=1, upscale_delay_s=0.5, downscale_delay_s=1.5, look_back_s=0.0,
+                       metrics_stale_s=3.0, max_hot_replicas=1, balance_target=0.9)  # fmt: skip
+
+
+class _HotLoad:
+    """One client thread invoking one expert function in a loop (switchable), outputs checked against transformers."""
+
+    def __init__(self, registry, model: str, experts, fid: str) -> None:  # type: ignore[no-untyped-def]
+        self.fid = fid
+        self.calls = 0
+        self.failures: list[str] = []
+        self.stop = threading.Event()
+        self._experts = experts  # transformers' experts module of layer 1
+        self._client = ExpertClient(registry, model, get_settings(redis_url="unused", prefix=registry.prefix))
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        g = torch.Generator().manual_seed(0)
+        while not self.stop.is_set():
+            fid = self.fid
+            expert = int(fid.rsplit("/", 1)[1])
+            x = torch.randn(16, 64, generator=g)
+            try:
+                y = self._client.invoke(fid, x)
+                idx = torch.full((16, 1), expert)
+                with torch.no_grad():
+                    ref = self._experts(x, idx, torch.ones(16, 1))
+                err = (y - ref).abs().max().item()
+                if err > 1e-5:
+                    self.failures.append(f"{fid}: max error {err}")
+            except Exception as e:  # noqa: BLE001 - counted, the test asserts there are none
+                self.failures.append(repr(e))
+                continue
+            self.calls += 1
+
+    def __enter__(self) -> "_HotLoad":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.stop.set()
+        self._thread.join(timeout=30)
+        self._client.close()
+
+
+def test_a_hot_expert_gains_a_worker_and_loses_it_when_the_load_moves(registry, registered, tiny_checkpoint, eaas_env, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Skewed load on one expert of shard-0: a hot-expert worker hosting it starts and takes rows;
+    the load moves to shard-1: a worker for the new hot expert starts and the old one drains."""
+    from transformers import AutoModelForCausalLM
+
+    model = registered("mixtral")
+    experts = AutoModelForCausalLM.from_pretrained(tiny_checkpoint("mixtral")).eval().model.layers[1].mlp.experts
+    pool = LocalPool(registry, env=eaas_env, log_dir=tmp_path / "logs")
+    hot_a, hot_b = f"{model}/1/2", f"{model}/1/6"
+
+    def hot_workers() -> dict[str, list[WorkerRecord]]:
+        out: dict[str, list[WorkerRecord]] = {}
+        for w in _ready(registry, model):
+            if w.shard_name.startswith("hot-"):
+                out.setdefault(w.shard_name, []).append(w)
+        return out
+
+    scaler = Autoscaler(registry, model, HOT, pool=pool, shards={"shard-0": "*:0-3", "shard-1": "*:4-7"}, tick_s=0.25)
+    stop, thread = _run(scaler)
+    try:
+        wait_for(lambda: len(_ready(registry, model)) == 2, timeout_s=60, what="one worker per shard")
+        with _HotLoad(registry, model, experts, hot_a) as load:
+            first = wait_for(lambda: hot_workers() or None, timeout_s=60, what="a hot-expert worker for shard-0")
+            (name_a, [worker_a]), = first.items()
+            assert name_a.startswith("hot-shard-0.") and hot_a in worker_a.shard
+            assert all(f.startswith(f"{model}/") and int(f.rsplit("/", 1)[1]) < 4 for f in worker_a.shard)
+            wait_for(lambda: registry.worker(worker_a.id).function_tokens.get(hot_a, 0) > 0, timeout_s=30,
+                     what="the hot-expert worker serving rows of the hot expert")
+
+            load.fid = hot_b  # the skew moves to shard-1
+            moved = wait_for(lambda: {n: ws for n, ws in hot_workers().items() if n != name_a} or None,
+                             timeout_s=60, what="a hot-expert worker following the load to shard-1")
+            (name_b, [worker_b]), = moved.items()
+            assert name_b.startswith("hot-shard-1.") and hot_b in worker_b.shard
+            wait_for(lambda: registry.worker(worker_b.id).function_tokens.get(hot_b, 0) > 0, timeout_s=30,
+                     what="the new hot-expert worker serving rows")
+            calls = load.calls
+            wait_for(lambda: load.calls > calls + 5, timeout_s=20, what="calls after the move")
+            wait_for(lambda: worker_a.id not in {w.id for w in registry.workers(model)}, timeout_s=30,
+                     what="the old hot-expert worker drained and gone")
+        assert load.failures == []
+        assert any(worker_a.id in r.drained for r in scaler.history)  # drained, not killed
+    finally:
+        stop.set()
+        thread.join(timeout=10)
+        pool.stop_all(timeout_s=20)

@@ -40,7 +40,7 @@ import torch
 from eaas.errors import Cancelled, EaaSError
 from eaas.functions.spec import function_id
 from eaas.platform.connections import Connections
-from eaas.platform.dispatch import combine, plan_layer
+from eaas.platform.dispatch import RecentTokens, combine, plan_layer
 from eaas.platform.inflight import CallEnv, ClientStats, Item, LayerCall
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
@@ -93,6 +93,7 @@ class ExpertClient:
         self.transport = transport or self.settings.transport
         self.stats = ClientStats()
         self._rng = random.Random(seed)
+        self._recent = RecentTokens()  # rows sent per worker lately, shared by the lanes
         self._stop = threading.Event()
         self._ids = itertools.count()
         self._id_prefix = f"{os.getpid():x}.{random.getrandbits(24):06x}."
@@ -110,7 +111,7 @@ class ExpertClient:
     def _new_lane(self) -> CallEnv:
         lane = CallEnv(self.model, self.settings, self.routing, Connections(self.model, self.settings, self.transport),
                        self.suspects, Waiter(self.settings.spin_floor_us / 1e6, self.settings.spin_cap_us / 1e6),
-                       self._rng, self.stats, self._stop, self._next_request_id, self._metrics)
+                       self._rng, self.stats, self._stop, self._next_request_id, self._metrics, self._recent)
         self._lanes.append(lane)
         return lane
 

@@ -13,6 +13,7 @@ monolithic one whenever the workers return the same ``f_e(x)``.
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -194,6 +195,39 @@ def combine(
         else:
             out.index_add_(0, tokens.to(dev), cur.index_select(0, rows.to(dev)))
     return out
+
+
+class RecentTokens:
+    """Rows sent to each worker lately: a count that halves every ``half_life_s`` seconds.
+
+    The replica choice adds it to the outstanding rows, so that with nothing in
+    flight (light load, where outstanding counts are 0 and every choice a tie) the
+    worker that served least lately gets the next rows. A hot expert's rows thus
+    spread over its replicas by each replica's whole load, which is how an extra
+    worker hosting only hot experts takes its share (the policy side is
+    :func:`eaas.platform.autoscale.policy.plan_hot_workers`). Time is passed in
+    (monotonic seconds). Updates from several threads may lose an increment now
+    and then; the count only steers a choice.
+    """
+
+    __slots__ = ("half_life_s", "_values")
+
+    def __init__(self, half_life_s: float = 1.0) -> None:
+        if half_life_s <= 0:
+            raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
+        self.half_life_s = half_life_s
+        self._values: dict[str, tuple[float, float]] = {}  # worker id -> (count, at)
+
+    def get(self, wid: str, now: float) -> float:
+        """The decayed count of ``wid`` at ``now`` (rows)."""
+        v = self._values.get(wid)
+        if v is None:
+            return 0.0
+        return v[0] * math.exp2(-(now - v[1]) / self.half_life_s)
+
+    def add(self, wid: str, rows: int, now: float) -> None:
+        """Count ``rows`` more sent to ``wid`` at ``now``."""
+        self._values[wid] = (self.get(wid, now) + rows, now)
 
 
 def choose_replica(

@@ -29,7 +29,7 @@ import zmq
 from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
 from eaas.platform.decode import decode_header
-from eaas.platform.dispatch import choose_replica
+from eaas.platform.dispatch import RecentTokens, choose_replica
 from eaas.platform.protocol import RETRYABLE_CODES, now_ms, recv_frames, send_frames
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
@@ -64,6 +64,7 @@ class CallEnv:
             ``record_failover(n, model)`` sink.
         stop: set when the client closes (cuts waits short).
         next_request_id: a fresh request id per call.
+        recent: rows sent to each worker lately (shared by the lanes; steers replica choice).
     """
 
     model: str
@@ -77,6 +78,7 @@ class CallEnv:
     stop: threading.Event
     next_request_id: Callable[[], str]
     metrics: Any = None
+    recent: RecentTokens = field(default_factory=RecentTokens)
 
 
 @dataclass(slots=True)
@@ -195,7 +197,10 @@ class LayerCall:
         now = time.monotonic()
         for it in self.pending:
             reps = table.get(it.fid, [])
-            base = {w.id: self.load[w.id] + w.queue_tokens for w in reps}
+            if len(reps) == 1:
+                base = {}
+            else:
+                base = {w.id: self.load[w.id] + w.queue_tokens + c.recent.get(w.id, now) for w in reps}
             ids = [w.id for w in reps]
             healthy = [w for w in ids if not c.suspects.suspect(w, now)]
             wid = choose_replica(healthy, base, c.rng, it.tried) or choose_replica(ids, base, c.rng, it.tried)
@@ -203,6 +208,7 @@ class LayerCall:
                 unplaced.append(it)
                 continue
             self.load[wid] += it.rows.numel()
+            c.recent.add(wid, it.rows.numel(), now)
             by_worker.setdefault(wid, []).append(it)
             workers[wid] = next(w for w in reps if w.id == wid)
         for wid, its in by_worker.items():

@@ -52,9 +52,13 @@ class AutoscalerConfig:
         panic_threshold: ratio of the instantaneous load to the ready replicas at
             or above which the shard scales up at once, skipping delay and
             smoothing (Knative's panic mode; 2.0 = twice what it can serve).
-        hot_expert_factor: a function whose token rate is above this factor times
-            its shard's mean function rate is *hot* and gets extra replicas.
-        max_hot_replicas: most extra replicas one hot function gets.
+        balance_target: balancedness (mean / max tokens per worker, vLLM EPLB's
+            metric) below which hot-expert workers are added (0-1].
+        min_balance_gain: least rise of the predicted balancedness that one more
+            hot-expert worker must bring.
+        hot_headroom: a hot-expert worker hosts functions carrying this many times
+            the tokens it should take over (room for the replica choice).
+        max_hot_replicas: most hot-expert workers per shard (0: never).
         metrics_stale_s: a worker whose last heartbeat is older than this is not
             counted, neither its load nor as capacity.
     """
@@ -69,7 +73,9 @@ class AutoscalerConfig:
     downscale_smoothing_factor: float = 1.0
     look_back_s: float = 10.0
     panic_threshold: float = 2.0
-    hot_expert_factor: float = 4.0
+    balance_target: float = 0.9
+    min_balance_gain: float = 0.03
+    hot_headroom: float = 1.25
     max_hot_replicas: int = 2
     metrics_stale_s: float = 3.0
 
@@ -91,7 +97,9 @@ class AutoscalerConfig:
             value = getattr(self, name)
             need(0.0 < value <= 1.0, f"{name}={value!r} must be in (0, 1]")
         need(self.panic_threshold > 1.0, f"panic_threshold={self.panic_threshold!r} must be > 1")
-        need(self.hot_expert_factor > 1.0, f"hot_expert_factor={self.hot_expert_factor!r} must be > 1")
+        need(0.0 < self.balance_target <= 1.0, f"balance_target={self.balance_target!r} must be in (0, 1]")
+        need(0.0 < self.min_balance_gain < 1.0, f"min_balance_gain={self.min_balance_gain!r} must be in (0, 1)")
+        need(self.hot_headroom >= 1.0, f"hot_headroom={self.hot_headroom!r} must be >= 1")
         need(self.max_hot_replicas >= 0, f"max_hot_replicas={self.max_hot_replicas!r} must be >= 0")
         need(self.metrics_stale_s > 0, f"metrics_stale_s={self.metrics_stale_s!r} must be > 0")
         need(not (self.downscale_delay_s < self.look_back_s),

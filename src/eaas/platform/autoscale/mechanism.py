@@ -11,9 +11,10 @@ module does the I/O around it, once per tick:
 3. **Apply** (unless publish-only, ``pool=None``) — per shard, start workers up
    to the desired count, or drain the surplus: first workers still loading
    (they serve nothing yet), then the least loaded ready ones. Draining never
-   loses a request: the worker finishes its queue before it exits. Hot
-   experts get extra workers (shard ``hot-{layer}-{expert}``) hosting just that
-   function.
+   loses a request: the worker finishes its queue before it exits. A shard
+   the policy relieves gets hot-expert workers (shard ``hot-{home}.{digest}``)
+   hosting just its hottest functions; when the hot set moves, workers for the
+   new set start and the old ones drain (no request lost, none stalled).
 
 Every change is logged with the policy's reason and exported as Prometheus
 metrics (``eaas_desired_replicas{shard}``, ``eaas_actual_replicas{shard,state}``,
@@ -24,6 +25,7 @@ pool it finds in the registry (the policy state starts at the current size).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -65,10 +67,21 @@ def spec_from_functions(function_ids: list[str] | tuple[str, ...]) -> str:
     return ";".join(f"{l}:{','.join(map(str, sorted(es)))}" for l, es in sorted(by_layer.items()))
 
 
-def hot_shard(function_id: str) -> tuple[str, str]:
-    """(shard name, SPEC) of the extra worker for a hot function ``{model}/{layer}/{expert}``."""
-    _, layer, expert = parse_function_id(function_id)
-    return f"{HOT_PREFIX}{layer}-{expert}", f"{layer}:{expert}"
+def hot_shard(home: str, function_ids: tuple[str, ...] | list[str]) -> tuple[str, str]:
+    """(shard name, SPEC) of the hot-expert workers relieving shard ``home`` with these functions.
+
+    The name carries a digest of the function set: a new set is a new shard (its
+    workers start, the old set's drain).
+    """
+    digest = hashlib.sha1("\n".join(sorted(function_ids)).encode()).hexdigest()[:8]
+    return f"{HOT_PREFIX}{home}.{digest}", spec_from_functions(function_ids)
+
+
+def hot_home(shard_name: str) -> str | None:
+    """The shard a hot-expert shard relieves (``None`` for an ordinary shard)."""
+    if not shard_name.startswith(HOT_PREFIX):
+        return None
+    return shard_name[len(HOT_PREFIX):].rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,14 +192,22 @@ class Autoscaler:
         return cur
 
     def snapshot(self, members: list[PoolMember] | None = None) -> MetricsSnapshot:
-        """The policy's view now: shard workers (hot workers excluded) and function token rates."""
+        """The policy's view now: shard workers (hot-expert workers excluded) and function token
+        rates, each counted for its home shard wherever it was served."""
         now_s = self.clock()
         members = self._members() if members is None else members
         workers: list[WorkerMetrics] = []
         func_rates: dict[tuple[str, str], float] = {}
         live = set()
         for m in members:
-            if m.shard_name.startswith(HOT_PREFIX) or not m.shard_name:
+            home = hot_home(m.shard_name)
+            if home is not None:
+                if m.record is not None:
+                    live.add(m.worker_id)
+                    for fid, rate in self._rates(m.record).function_rates.items():
+                        func_rates[(fid, home)] = func_rates.get((fid, home), 0.0) + rate
+                continue
+            if not m.shard_name:
                 continue
             if m.shard_name not in self.shards and m.record is not None:
                 self.shards[m.shard_name] = spec_from_functions(m.record.shard)
@@ -223,9 +244,9 @@ class Autoscaler:
         self._h_policy.observe(policy_s)
         desired = dict(decision.desired)
         hot_specs: dict[str, str] = {}
-        for fid, n in decision.hot_extra.items():
-            name, spec = hot_shard(fid)
-            desired[name] = n
+        for home, hw in decision.hot.items():
+            name, spec = hot_shard(home, hw.functions)
+            desired[name] = hw.replicas
             hot_specs[name] = spec
         for m in members:  # hot shards the policy no longer wants go to 0
             if m.shard_name.startswith(HOT_PREFIX):

@@ -21,11 +21,16 @@ Per shard, each tick (Ray Serve's control loop, with Knative's panic mode):
    has passed since the last change: an oscillating load changes a shard at
    most once per delay window (no flapping).
 
-Hot experts: a function whose token rate exceeds ``hot_expert_factor`` times
-its shard's mean function rate gets ``ceil(load * excess_share)`` extra
-replicas (at least 1, at most ``max_hot_replicas``), where ``excess_share`` is
-the share of the shard's tokens it takes above an average function. Extra
-replicas go through the same delays.
+Hot experts (EPLB's goal, balancedness = mean / max tokens per worker, reached by
+adding workers instead of moving experts): a shard whose functions draw more tokens
+per worker than the pool's mean is relieved by extra workers that host only its
+hottest functions. :func:`plan_hot_workers` adds one at a time to the shard with
+the highest tokens per worker while the predicted balancedness is below
+``balance_target`` and each addition raises it by ``min_balance_gain`` or more
+(at most ``max_hot_replicas`` per shard). Each such worker hosts the shard's
+hottest functions until they carry ``hot_headroom`` times the share it should take
+(:func:`choose_hot_functions`); the set is kept while it still carries that share
+without headroom, so noise does not churn workers. Counts go through the same delays.
 """
 
 from __future__ import annotations
@@ -149,6 +154,7 @@ class PolicyState:
 
     shards: Mapping[str, ShardState] = field(default_factory=dict)
     hot: Mapping[str, TargetState] = field(default_factory=dict)
+    hot_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,23 +162,34 @@ class Decision:
     """What the mechanism should make true.
 
     Attributes:
-        desired: replicas per shard (hot extras not included).
-        hot_extra: extra replicas per hot function id (only functions with > 0).
+        desired: replicas per shard (hot-expert workers not included).
+        hot: per home shard with hot-expert workers, what they host and how many.
         reasons: one human-readable line per shard.
         load: the smoothed load per shard, replica-equivalents (for metrics/plots).
         panic: shards that scaled in panic mode at this tick.
+        balancedness: measured mean / max tokens per worker (``None``: no token rates).
     """
 
     desired: dict[str, int]
-    hot_extra: dict[str, int]
+    hot: dict[str, "HotWorkers"]
     reasons: dict[str, str]
     load: dict[str, float] = field(default_factory=dict)
     panic: frozenset[str] = frozenset()
+    balancedness: float | None = None
 
     @property
     def total_replicas(self) -> int:
-        """Workers the decision asks for, hot extras included."""
-        return sum(self.desired.values()) + sum(self.hot_extra.values())
+        """Workers the decision asks for, hot-expert workers included."""
+        return sum(self.desired.values()) + sum(h.replicas for h in self.hot.values())
+
+    @property
+    def hot_extra(self) -> dict[str, int]:
+        """Extra replicas per hot function id (a function on several hot workers counts each)."""
+        out: dict[str, int] = {}
+        for h in self.hot.values():
+            for fid in h.functions:
+                out[fid] = out.get(fid, 0) + h.replicas
+        return out
 
 
 def _clamp(n: int, config: AutoscalerConfig) -> int:
@@ -278,49 +295,153 @@ def decide(
         reasons[shard] = f"{shard}: {note}"
         new_shards[shard] = ShardState(ts, ema, ema_at_s, window_since_s, len(ready))
 
-    hot_extra, new_hot = _decide_hot(snapshot, config, state, loads, desired, reasons)
-    decision = Decision(desired, hot_extra, reasons, loads, frozenset(panic))
-    return decision, PolicyState(new_shards, new_hot)
+    hot, new_hot, new_sets, balance = _decide_hot(snapshot, config, state, reasons)
+    decision = Decision(desired, hot, reasons, loads, frozenset(panic), balance)
+    return decision, PolicyState(new_shards, new_hot, new_sets)
+
+
+@dataclass(frozen=True, slots=True)
+class HotWorkers:
+    """Extra workers that relieve one shard by hosting its hottest functions.
+
+    Attributes:
+        home: the shard whose functions they host.
+        functions: the function ids they host, hottest first.
+        replicas: how many such workers.
+    """
+
+    home: str
+    functions: tuple[str, ...]
+    replicas: int
+
+
+def balancedness(loads: list[float]) -> float:
+    """Mean / max of per-worker loads (vLLM EPLB's ``balancedness``); 1.0 when all idle or none."""
+    top = max(loads, default=0.0)
+    return sum(loads) / len(loads) / top if top > 0 else 1.0
+
+
+def plan_hot_workers(shard_rates: Mapping[str, float], shard_workers: Mapping[str, int], *,
+                     target: float, min_gain: float, max_per_shard: int) -> dict[str, int]:
+    """How many hot-expert workers each shard gets (greedy, one at a time).
+
+    A shard's tokens are assumed spread evenly over its ``n`` workers plus its ``h``
+    hot workers (the client's replica choice balances them, see
+    :func:`eaas.platform.dispatch.choose_replica`), so its per-worker load is
+    ``rate / (n + h)``. While ``balancedness`` over all workers is below ``target``,
+    one more worker goes to the shard with the highest per-worker load if that raises
+    the balancedness by at least ``min_gain``.
+
+    Args:
+        shard_rates: tokens/s per shard (summed over its functions, wherever served).
+        shard_workers: ready workers per shard (hot workers not included).
+        target: balancedness above which nothing is added (0-1).
+        min_gain: least improvement one more worker must bring.
+        max_per_shard: most hot workers one shard gets.
+
+    Returns:
+        Shard -> hot workers (only shards with > 0).
+    """
+    shards = [s for s in sorted(shard_rates) if shard_workers.get(s, 0) > 0]
+    hot = {s: 0 for s in shards}
+
+    def loads(h: Mapping[str, int]) -> list[float]:
+        out: list[float] = []
+        for s in shards:
+            n = shard_workers[s] + h[s]
+            out += [shard_rates[s] / n] * n
+        return out
+
+    current = balancedness(loads(hot))
+    while current < target:
+        candidates = [s for s in shards if hot[s] < max_per_shard]
+        if not candidates:
+            break
+        top = max(candidates, key=lambda s: (shard_rates[s] / (shard_workers[s] + hot[s]), s))
+        trial = {**hot, top: hot[top] + 1}
+        better = balancedness(loads(trial))
+        if better < current + min_gain:
+            break
+        hot, current = trial, better
+    return {s: h for s, h in hot.items() if h > 0}
+
+
+def choose_hot_functions(rates: Mapping[str, float], share: float, previous: tuple[str, ...] = (),
+                         headroom: float = 1.25) -> tuple[str, ...]:
+    """The functions a shard's hot workers host: the hottest ones, until they carry ``share``.
+
+    Args:
+        rates: tokens/s per function of the shard.
+        share: tokens/s the hot workers should take over.
+        previous: the set chosen before; kept while it still carries ``share``
+            (hysteresis: rates wobble, worker starts are not free).
+        headroom: a new set carries ``headroom * share``, so the replica choice has
+            room to balance.
+
+    Returns:
+        Function ids, hottest first (ties by id); empty when ``share <= 0``.
+    """
+    if share <= 0:
+        return ()
+    if previous and sum(rates.get(f, 0.0) for f in previous) >= share:
+        return previous
+    chosen: list[str] = []
+    carried = 0.0
+    for fid in sorted(rates, key=lambda f: (-rates[f], f)):
+        if carried >= headroom * share or rates[fid] <= 0:
+            break
+        chosen.append(fid)
+        carried += rates[fid]
+    return tuple(chosen)
 
 
 def _decide_hot(
     snapshot: MetricsSnapshot,
     config: AutoscalerConfig,
     state: PolicyState,
-    loads: dict[str, float],
-    desired: dict[str, int],
     reasons: dict[str, str],
-) -> tuple[dict[str, int], dict[str, TargetState]]:
-    """Extra replicas for functions far above their shard's mean token rate."""
-    by_shard: dict[str, list[FunctionMetrics]] = {}
+) -> tuple[dict[str, HotWorkers], dict[str, TargetState], dict[str, tuple[str, ...]], float | None]:
+    """Hot-expert workers per shard (see the module docstring)."""
+    now_s = snapshot.now_s
+    rates: dict[str, dict[str, float]] = {}
     for f in snapshot.functions:
-        by_shard.setdefault(f.shard, []).append(f)
+        rates.setdefault(f.shard, {})[f.function_id] = max(f.tokens_per_s, 0.0)
+    ready: dict[str, int] = {}
+    for w in snapshot.workers:
+        if w.state is WorkerState.READY and now_s - w.heartbeat_at_s <= config.metrics_stale_s:
+            ready[w.shard] = ready.get(w.shard, 0) + 1
+    shard_rates = {s: 0.0 for s in ready}  # an idle shard's workers count too
+    shard_rates.update({s: sum(r.values()) for s, r in rates.items()})
+    measured: float | None = None
     wants: dict[str, int] = {}
-    for shard, funcs in by_shard.items():
-        total = sum(max(f.tokens_per_s, 0.0) for f in funcs)
-        if total <= 0 or config.max_hot_replicas == 0:
-            continue
-        mean = total / len(funcs)
-        load = loads.get(shard, float(desired.get(shard, config.min_replicas)))
-        for f in funcs:
-            if f.tokens_per_s > config.hot_expert_factor * mean:
-                excess_share = (f.tokens_per_s - mean) / total
-                wants[f.function_id] = max(1, min(config.max_hot_replicas, math.ceil(load * excess_share - 1e-9)))
-    hot_extra: dict[str, int] = {}
+    if config.max_hot_replicas > 0 and sum(shard_rates.values()) > 0:
+        loads = []
+        for s, rate in shard_rates.items():
+            n = ready.get(s, 0) + (state.hot[s].replicas if s in state.hot else 0)
+            loads += [rate / n] * n if n else []
+        measured = balancedness(loads)
+        wants = plan_hot_workers(shard_rates, ready, target=config.balance_target,
+                                 min_gain=config.min_balance_gain, max_per_shard=config.max_hot_replicas)
+    hot: dict[str, HotWorkers] = {}
     new_hot: dict[str, TargetState] = {}
-    for fid in sorted(set(wants) | set(state.hot)):
-        ts = state.hot.get(fid, TargetState(0))
-        ts, note = _step_target(ts, wants.get(fid, 0), snapshot.now_s, config)
+    new_sets: dict[str, tuple[str, ...]] = {}
+    for shard in sorted(set(wants) | set(state.hot)):
+        ts = state.hot.get(shard, TargetState(0))
+        ts, note = _step_target(ts, wants.get(shard, 0), now_s, config)
         if ts.replicas > 0 or ts.pending:
-            new_hot[fid] = ts
+            new_hot[shard] = ts
         if ts.replicas > 0:
-            hot_extra[fid] = ts.replicas
-        if fid in wants or ts.replicas > 0:
-            shard = next((f.shard for f in snapshot.functions if f.function_id == fid), None)
-            if shard in reasons:
-                reasons[shard] += f"; hot {fid}: +{ts.replicas} ({note})"
-    return hot_extra, new_hot
-
+            n = ready.get(shard, 0)
+            share = shard_rates.get(shard, 0.0) * ts.replicas / max(1, n + ts.replicas)
+            functions = choose_hot_functions(rates.get(shard, {}), share, state.hot_sets.get(shard, ()),
+                                             config.hot_headroom) or state.hot_sets.get(shard, ())
+            if functions:
+                new_sets[shard] = functions
+                hot[shard] = HotWorkers(shard, functions, ts.replicas)
+        if shard in reasons:
+            funcs = ",".join(f.rsplit("/", 2)[-2] + "/" + f.rsplit("/", 1)[-1] for f in new_sets.get(shard, ()))
+            reasons[shard] += f"; hot workers {ts.replicas} ({note}){' hosting ' + funcs if funcs else ''}"
+    return hot, new_hot, new_sets, measured
 
 
 @dataclass(frozen=True, slots=True)

@@ -256,7 +256,7 @@ def simulate(trace: Trace, config: AutoscalerConfig, sim: SimConfig, *, static: 
             panics += len(decision.panic)
             load = sum(decision.load.values())
             for s, name in enumerate(shard_names):
-                extra = sum(n for fid, n in decision.hot_extra.items() if fn_shard[fn_names.index(fid)] == name)
+                extra = decision.hot[name].replicas if name in decision.hot else 0
                 target = decision.desired[name] + extra
                 have = len(pool.live(s))
                 if target > have:
