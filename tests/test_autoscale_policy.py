@@ -16,7 +16,7 @@ from eaas.platform.autoscale import (
     WorkerState,
     decide,
 )
-from eaas.platform.autoscale.policy import balancedness, choose_hot_functions, plan_hot_workers
+from eaas.platform.autoscale.policy import balancedness, layer_balancedness, plan_extra_replicas, predicted_loads
 
 SHARD = "shard-0"
 BASE = AutoscalerConfig(
@@ -128,56 +128,69 @@ def test_busy_fraction_signal():
     assert decision.desired[SHARD] == 8
 
 
-def _skewed_snapshot(now_s, rate_a, rate_b, n_ready=2):
-    """Two shards of 4 functions with ``n_ready`` workers each; shard A's function 3 takes most of A's tokens."""
-    ws = [WorkerMetrics(f"{s}{i}", s, WorkerState.READY, now_s) for s in ("A", "B") for i in range(n_ready)]
-    funcs = [FunctionMetrics(f"m/0/{e}", "A", rate_a * (0.7 if e == 3 else 0.1)) for e in range(4)]
-    funcs += [FunctionMetrics(f"m/0/{e}", "B", rate_b / 4) for e in range(4, 8)]
-    return MetricsSnapshot(now_s, tuple(ws), tuple(funcs))
+def _skewed_snapshot(now_s, hot_fid, extras=None):  # type: ignore[no-untyped-def]
+    """Two workers, A hosting experts 0-3 and B 4-7 of layer 0; 600 tokens/s on ``hot_fid``, 100 on the rest.
+
+    ``extras``: worker -> extra function ids it already hosts (and serves an even share of)."""
+    extras = extras or {}
+    hosts = {"A": {f"m/0/{e}" for e in range(4)} | set(extras.get("A", ())),
+             "B": {f"m/0/{e}" for e in range(4, 8)} | set(extras.get("B", ()))}
+    rate = {f"m/0/{e}": (600.0 if f"m/0/{e}" == hot_fid else 100.0) for e in range(8)}
+    n = {f: sum(f in h for h in hosts.values()) for f in rate}
+    ws = tuple(WorkerMetrics(w, f"s{w}", WorkerState.READY, now_s, functions=frozenset(h),
+                             function_rates={f: rate[f] / n[f] for f in h}) for w, h in sorted(hosts.items()))
+    return MetricsSnapshot(now_s, ws)
 
 
-def test_balancedness_is_mean_over_max():
+def test_balancedness_is_eplbs_sum_of_means_over_sum_of_maxes():
     assert balancedness([300, 300, 100, 100]) == pytest.approx(200 / 300)
-    assert balancedness([5, 5, 5]) == 1.0
     assert balancedness([]) == 1.0 and balancedness([0, 0]) == 1.0
+    # layer 0: 300 / 100 (mean 200, max 300); layer 1: 50 / 50
+    assert layer_balancedness({0: {"A": 300.0, "B": 100.0}, 1: {"A": 50.0, "B": 50.0}}) == pytest.approx(250 / 350)
+    assert layer_balancedness({}) == 1.0
 
 
-def test_plan_hot_workers_relieves_the_hot_shard_until_balanced():
-    plan = {"A": 600.0, "B": 200.0}
-    kw = dict(target=0.9, min_gain=0.03, max_per_shard=2)
-    # 300,300,100,100 (0.67) -> +1 on A: 200x3,100x2 (0.80) -> +1 on A: 150x4,100x2 (0.89)
-    assert plan_hot_workers(plan, {"A": 2, "B": 2}, **kw) == {"A": 2}
-    assert plan_hot_workers(plan, {"A": 2, "B": 2}, **{**kw, "max_per_shard": 1}) == {"A": 1}
-    assert plan_hot_workers({"A": 200.0, "B": 200.0}, {"A": 2, "B": 2}, **kw) == {}
-    assert plan_hot_workers({"A": 230.0, "B": 200.0}, {"A": 2, "B": 2}, **kw) == {}  # 0.87: one more makes it worse
-    assert plan_hot_workers(plan, {"A": 2, "B": 2}, **{**kw, "target": 0.6}) == {}
+def test_predicted_loads_split_each_function_evenly_over_its_hosts():
+    loads = predicted_loads({"m/0/0": 90.0, "m/1/0": 10.0}, {"A": frozenset({"m/0/0", "m/1/0"}), "B": frozenset({"m/0/0"}),
+                                                              "C": frozenset({"m/0/0"})})
+    assert loads == {0: {"A": 30.0, "B": 30.0, "C": 30.0}, 1: {"A": 10.0}}
 
 
-def test_choose_hot_functions_hottest_first_with_hysteresis():
-    rates = {"m/0/0": 10.0, "m/0/1": 30.0, "m/0/2": 50.0, "m/0/3": 10.0}
-    assert choose_hot_functions(rates, 40.0) == ("m/0/2",)  # 50 >= 1.25 * 40
-    assert choose_hot_functions(rates, 60.0) == ("m/0/2", "m/0/1")
-    assert choose_hot_functions(rates, 35.0, previous=("m/0/1", "m/0/3")) == ("m/0/1", "m/0/3")  # still carries 40
-    assert choose_hot_functions(rates, 35.0, previous=("m/0/0", "m/0/3")) == ("m/0/2",)  # 20 no longer does
-    assert choose_hot_functions(rates, 0.0) == ()
+def test_plan_extra_replicas_puts_the_hot_expert_on_the_cold_worker():
+    rates = {f"m/0/{e}": (600.0 if e == 1 else 100.0) for e in range(8)}
+    base = {"A": frozenset(f"m/0/{e}" for e in range(4)), "B": frozenset(f"m/0/{e}" for e in range(4, 8))}
+    kw = dict(target=0.95, min_gain=0.02, max_per_worker=8, max_per_function=2)
+    # before: A 900, B 400 (0.72); m/0/1 on B too: A 600, B 700 (0.93) -- the hot expert, on the cold worker;
+    # then m/0/4 on A: 650 / 650 (1.0)
+    plan = plan_extra_replicas(rates, base, **kw)
+    assert plan == {"B": frozenset({"m/0/1"}), "A": frozenset({"m/0/4"})}
+    loads = predicted_loads(rates, {w: base[w] | plan.get(w, frozenset()) for w in base})
+    assert layer_balancedness(loads) == pytest.approx(1.0)
+    assert plan_extra_replicas(rates, base, **{**kw, "max_per_function": 0}) == {}
+    assert plan_extra_replicas(rates, base, **{**kw, "target": 0.7}) == {}  # already above the target
+    uniform = {f: 100.0 for f in rates}
+    assert plan_extra_replicas(uniform, base, **kw) == {}
 
 
-def test_hot_workers_follow_the_skew_through_the_delays():
-    config = dataclasses.replace(BASE, upscale_delay_s=5, downscale_delay_s=30, max_hot_replicas=2)
-    d, state = decide(_skewed_snapshot(0.0, 600.0, 200.0), config, PolicyState())
-    assert d.hot == {} and d.balancedness == pytest.approx(200 / 300)
+def test_extra_replicas_follow_the_skew_through_the_delays():
+    config = dataclasses.replace(BASE, upscale_delay_s=5, downscale_delay_s=30, max_hot_replicas=2, balance_target=0.95)
+    d, state = decide(_skewed_snapshot(0.0, "m/0/1"), config, PolicyState())
+    assert d.extras == {} and d.balancedness == pytest.approx((1300 / 2) / 900)
     for t in range(1, 5):
-        d, state = decide(_skewed_snapshot(float(t), 600.0, 200.0), config, state)
-        assert d.hot == {}, t  # the upscale delay
-    d, state = decide(_skewed_snapshot(5.0, 600.0, 200.0), config, state)
-    assert d.hot["A"].replicas == 2 and d.hot["A"].functions == ("m/0/3",)  # 420 tokens/s >= 1.25 * 300
-    assert d.hot_extra == {"m/0/3": 2}
-    assert d.total_replicas == 2 + 2 + 2
-    for t in range(6, 35):  # the skew is gone: the hot workers stay for the downscale delay
-        d, state = decide(_skewed_snapshot(float(t), 200.0, 200.0), config, state)
-        assert d.hot["A"].replicas == 2, t
-    d, state = decide(_skewed_snapshot(36.0, 200.0, 200.0), config, state)
-    assert d.hot == {} and state.hot == {} and state.hot_sets == {}
+        d, state = decide(_skewed_snapshot(float(t), "m/0/1"), config, state)
+        assert d.extras == {}, t  # the upscale delay
+    d, state = decide(_skewed_snapshot(5.0, "m/0/1"), config, state)
+    assert "m/0/1" in d.extras["B"] and d.hot_extra["m/0/1"] == 1
+    applied = {w: set(f) for w, f in d.extras.items()}
+    for t in range(6, 9):  # served as planned: the plan holds
+        d, state = decide(_skewed_snapshot(float(t), "m/0/1", applied), config, state)
+        assert {w: set(f) for w, f in d.extras.items()} == applied, t
+    # the load moves to m/0/6 (on B): after the upscale delay the extras follow it to A
+    for t in range(9, 14):
+        d, state = decide(_skewed_snapshot(float(t), "m/0/6", applied), config, state)
+        assert {w: set(f) for w, f in d.extras.items()} == applied, t
+    d, state = decide(_skewed_snapshot(14.0, "m/0/6", applied), config, state)
+    assert "m/0/6" in d.extras.get("A", set()) and "m/0/1" not in d.extras.get("B", set())
 
 
 def test_decide_is_pure():

@@ -32,7 +32,7 @@ def worker(wid: str, shard: list[str], model: str = "m", state: WorkerState = Wo
 def test_every_key_matches_one_pattern() -> None:
     k = Keys("eaas")
     built = [k.models, k.workers, k.events, k.model("mixtral-8x7b"), k.model_functions("m.v1"),
-             k.function("m/0/3"), k.function_replicas("org/model/12/7"), k.worker("w-1"), k.worker_shard("w_2")]
+             k.function("m/0/3"), k.function_replicas("org/model/12/7"), k.worker("w-1"), k.worker_shard("w_2"), k.worker_extra("w3")]
     for key in built:
         assert KEY_PATTERN.match(key), key
     assert k.model("m").startswith("eaas:model:")
@@ -148,6 +148,32 @@ def test_routing_table_has_only_ready_replicas(registry: Registry) -> None:
     assert [w.id for w in table["m/0/0"]] == ["a"]
     assert table["m/1/3"] == []
     assert len(table) == 8
+
+
+
+def test_a_live_worker_gains_and_loses_hosted_functions(registry: Registry) -> None:
+    registry.register_model(*model_spec("m"))
+    registry.register_worker(worker("a", ["m/0/0"]), ttl_s=30)
+    events = registry.events(timeout_s=0.05)
+    next(events)  # subscribed
+    assert registry.update_hosting("a", add=["m/1/3"]) == 1
+    assert [w.id for w in registry.routing_table("m")["m/1/3"]] == ["a"]
+    assert set(registry.worker("a").shard) == {"m/0/0", "m/1/3"}
+    assert wait_for(lambda: next(events), timeout_s=5).kind is EventKind.WORKER_REGISTERED  # clients re-read routing
+    assert registry.update_hosting("a", add=["m/1/3"]) == 0  # already so: no change, no event
+    assert registry.update_hosting("a", remove=["m/1/3"]) == 1
+    assert registry.routing_table("m")["m/1/3"] == []
+    with pytest.raises(RegistryError, match="unknown function"):
+        registry.update_hosting("a", add=["m/9/9"])
+    assert registry.update_hosting("ghost", add=["m/0/1"]) == -1  # no lease: nothing written
+    assert registry.routing_table("m")["m/0/1"] == []
+    registry.set_extra_functions("a", ["m/1/1", "m/1/2"])
+    assert registry.extra_functions("a") == {"m/1/1", "m/1/2"}
+    registry.set_extra_functions("a", [])
+    assert registry.extra_functions("a") == set()
+    registry.set_extra_functions("a", ["m/1/1"])
+    registry.deregister_worker("a")
+    assert registry.extra_functions("a") == set()  # cleaned with the worker
 
 
 _RACER = r"""

@@ -52,6 +52,7 @@ def worker(
     w = ExpertWorker(
         settings, registry, model, loaded, worker_id=worker_id, shard_name=shard_name or shard, bind=bind,
         advertise_host=settings.advertise_host, transports=[transport] if transport else None,
+        reload=lambda more: load_shard(spec["checkpoint"], more, device=settings.device, dtype=dtype, model=model),
     )
     err_console.print(f"worker {w.id}: {len(pairs)} experts at {w.endpoint}", highlight=False)
     sys.exit(w.serve())

@@ -198,14 +198,15 @@ def combine(
 
 
 class RecentTokens:
-    """Rows sent to each worker lately: a count that halves every ``half_life_s`` seconds.
+    """Rows sent lately per key (``(worker id, layer)``): a count that halves every ``half_life_s`` seconds.
 
     The replica choice adds it to the outstanding rows, so that with nothing in
     flight (light load, where outstanding counts are 0 and every choice a tie) the
-    worker that served least lately gets the next rows. A hot expert's rows thus
-    spread over its replicas by each replica's whole load, which is how an extra
-    worker hosting only hot experts takes its share (the policy side is
-    :func:`eaas.platform.autoscale.policy.plan_hot_workers`). Time is passed in
+    replica whose worker served the fewest rows *of that layer* lately gets the next
+    ones. A hot expert's rows thus spread over its replicas by each replica's load in
+    the layer, which is how an extra replica on a worker that is cold in that layer
+    takes its share (the policy side is
+    :func:`eaas.platform.autoscale.policy.plan_extra_replicas`). Time is passed in
     (monotonic seconds). Updates from several threads may lose an increment now
     and then; the count only steers a choice.
     """
@@ -216,18 +217,31 @@ class RecentTokens:
         if half_life_s <= 0:
             raise ValueError(f"half_life_s must be > 0, got {half_life_s}")
         self.half_life_s = half_life_s
-        self._values: dict[str, tuple[float, float]] = {}  # worker id -> (count, at)
+        self._values: dict[object, tuple[float, float]] = {}  # key -> (count, at)
 
-    def get(self, wid: str, now: float) -> float:
-        """The decayed count of ``wid`` at ``now`` (rows)."""
-        v = self._values.get(wid)
+    def get(self, key: object, now: float) -> float:
+        """The decayed count of ``key`` at ``now`` (rows)."""
+        v = self._values.get(key)
         if v is None:
             return 0.0
         return v[0] * math.exp2(-(now - v[1]) / self.half_life_s)
 
-    def add(self, wid: str, rows: int, now: float) -> None:
-        """Count ``rows`` more sent to ``wid`` at ``now``."""
-        self._values[wid] = (self.get(wid, now) + rows, now)
+    def add(self, key: object, rows: int, now: float) -> None:
+        """Count ``rows`` more sent for ``key`` at ``now``."""
+        self._values[key] = (self.get(key, now) + rows, now)
+
+
+_LAYERS: dict[str, str] = {}
+
+
+def layer_key(fid: str) -> str:
+    """The layer part of a function id ``{model}/{layer}/{expert}`` (memoised; for :class:`RecentTokens` keys)."""
+    layer = _LAYERS.get(fid)
+    if layer is None:
+        if len(_LAYERS) > 65536:
+            _LAYERS.clear()
+        layer = _LAYERS[fid] = fid.rsplit("/", 2)[-2] if fid.count("/") >= 2 else ""
+    return layer
 
 
 def choose_replica(

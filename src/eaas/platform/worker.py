@@ -30,6 +30,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -41,6 +42,7 @@ from eaas.platform.lease import LeaseBoard, start_keeper
 from eaas.platform.mailroom import Mailroom
 from eaas.platform.outbox import ReplyOutbox
 from eaas.platform.protocol import Header, now_ms
+from eaas.platform.replicas import ExtraReplicas
 from eaas.platform.transport.select import WorkerEndpoint
 from eaas.platform.waiter import Waiter
 from eaas.registry.records import WorkerRecord, WorkerState
@@ -81,6 +83,8 @@ class ExpertWorker:
         bind: ZeroMQ address to bind, e.g. ``tcp://127.0.0.1:0`` (0 = a free port).
         advertise_host: host put in the advertised endpoint (default: the bound one).
         transports: transports to offer (default: every one available here).
+        reload: ``pairs -> ExpertShard`` from the worker's checkpoint; when given, the worker
+            follows the extra replicas the autoscaler asks of it (:class:`ExtraReplicas`).
 
     Raises:
         RegistryError: registration refused (e.g. the model was removed).
@@ -98,6 +102,7 @@ class ExpertWorker:
         bind: str | None = None,
         advertise_host: str | None = None,
         transports: list[str] | None = None,
+        reload: Callable[[list[tuple[int, int]]], Any] | None = None,
     ) -> None:
         from eaas.functions.spec import function_id
 
@@ -108,6 +113,8 @@ class ExpertWorker:
         self.id = worker_id or default_worker_id()
         self.shard_name = shard_name
         self._fid_to_pair = {function_id(model, l, e): (l, e) for l, e in shard.functions}
+        self._reload = reload
+        self.extras: ExtraReplicas | None = None
         self.endpoint_io = WorkerEndpoint(
             max_message_bytes=settings.max_message_bytes,
             max_arena_bytes=max(settings.shm_arena_bytes, settings.max_message_bytes),
@@ -255,6 +262,9 @@ class ExpertWorker:
         for p in batch:
             if p.header.deadline_ms is not None and p.header.deadline_ms < now:
                 self._reply_error(p, ProtocolError(f"request {p.header.id!r} expired in the queue", "deadline_exceeded"))
+            elif any(f not in self._fid_to_pair for f, _ in p.header.segments):  # an extra replica removed meanwhile
+                self._reply_error(p, ProtocolError(f"request {p.header.id!r} names a function no longer hosted here",
+                                                   "unknown_function"))
             else:
                 live.append(p)
         if not live:
@@ -334,6 +344,9 @@ class ExpertWorker:
             self._board.unlink()  # both processes hold the mapping: the file is not needed any more
         log.info("worker %s: serving %d functions at %s (epoch %d)", self.id, len(self._fid_to_pair), self.endpoint,
                  self.epoch)
+        if self._reload is not None:
+            self.extras = ExtraReplicas(self.registry, self.id, self.model, list(self.shard.functions), self._reload,
+                                        interval_s=self.settings.heartbeat_interval_s).start()
         idle_since: float | None = None
         grace_s = max(0.5, 2 * self.settings.heartbeat_interval_s)
         last_sweep = last_publish = time.monotonic()
@@ -344,6 +357,9 @@ class ExpertWorker:
                 batch = self._take_batch()
                 if batch:
                     self._run_batch(batch)
+                if self.extras is not None and (offer := self.extras.take()) is not None:
+                    self.shard, self._fid_to_pair = offer  # between batches: never half a shard
+                    self.endpoint_io.known_functions = self._fid_to_pair
                 if self.outbox.owed:
                     self.outbox.flush()
                 now = time.monotonic()
@@ -363,6 +379,8 @@ class ExpertWorker:
                 elif time.monotonic() - idle_since >= grace_s:
                     break
         finally:
+            if self.extras is not None:
+                self.extras.stop()
             self._stop_keeper()
             try:
                 self.registry.deregister_worker(self.id)

@@ -15,6 +15,7 @@ key                           type    TTL          holds
 ``workers``                   SET     none         index of worker ids (cleaned by the reaper)
 ``worker:{id}``               HASH    lease TTL    the worker record; expiry = worker gone
 ``worker:{id}:shard``         SET     none         function ids the worker hosts
+``worker:{id}:extra``         SET     none         extra replicas the autoscaler wants it to host
 ``events``                    pubsub  -            membership events (JSON)
 ============================  ======  ===========  ==========================================
 
@@ -36,7 +37,7 @@ KEY_PATTERN = re.compile(
     r"^(?P<prefix>[A-Za-z0-9][A-Za-z0-9._\-]{0,63})"
     r":(?P<kind>models|workers|events|model|function|worker)"
     r"(?::(?P<id>[A-Za-z0-9][A-Za-z0-9._/\-]{0,199}))?"
-    r"(?::(?P<sub>functions|replicas|shard))?$"
+    r"(?::(?P<sub>functions|replicas|shard|extra))?$"
 )
 """Every key built by :class:`Keys` matches this pattern (checked by a test)."""
 
@@ -96,3 +97,6 @@ class Keys:
 
     def worker_shard(self, wid: str) -> str:
         return f"{self.worker(wid)}:shard"
+
+    def worker_extra(self, wid: str) -> str:
+        return f"{self.worker(wid)}:extra"

@@ -55,7 +55,7 @@ for _, wid in ipairs(ids) do
     for _, fid in ipairs(redis.call('SMEMBERS', shard)) do
       redis.call('SREM', prefix .. ':function:' .. fid .. ':replicas', wid)
     end
-    redis.call('DEL', shard, wkey)
+    redis.call('DEL', shard, wkey, wkey .. ':extra')
     if redis.call('SREM', KEYS[1], wid) == 1 then gone[#gone + 1] = wid end
   end
 end
@@ -67,4 +67,27 @@ SET_STATE = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 redis.call('HSET', KEYS[1], 'state', ARGV[1])
 return 1
+"""
+
+# KEYS: worker hash, shard set. ARGV: prefix, worker id, n added, added ids..., removed ids...
+# Adds/removes functions a live worker hosts (shard set and hosting sets); returns the number of
+# changes, or -1 when the worker's lease is gone. Unknown functions are refused.
+UPDATE_HOSTING = """
+local prefix = ARGV[1]; local wid = ARGV[2]; local na = tonumber(ARGV[3])
+if redis.call('EXISTS', KEYS[1]) == 0 then return -1 end
+for i = 4, 3 + na do
+  if redis.call('EXISTS', prefix .. ':function:' .. ARGV[i]) == 0 then
+    return redis.error_reply('unknown function ' .. ARGV[i])
+  end
+end
+local changed = 0
+for i = 4, 3 + na do
+  changed = changed + redis.call('SADD', KEYS[2], ARGV[i])
+  redis.call('SADD', prefix .. ':function:' .. ARGV[i] .. ':replicas', wid)
+end
+for i = 4 + na, #ARGV do
+  changed = changed + redis.call('SREM', KEYS[2], ARGV[i])
+  redis.call('SREM', prefix .. ':function:' .. ARGV[i] .. ':replicas', wid)
+end
+return changed
 """

@@ -20,7 +20,7 @@ import redis
 from eaas.errors import NotFound, RegistryError, RegistryUnavailable
 from eaas.registry.keys import Keys, check_name
 from eaas.registry.records import Event, EventKind, WorkerRecord, WorkerState, WorkerStats
-from eaas.registry.scripts import HEARTBEAT, REAP, REGISTER_WORKER, SET_STATE
+from eaas.registry.scripts import HEARTBEAT, REAP, REGISTER_WORKER, SET_STATE, UPDATE_HOSTING
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,7 @@ class Registry:
         self._heartbeat = client.register_script(HEARTBEAT)
         self._reap = client.register_script(REAP)
         self._set_state = client.register_script(SET_STATE)
+        self._update_hosting = client.register_script(UPDATE_HOSTING)
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "eaas", timeout_s: float = 2.0) -> "Registry":
@@ -328,6 +329,42 @@ class Registry:
         if not ok:
             raise NotFound(f"unknown worker {wid!r}")
         self._publish(Event(EventKind.WORKER_STATE, worker=wid, state=WorkerState(state).value, ts_s=time.time()))
+
+    def update_hosting(self, wid: str, add: Iterable[str] = (), remove: Iterable[str] = ()) -> int:
+        """Change the functions a live worker hosts, atomically (its shard set and every hosting
+        set); publishes ``worker_registered`` when something changed, so clients re-read routing.
+
+        Returns:
+            How many memberships changed (0: already so), or -1 when the worker's lease is gone.
+
+        Raises:
+            RegistryError: a function in ``add`` is not registered.
+        """
+        wid = check_name("worker", wid)
+        add, remove = sorted(set(add)), sorted(set(remove) - set(add))
+        changed = int(self._call(self._update_hosting, keys=[self.keys.worker(wid), self.keys.worker_shard(wid)],
+                                 args=[self.prefix, wid, len(add), *add, *remove]))
+        if changed > 0:
+            self._publish(Event(EventKind.WORKER_REGISTERED, worker=wid, ts_s=time.time()))
+            log.info("worker %s: hosting +%d -%d functions", wid, len(add), len(remove))
+        return changed
+
+    def set_extra_functions(self, wid: str, fids: Iterable[str]) -> None:
+        """The extra replicas the autoscaler wants worker ``wid`` to host (replaces the set).
+
+        The worker loads them, then adds them to its hosting sets (:meth:`update_hosting`).
+        """
+        key = self.keys.worker_extra(check_name("worker", wid))
+        fids = sorted(set(fids))
+        pipe = self.redis.pipeline(transaction=True)  # MULTI/EXEC: readers see the old set or the new one
+        pipe.delete(key)
+        if fids:
+            pipe.sadd(key, *fids)
+        self._call(pipe.execute)
+
+    def extra_functions(self, wid: str) -> set[str]:
+        """The extra replicas wanted of worker ``wid`` (empty when none)."""
+        return {_s(v) for v in self._call(self.redis.smembers, self.keys.worker_extra(check_name("worker", wid)))}
 
     def deregister_worker(self, wid: str) -> None:
         """Remove a worker now (end of drain): record, index and hosting entries."""

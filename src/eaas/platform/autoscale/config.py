@@ -52,13 +52,12 @@ class AutoscalerConfig:
         panic_threshold: ratio of the instantaneous load to the ready replicas at
             or above which the shard scales up at once, skipping delay and
             smoothing (Knative's panic mode; 2.0 = twice what it can serve).
-        balance_target: balancedness (mean / max tokens per worker, vLLM EPLB's
-            metric) below which hot-expert workers are added (0-1].
+        balance_target: balancedness (vLLM EPLB's, per layer: mean over max tokens
+            per worker) up to which extra replicas of hot experts are planned (0-1].
         min_balance_gain: least rise of the predicted balancedness that one more
-            hot-expert worker must bring.
-        hot_headroom: a hot-expert worker hosts functions carrying this many times
-            the tokens it should take over (room for the replica choice).
-        max_hot_replicas: most hot-expert workers per shard (0: never).
+            extra replica (or a new plan) must bring.
+        max_hot_replicas: most extra replicas one function gets (0: never any).
+        max_extra_per_worker: most extra replicas one worker hosts.
         metrics_stale_s: a worker whose last heartbeat is older than this is not
             counted, neither its load nor as capacity.
     """
@@ -74,9 +73,9 @@ class AutoscalerConfig:
     look_back_s: float = 10.0
     panic_threshold: float = 2.0
     balance_target: float = 0.9
-    min_balance_gain: float = 0.03
-    hot_headroom: float = 1.25
+    min_balance_gain: float = 0.02
     max_hot_replicas: int = 2
+    max_extra_per_worker: int = 8
     metrics_stale_s: float = 3.0
 
     def __post_init__(self) -> None:
@@ -99,7 +98,7 @@ class AutoscalerConfig:
         need(self.panic_threshold > 1.0, f"panic_threshold={self.panic_threshold!r} must be > 1")
         need(0.0 < self.balance_target <= 1.0, f"balance_target={self.balance_target!r} must be in (0, 1]")
         need(0.0 < self.min_balance_gain < 1.0, f"min_balance_gain={self.min_balance_gain!r} must be in (0, 1)")
-        need(self.hot_headroom >= 1.0, f"hot_headroom={self.hot_headroom!r} must be >= 1")
+        need(self.max_extra_per_worker >= 0, f"max_extra_per_worker={self.max_extra_per_worker!r} must be >= 0")
         need(self.max_hot_replicas >= 0, f"max_hot_replicas={self.max_hot_replicas!r} must be >= 0")
         need(self.metrics_stale_s > 0, f"metrics_stale_s={self.metrics_stale_s!r} must be > 0")
         need(not (self.downscale_delay_s < self.look_back_s),

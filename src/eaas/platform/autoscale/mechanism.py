@@ -11,10 +11,10 @@ module does the I/O around it, once per tick:
 3. **Apply** (unless publish-only, ``pool=None``) — per shard, start workers up
    to the desired count, or drain the surplus: first workers still loading
    (they serve nothing yet), then the least loaded ready ones. Draining never
-   loses a request: the worker finishes its queue before it exits. A shard
-   the policy relieves gets hot-expert workers (shard ``hot-{home}.{digest}``)
-   hosting just its hottest functions; when the hot set moves, workers for the
-   new set start and the old ones drain (no request lost, none stalled).
+   loses a request: the worker finishes its queue before it exits. Extra
+   replicas of hot experts are written per worker into the registry
+   (``worker:{id}:extra``); each worker loads them while serving and joins
+   their hosting sets (:class:`eaas.platform.replicas.ExtraReplicas`).
 
 Every change is logged with the policy's reason and exported as Prometheus
 metrics (``eaas_desired_replicas{shard}``, ``eaas_actual_replicas{shard,state}``,
@@ -25,7 +25,6 @@ pool it finds in the registry (the policy state starts at the current size).
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -54,7 +53,6 @@ from eaas.registry.store import Registry
 
 log = logging.getLogger(__name__)
 
-HOT_PREFIX = "hot-"  # shard name prefix of a hot expert's extra worker
 DEFAULT_TICK_S = 1.0
 
 
@@ -65,23 +63,6 @@ def spec_from_functions(function_ids: list[str] | tuple[str, ...]) -> str:
         _, layer, expert = parse_function_id(fid)
         by_layer.setdefault(layer, []).append(expert)
     return ";".join(f"{l}:{','.join(map(str, sorted(es)))}" for l, es in sorted(by_layer.items()))
-
-
-def hot_shard(home: str, function_ids: tuple[str, ...] | list[str]) -> tuple[str, str]:
-    """(shard name, SPEC) of the hot-expert workers relieving shard ``home`` with these functions.
-
-    The name carries a digest of the function set: a new set is a new shard (its
-    workers start, the old set's drain).
-    """
-    digest = hashlib.sha1("\n".join(sorted(function_ids)).encode()).hexdigest()[:8]
-    return f"{HOT_PREFIX}{home}.{digest}", spec_from_functions(function_ids)
-
-
-def hot_home(shard_name: str) -> str | None:
-    """The shard a hot-expert shard relieves (``None`` for an ordinary shard)."""
-    if not shard_name.startswith(HOT_PREFIX):
-        return None
-    return shard_name[len(HOT_PREFIX):].rsplit(".", 1)[0]
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +138,7 @@ class Autoscaler:
         self.state = PolicyState()
         self.history: deque[TickRecord] = deque(maxlen=history)
         self.desired: dict[str, int] = {}
+        self.extras: dict[str, frozenset[str]] = {}  # extra replicas last written per worker
         self.last_decision: Decision | None = None
         self._counters: dict[str, _Counters] = {}
         self._lock = threading.Lock()
@@ -192,21 +174,13 @@ class Autoscaler:
         return cur
 
     def snapshot(self, members: list[PoolMember] | None = None) -> MetricsSnapshot:
-        """The policy's view now: shard workers (hot-expert workers excluded) and function token
-        rates, each counted for its home shard wherever it was served."""
+        """The policy's view now: the workers (with what they host and serve) and function token rates."""
         now_s = self.clock()
         members = self._members() if members is None else members
         workers: list[WorkerMetrics] = []
         func_rates: dict[tuple[str, str], float] = {}
         live = set()
         for m in members:
-            home = hot_home(m.shard_name)
-            if home is not None:
-                if m.record is not None:
-                    live.add(m.worker_id)
-                    for fid, rate in self._rates(m.record).function_rates.items():
-                        func_rates[(fid, home)] = func_rates.get((fid, home), 0.0) + rate
-                continue
             if not m.shard_name:
                 continue
             if m.shard_name not in self.shards and m.record is not None:
@@ -220,7 +194,8 @@ class Autoscaler:
             c = self._rates(m.record)
             r = m.record
             workers.append(WorkerMetrics(r.id, m.shard_name, state, r.heartbeat_at_s, float(r.queue_tokens),
-                                         r.queue_requests, c.tokens_per_s, r.busy_fraction))  # fmt: skip
+                                         r.queue_requests, c.tokens_per_s, r.busy_fraction, frozenset(r.shard),
+                                         dict(c.function_rates)))  # fmt: skip
             for fid, rate in c.function_rates.items():
                 func_rates[(fid, m.shard_name)] = func_rates.get((fid, m.shard_name), 0.0) + rate
         for wid in set(self._counters) - live:
@@ -243,14 +218,6 @@ class Autoscaler:
         policy_s = time.perf_counter() - t0
         self._h_policy.observe(policy_s)
         desired = dict(decision.desired)
-        hot_specs: dict[str, str] = {}
-        for home, hw in decision.hot.items():
-            name, spec = hot_shard(home, hw.functions)
-            desired[name] = hw.replicas
-            hot_specs[name] = spec
-        for m in members:  # hot shards the policy no longer wants go to 0
-            if m.shard_name.startswith(HOT_PREFIX):
-                desired.setdefault(m.shard_name, 0)
         for shard, n in desired.items():
             before = self.desired.get(shard)
             if before is not None and before != n:
@@ -260,7 +227,8 @@ class Autoscaler:
         started: list[str] = []
         drained: list[str] = []
         if self.pool is not None:
-            started, drained = self._apply(desired, members, {**self.shards, **hot_specs})
+            started, drained = self._apply(desired, members, self.shards)
+            self._apply_extras(decision.extras, members, decision.reasons.get("extra replicas", ""))
         with self._lock:
             self.desired = desired
             self.last_decision = decision
@@ -317,6 +285,25 @@ class Autoscaler:
                     log.info("autoscaler %s: shard %s: draining %s (%d -> %d)", self.model, shard, m.worker_id, len(active), want)
         return started, drained
 
+    def _apply_extras(self, extras: dict[str, frozenset[str]], members: list[PoolMember], why: str) -> None:
+        """Write each ready worker's wanted extra replicas into the registry (only changes)."""
+        for m in members:
+            if m.record is None or m.state is not WorkerState.READY:
+                continue
+            want = extras.get(m.worker_id, frozenset())
+            if self.extras.get(m.worker_id, frozenset()) == want:
+                continue
+            try:
+                self.registry.set_extra_functions(m.worker_id, want)
+            except EaaSError as e:
+                log.warning("autoscaler %s: extra replicas of %s not written: %s", self.model, m.worker_id, e)
+                continue
+            self.extras[m.worker_id] = want
+            self._c_actions.labels("extras").inc()
+            log.info("autoscaler %s: worker %s: extra replicas %s (%s)", self.model, m.worker_id, sorted(want) or "none", why)
+        for wid in set(self.extras) - {m.worker_id for m in members}:
+            self.extras.pop(wid)
+
     def desired_replicas(self) -> dict[str, int]:
         """The last desired replicas per shard (thread-safe copy)."""
         with self._lock:
@@ -331,5 +318,7 @@ class Autoscaler:
                 self.tick()
             except EaaSError as e:
                 log.warning("autoscaler %s: tick failed: %s", self.model, e)
+            except Exception:  # noqa: BLE001 - the control loop outlives any one bad tick
+                log.exception("autoscaler %s: tick failed", self.model)
             stop_event.wait(self.tick_s)
         log.info("autoscaler %s: stopped", self.model)

@@ -21,16 +21,19 @@ Per shard, each tick (Ray Serve's control loop, with Knative's panic mode):
    has passed since the last change: an oscillating load changes a shard at
    most once per delay window (no flapping).
 
-Hot experts (EPLB's goal, balancedness = mean / max tokens per worker, reached by
-adding workers instead of moving experts): a shard whose functions draw more tokens
-per worker than the pool's mean is relieved by extra workers that host only its
-hottest functions. :func:`plan_hot_workers` adds one at a time to the shard with
-the highest tokens per worker while the predicted balancedness is below
-``balance_target`` and each addition raises it by ``min_balance_gain`` or more
-(at most ``max_hot_replicas`` per shard). Each such worker hosts the shard's
-hottest functions until they carry ``hot_headroom`` times the share it should take
-(:func:`choose_hot_functions`); the set is kept while it still carries that share
-without headroom, so noise does not churn workers. Counts go through the same delays.
+Hot experts (vLLM EPLB's redundant experts, placed live): the goal is EPLB's
+*balancedness*, per MoE layer the mean over the max of the tokens each worker
+hosting that layer serves, summed over layers (:func:`layer_balancedness`). Each
+function's tokens are predicted to spread evenly over the workers hosting it;
+:func:`plan_extra_replicas` adds one extra replica at a time, of a hot function
+of the most loaded worker of some layer, on a cold worker of that layer, taking
+the addition that raises the balancedness most, while it is below
+``balance_target`` and the gain is at least ``min_balance_gain``. Extra replicas
+go onto existing workers, which load them while serving
+(:class:`eaas.platform.replicas.ExtraReplicas`): adding *workers* cannot lift a
+layer's mean over max while other workers stay cold in it. A new plan replaces
+the current one only when it is better by ``min_balance_gain`` for
+``upscale_delay_s`` (or, with fewer extras and no worse, for ``downscale_delay_s``).
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
+
+from eaas.functions.spec import parse_function_id
 
 from eaas.platform.autoscale.config import AutoscalerConfig
 from eaas.registry.records import WorkerState  # the one life cycle: starting, ready, draining
@@ -56,6 +61,8 @@ class WorkerMetrics:
         queue_requests: requests queued or in service.
         tokens_per_s: tokens served per second over the last heartbeat period.
         busy_fraction: share of the last heartbeat period spent computing, 0-1.
+        functions: function ids it hosts now (extra replicas included).
+        function_rates: tokens/s it served per function over the last heartbeat period.
     """
 
     worker_id: str
@@ -66,6 +73,8 @@ class WorkerMetrics:
     queue_requests: int = 0
     tokens_per_s: float = 0.0
     busy_fraction: float = 0.0
+    functions: frozenset[str] = frozenset()
+    function_rates: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +162,8 @@ class PolicyState:
     """Everything :func:`decide` remembers between ticks (start with ``PolicyState()``)."""
 
     shards: Mapping[str, ShardState] = field(default_factory=dict)
-    hot: Mapping[str, TargetState] = field(default_factory=dict)
-    hot_sets: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    extras: Mapping[str, frozenset[str]] = field(default_factory=dict)
+    extras_pending_since_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,16 +171,16 @@ class Decision:
     """What the mechanism should make true.
 
     Attributes:
-        desired: replicas per shard (hot-expert workers not included).
-        hot: per home shard with hot-expert workers, what they host and how many.
+        desired: replicas per shard.
+        extras: extra replicas (function ids) each ready worker should host beyond its shard.
         reasons: one human-readable line per shard.
         load: the smoothed load per shard, replica-equivalents (for metrics/plots).
         panic: shards that scaled in panic mode at this tick.
-        balancedness: measured mean / max tokens per worker (``None``: no token rates).
+        balancedness: measured :func:`layer_balancedness` (``None``: no token rates).
     """
 
     desired: dict[str, int]
-    hot: dict[str, "HotWorkers"]
+    extras: dict[str, frozenset[str]]
     reasons: dict[str, str]
     load: dict[str, float] = field(default_factory=dict)
     panic: frozenset[str] = frozenset()
@@ -179,16 +188,16 @@ class Decision:
 
     @property
     def total_replicas(self) -> int:
-        """Workers the decision asks for, hot-expert workers included."""
-        return sum(self.desired.values()) + sum(h.replicas for h in self.hot.values())
+        """Workers the decision asks for."""
+        return sum(self.desired.values())
 
     @property
     def hot_extra(self) -> dict[str, int]:
-        """Extra replicas per hot function id (a function on several hot workers counts each)."""
+        """Extra replicas per hot function id."""
         out: dict[str, int] = {}
-        for h in self.hot.values():
-            for fid in h.functions:
-                out[fid] = out.get(fid, 0) + h.replicas
+        for fids in self.extras.values():
+            for fid in fids:
+                out[fid] = out.get(fid, 0) + 1
         return out
 
 
@@ -295,153 +304,150 @@ def decide(
         reasons[shard] = f"{shard}: {note}"
         new_shards[shard] = ShardState(ts, ema, ema_at_s, window_since_s, len(ready))
 
-    hot, new_hot, new_sets, balance = _decide_hot(snapshot, config, state, reasons)
-    decision = Decision(desired, hot, reasons, loads, frozenset(panic), balance)
-    return decision, PolicyState(new_shards, new_hot, new_sets)
+    extras, since, balance, note = _decide_extras(snapshot, config, state)
+    if note:
+        reasons["extra replicas"] = note
+    decision = Decision(desired, extras, reasons, loads, frozenset(panic), balance)
+    return decision, PolicyState(new_shards, extras, since)
 
 
-@dataclass(frozen=True, slots=True)
-class HotWorkers:
-    """Extra workers that relieve one shard by hosting its hottest functions.
+def _layer(fid: str, cache: dict[str, int] = {}) -> int:  # noqa: B006 - a deliberate memo
+    layer = cache.get(fid)
+    if layer is None:
+        layer = cache[fid] = parse_function_id(fid)[1]
+    return layer
 
-    Attributes:
-        home: the shard whose functions they host.
-        functions: the function ids they host, hottest first.
-        replicas: how many such workers.
-    """
 
-    home: str
-    functions: tuple[str, ...]
-    replicas: int
+def predicted_loads(rates: Mapping[str, float], hosts: Mapping[str, frozenset[str]]) -> dict[int, dict[str, float]]:
+    """Per MoE layer, per worker hosting a function of it: tokens/s it would serve, each
+    function's rate split evenly over the workers hosting it (functions no worker hosts drop out)."""
+    by_fn: dict[str, list[str]] = {}
+    out: dict[int, dict[str, float]] = {}
+    for wid, fids in hosts.items():
+        for fid in fids:
+            by_fn.setdefault(fid, []).append(wid)
+            out.setdefault(_layer(fid), {}).setdefault(wid, 0.0)
+    for fid, wids in by_fn.items():
+        share = max(rates.get(fid, 0.0), 0.0) / len(wids)
+        layer = out[_layer(fid)]
+        for wid in wids:
+            layer[wid] += share
+    return out
+
+
+def layer_balancedness(loads: Mapping[int, Mapping[str, float]]) -> float:
+    """vLLM EPLB's balancedness: ``sum over layers of mean(load) / sum over layers of max(load)``,
+    over the workers taking part in each layer (``vllm/distributed/eplb/eplb_state.py``); 1.0 when idle."""
+    mean = sum(sum(per.values()) / len(per) for per in loads.values() if per)
+    top = sum(max(per.values()) for per in loads.values() if per)
+    return mean / top if top > 0 else 1.0
 
 
 def balancedness(loads: list[float]) -> float:
-    """Mean / max of per-worker loads (vLLM EPLB's ``balancedness``); 1.0 when all idle or none."""
+    """Mean / max of per-worker loads; 1.0 when all idle or none."""
     top = max(loads, default=0.0)
     return sum(loads) / len(loads) / top if top > 0 else 1.0
 
 
-def plan_hot_workers(shard_rates: Mapping[str, float], shard_workers: Mapping[str, int], *,
-                     target: float, min_gain: float, max_per_shard: int) -> dict[str, int]:
-    """How many hot-expert workers each shard gets (greedy, one at a time).
+def plan_extra_replicas(rates: Mapping[str, float], base: Mapping[str, frozenset[str]], *, target: float,
+                        min_gain: float, max_per_worker: int, max_per_function: int,
+                        candidates: int = 2) -> dict[str, frozenset[str]]:
+    """Extra replicas that lift the predicted :func:`layer_balancedness` (greedy, one at a time).
 
-    A shard's tokens are assumed spread evenly over its ``n`` workers plus its ``h``
-    hot workers (the client's replica choice balances them, see
-    :func:`eaas.platform.dispatch.choose_replica`), so its per-worker load is
-    ``rate / (n + h)``. While ``balancedness`` over all workers is below ``target``,
-    one more worker goes to the shard with the highest per-worker load if that raises
-    the balancedness by at least ``min_gain``.
-
-    Args:
-        shard_rates: tokens/s per shard (summed over its functions, wherever served).
-        shard_workers: ready workers per shard (hot workers not included).
-        target: balancedness above which nothing is added (0-1).
-        min_gain: least improvement one more worker must bring.
-        max_per_shard: most hot workers one shard gets.
-
-    Returns:
-        Shard -> hot workers (only shards with > 0).
-    """
-    shards = [s for s in sorted(shard_rates) if shard_workers.get(s, 0) > 0]
-    hot = {s: 0 for s in shards}
-
-    def loads(h: Mapping[str, int]) -> list[float]:
-        out: list[float] = []
-        for s in shards:
-            n = shard_workers[s] + h[s]
-            out += [shard_rates[s] / n] * n
-        return out
-
-    current = balancedness(loads(hot))
-    while current < target:
-        candidates = [s for s in shards if hot[s] < max_per_shard]
-        if not candidates:
-            break
-        top = max(candidates, key=lambda s: (shard_rates[s] / (shard_workers[s] + hot[s]), s))
-        trial = {**hot, top: hot[top] + 1}
-        better = balancedness(loads(trial))
-        if better < current + min_gain:
-            break
-        hot, current = trial, better
-    return {s: h for s, h in hot.items() if h > 0}
-
-
-def choose_hot_functions(rates: Mapping[str, float], share: float, previous: tuple[str, ...] = (),
-                         headroom: float = 1.25) -> tuple[str, ...]:
-    """The functions a shard's hot workers host: the hottest ones, until they carry ``share``.
+    Each round looks, in every layer, at the ``candidates`` hottest functions of that
+    layer's most loaded worker and the ``candidates`` least loaded workers of the layer
+    that do not host them yet, and keeps the single addition that raises the
+    balancedness most. It stops at ``target``, or when the best gain is below ``min_gain``.
 
     Args:
-        rates: tokens/s per function of the shard.
-        share: tokens/s the hot workers should take over.
-        previous: the set chosen before; kept while it still carries ``share``
-            (hysteresis: rates wobble, worker starts are not free).
-        headroom: a new set carries ``headroom * share``, so the replica choice has
-            room to balance.
+        rates: tokens/s per function id (summed over its replicas).
+        base: function ids each ready worker hosts by its shard.
+        target: balancedness at which planning stops (0-1].
+        min_gain: least rise one more replica must bring.
+        max_per_worker: most extra replicas one worker hosts.
+        max_per_function: most extra replicas one function gets.
+        candidates: functions and workers tried per layer and round.
 
     Returns:
-        Function ids, hottest first (ties by id); empty when ``share <= 0``.
+        Worker id -> extra function ids (only workers with some).
     """
-    if share <= 0:
-        return ()
-    if previous and sum(rates.get(f, 0.0) for f in previous) >= share:
-        return previous
-    chosen: list[str] = []
-    carried = 0.0
-    for fid in sorted(rates, key=lambda f: (-rates[f], f)):
-        if carried >= headroom * share or rates[fid] <= 0:
+    extras: dict[str, set[str]] = {w: set() for w in base}
+    per_fn: dict[str, int] = {}
+
+    def hosts() -> dict[str, frozenset[str]]:
+        return {w: base[w] | frozenset(extras[w]) for w in base}
+
+    current = layer_balancedness(predicted_loads(rates, hosts()))
+    for _ in range(sum(len(f) for f in base.values()) + 1):
+        if current >= target:
             break
-        chosen.append(fid)
-        carried += rates[fid]
-    return tuple(chosen)
+        placement = hosts()
+        loads = predicted_loads(rates, placement)
+        best: tuple[float, str, str] | None = None
+        for layer, per in sorted(loads.items()):
+            hot = max(per, key=lambda w: (per[w], w))
+            fns = sorted((f for f in placement[hot] if _layer(f) == layer and rates.get(f, 0.0) > 0
+                          and per_fn.get(f, 0) < max_per_function), key=lambda f: (-rates[f], f))[:candidates]
+            for fid in fns:
+                cold = sorted((w for w in per if fid not in placement[w] and len(extras[w]) < max_per_worker),
+                              key=lambda w: (per[w], w))[:candidates]
+                for wid in cold:
+                    extras[wid].add(fid)
+                    score = layer_balancedness(predicted_loads(rates, hosts()))
+                    extras[wid].discard(fid)
+                    if best is None or score > best[0]:
+                        best = (score, wid, fid)
+        if best is None or best[0] < current + min_gain:
+            break
+        current, wid, fid = best
+        extras[wid].add(fid)
+        per_fn[fid] = per_fn.get(fid, 0) + 1
+    return {w: frozenset(f) for w, f in extras.items() if f}
 
 
-def _decide_hot(
-    snapshot: MetricsSnapshot,
-    config: AutoscalerConfig,
-    state: PolicyState,
-    reasons: dict[str, str],
-) -> tuple[dict[str, HotWorkers], dict[str, TargetState], dict[str, tuple[str, ...]], float | None]:
-    """Hot-expert workers per shard (see the module docstring)."""
+def _decide_extras(snapshot: MetricsSnapshot, config: AutoscalerConfig, state: PolicyState
+                   ) -> tuple[dict[str, frozenset[str]], float | None, float | None, str]:
+    """Extra replicas per ready worker (see the module docstring): (extras, pending since, measured, note)."""
     now_s = snapshot.now_s
-    rates: dict[str, dict[str, float]] = {}
-    for f in snapshot.functions:
-        rates.setdefault(f.shard, {})[f.function_id] = max(f.tokens_per_s, 0.0)
-    ready: dict[str, int] = {}
-    for w in snapshot.workers:
-        if w.state is WorkerState.READY and now_s - w.heartbeat_at_s <= config.metrics_stale_s:
-            ready[w.shard] = ready.get(w.shard, 0) + 1
-    shard_rates = {s: 0.0 for s in ready}  # an idle shard's workers count too
-    shard_rates.update({s: sum(r.values()) for s, r in rates.items()})
-    measured: float | None = None
-    wants: dict[str, int] = {}
-    if config.max_hot_replicas > 0 and sum(shard_rates.values()) > 0:
-        loads = []
-        for s, rate in shard_rates.items():
-            n = ready.get(s, 0) + (state.hot[s].replicas if s in state.hot else 0)
-            loads += [rate / n] * n if n else []
-        measured = balancedness(loads)
-        wants = plan_hot_workers(shard_rates, ready, target=config.balance_target,
-                                 min_gain=config.min_balance_gain, max_per_shard=config.max_hot_replicas)
-    hot: dict[str, HotWorkers] = {}
-    new_hot: dict[str, TargetState] = {}
-    new_sets: dict[str, tuple[str, ...]] = {}
-    for shard in sorted(set(wants) | set(state.hot)):
-        ts = state.hot.get(shard, TargetState(0))
-        ts, note = _step_target(ts, wants.get(shard, 0), now_s, config)
-        if ts.replicas > 0 or ts.pending:
-            new_hot[shard] = ts
-        if ts.replicas > 0:
-            n = ready.get(shard, 0)
-            share = shard_rates.get(shard, 0.0) * ts.replicas / max(1, n + ts.replicas)
-            functions = choose_hot_functions(rates.get(shard, {}), share, state.hot_sets.get(shard, ()),
-                                             config.hot_headroom) or state.hot_sets.get(shard, ())
-            if functions:
-                new_sets[shard] = functions
-                hot[shard] = HotWorkers(shard, functions, ts.replicas)
-        if shard in reasons:
-            funcs = ",".join(f.rsplit("/", 2)[-2] + "/" + f.rsplit("/", 1)[-1] for f in new_sets.get(shard, ()))
-            reasons[shard] += f"; hot workers {ts.replicas} ({note}){' hosting ' + funcs if funcs else ''}"
-    return hot, new_hot, new_sets, measured
+    ready = [w for w in snapshot.workers
+             if w.state is WorkerState.READY and now_s - w.heartbeat_at_s <= config.metrics_stale_s]
+    current = {w.worker_id: state.extras[w.worker_id] for w in ready if state.extras.get(w.worker_id)}
+    rates: dict[str, float] = {}
+    measured_loads: dict[int, dict[str, float]] = {}
+    for w in ready:
+        for fid in w.functions:
+            measured_loads.setdefault(_layer(fid), {}).setdefault(w.worker_id, 0.0)
+        for fid, r in w.function_rates.items():
+            rates[fid] = rates.get(fid, 0.0) + max(r, 0.0)
+            if fid in w.functions:
+                measured_loads[_layer(fid)][w.worker_id] += max(r, 0.0)
+    if config.max_hot_replicas == 0 or not ready or sum(rates.values()) <= 0:
+        return current, None, None, ""
+    measured = layer_balancedness(measured_loads)
+    base = {w.worker_id: frozenset(w.functions) - current.get(w.worker_id, frozenset()) for w in ready}
+    fresh = plan_extra_replicas(rates, base, target=config.balance_target, min_gain=config.min_balance_gain,
+                                max_per_worker=config.max_extra_per_worker, max_per_function=config.max_hot_replicas)
+    if fresh == current:
+        return current, None, measured, ""
+
+    def predicted(extras: Mapping[str, frozenset[str]]) -> float:
+        return layer_balancedness(predicted_loads(rates, {w: base[w] | extras.get(w, frozenset()) for w in base}))
+
+    b_fresh, b_current = predicted(fresh), predicted(current)
+    fewer = sum(map(len, fresh.values())) < sum(map(len, current.values()))
+    if b_fresh >= b_current + config.min_balance_gain:
+        delay_s = config.upscale_delay_s
+    elif fewer and b_fresh >= b_current - 0.01:
+        delay_s = config.downscale_delay_s
+    else:
+        return current, None, measured, ""
+    since = state.extras_pending_since_s if state.extras_pending_since_s is not None else now_s
+    total = sum(map(len, fresh.values()))
+    if now_s - since >= delay_s:
+        return fresh, None, measured, (f"measured balancedness {measured:.2f}: {total} extra replicas applied "
+                                       f"(predicted {b_current:.2f} -> {b_fresh:.2f})")
+    return current, since, measured, (f"measured balancedness {measured:.2f}: {total} extra replicas pending "
+                                      f"({delay_s - (now_s - since):.0f}s left; predicted {b_current:.2f} -> {b_fresh:.2f})")
 
 
 @dataclass(frozen=True, slots=True)

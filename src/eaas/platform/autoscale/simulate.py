@@ -256,8 +256,7 @@ def simulate(trace: Trace, config: AutoscalerConfig, sim: SimConfig, *, static: 
             panics += len(decision.panic)
             load = sum(decision.load.values())
             for s, name in enumerate(shard_names):
-                extra = decision.hot[name].replicas if name in decision.hot else 0
-                target = decision.desired[name] + extra
+                target = decision.desired[name]
                 have = len(pool.live(s))
                 if target > have:
                     for _ in range(target - have):
