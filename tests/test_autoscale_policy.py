@@ -16,7 +16,7 @@ from eaas.platform.autoscale import (
     WorkerState,
     decide,
 )
-from eaas.platform.autoscale.policy import balancedness, layer_balancedness, plan_extra_replicas, predicted_loads
+from eaas.platform.autoscale.placement import balancedness, layer_balancedness, plan_extra_replicas, predicted_loads
 
 SHARD = "shard-0"
 BASE = AutoscalerConfig(

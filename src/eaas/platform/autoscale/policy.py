@@ -42,9 +42,9 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Mapping
 
-from eaas.functions.spec import parse_function_id
 
 from eaas.platform.autoscale.config import AutoscalerConfig
+from eaas.platform.autoscale.placement import layer_balancedness, layer_of, plan_extra_replicas, predicted_loads
 from eaas.registry.records import WorkerState  # the one life cycle: starting, ready, draining
 
 
@@ -311,100 +311,6 @@ def decide(
     return decision, PolicyState(new_shards, extras, since)
 
 
-def _layer(fid: str, cache: dict[str, int] = {}) -> int:  # noqa: B006 - a deliberate memo
-    layer = cache.get(fid)
-    if layer is None:
-        layer = cache[fid] = parse_function_id(fid)[1]
-    return layer
-
-
-def predicted_loads(rates: Mapping[str, float], hosts: Mapping[str, frozenset[str]]) -> dict[int, dict[str, float]]:
-    """Per MoE layer, per worker hosting a function of it: tokens/s it would serve, each
-    function's rate split evenly over the workers hosting it (functions no worker hosts drop out)."""
-    by_fn: dict[str, list[str]] = {}
-    out: dict[int, dict[str, float]] = {}
-    for wid, fids in hosts.items():
-        for fid in fids:
-            by_fn.setdefault(fid, []).append(wid)
-            out.setdefault(_layer(fid), {}).setdefault(wid, 0.0)
-    for fid, wids in by_fn.items():
-        share = max(rates.get(fid, 0.0), 0.0) / len(wids)
-        layer = out[_layer(fid)]
-        for wid in wids:
-            layer[wid] += share
-    return out
-
-
-def layer_balancedness(loads: Mapping[int, Mapping[str, float]]) -> float:
-    """vLLM EPLB's balancedness: ``sum over layers of mean(load) / sum over layers of max(load)``,
-    over the workers taking part in each layer (``vllm/distributed/eplb/eplb_state.py``); 1.0 when idle."""
-    mean = sum(sum(per.values()) / len(per) for per in loads.values() if per)
-    top = sum(max(per.values()) for per in loads.values() if per)
-    return mean / top if top > 0 else 1.0
-
-
-def balancedness(loads: list[float]) -> float:
-    """Mean / max of per-worker loads; 1.0 when all idle or none."""
-    top = max(loads, default=0.0)
-    return sum(loads) / len(loads) / top if top > 0 else 1.0
-
-
-def plan_extra_replicas(rates: Mapping[str, float], base: Mapping[str, frozenset[str]], *, target: float,
-                        min_gain: float, max_per_worker: int, max_per_function: int,
-                        candidates: int = 2) -> dict[str, frozenset[str]]:
-    """Extra replicas that lift the predicted :func:`layer_balancedness` (greedy, one at a time).
-
-    Each round looks, in every layer, at the ``candidates`` hottest functions of that
-    layer's most loaded worker and the ``candidates`` least loaded workers of the layer
-    that do not host them yet, and keeps the single addition that raises the
-    balancedness most. It stops at ``target``, or when the best gain is below ``min_gain``.
-
-    Args:
-        rates: tokens/s per function id (summed over its replicas).
-        base: function ids each ready worker hosts by its shard.
-        target: balancedness at which planning stops (0-1].
-        min_gain: least rise one more replica must bring.
-        max_per_worker: most extra replicas one worker hosts.
-        max_per_function: most extra replicas one function gets.
-        candidates: functions and workers tried per layer and round.
-
-    Returns:
-        Worker id -> extra function ids (only workers with some).
-    """
-    extras: dict[str, set[str]] = {w: set() for w in base}
-    per_fn: dict[str, int] = {}
-
-    def hosts() -> dict[str, frozenset[str]]:
-        return {w: base[w] | frozenset(extras[w]) for w in base}
-
-    current = layer_balancedness(predicted_loads(rates, hosts()))
-    for _ in range(sum(len(f) for f in base.values()) + 1):
-        if current >= target:
-            break
-        placement = hosts()
-        loads = predicted_loads(rates, placement)
-        best: tuple[float, str, str] | None = None
-        for layer, per in sorted(loads.items()):
-            hot = max(per, key=lambda w: (per[w], w))
-            fns = sorted((f for f in placement[hot] if _layer(f) == layer and rates.get(f, 0.0) > 0
-                          and per_fn.get(f, 0) < max_per_function), key=lambda f: (-rates[f], f))[:candidates]
-            for fid in fns:
-                cold = sorted((w for w in per if fid not in placement[w] and len(extras[w]) < max_per_worker),
-                              key=lambda w: (per[w], w))[:candidates]
-                for wid in cold:
-                    extras[wid].add(fid)
-                    score = layer_balancedness(predicted_loads(rates, hosts()))
-                    extras[wid].discard(fid)
-                    if best is None or score > best[0]:
-                        best = (score, wid, fid)
-        if best is None or best[0] < current + min_gain:
-            break
-        current, wid, fid = best
-        extras[wid].add(fid)
-        per_fn[fid] = per_fn.get(fid, 0) + 1
-    return {w: frozenset(f) for w, f in extras.items() if f}
-
-
 def _decide_extras(snapshot: MetricsSnapshot, config: AutoscalerConfig, state: PolicyState
                    ) -> tuple[dict[str, frozenset[str]], float | None, float | None, str]:
     """Extra replicas per ready worker (see the module docstring): (extras, pending since, measured, note)."""
@@ -416,11 +322,11 @@ def _decide_extras(snapshot: MetricsSnapshot, config: AutoscalerConfig, state: P
     measured_loads: dict[int, dict[str, float]] = {}
     for w in ready:
         for fid in w.functions:
-            measured_loads.setdefault(_layer(fid), {}).setdefault(w.worker_id, 0.0)
+            measured_loads.setdefault(layer_of(fid), {}).setdefault(w.worker_id, 0.0)
         for fid, r in w.function_rates.items():
             rates[fid] = rates.get(fid, 0.0) + max(r, 0.0)
             if fid in w.functions:
-                measured_loads[_layer(fid)][w.worker_id] += max(r, 0.0)
+                measured_loads[layer_of(fid)][w.worker_id] += max(r, 0.0)
     if config.max_hot_replicas == 0 or not ready or sum(rates.values()) <= 0:
         return current, None, None, ""
     measured = layer_balancedness(measured_loads)
