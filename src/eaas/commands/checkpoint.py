@@ -88,3 +88,61 @@ def inspect(
         for f in fns:
             ft.add_row(f.id, f.dtype, str(f.nbytes), f.checksum[:16])
         console.print(ft)
+
+
+@app.command("train")
+@cli_errors
+def train_cmd(
+    out: Path = typer.Option(..., "--out", help="directory to write the checkpoint and its report into"),
+    arch: str = typer.Option("mixtral", "--arch", help="mixtral or qwen3_moe"),
+    layers: int = typer.Option(4, "--layers", help="MoE decoder layers"),
+    hidden: int = typer.Option(192, "--hidden", help="hidden size D"),
+    intermediate: int = typer.Option(192, "--intermediate", help="expert intermediate size I"),
+    experts: int = typer.Option(8, "--experts", help="routed experts per layer"),
+    top_k: int = typer.Option(2, "--top-k", help="experts per token"),
+    vocab_size: int = typer.Option(2048, "--vocab-size", help="BPE vocabulary size"),
+    steps: int = typer.Option(1800, "--steps", help="optimiser steps"),
+    batch_size: int = typer.Option(16, "--batch-size", help="windows per step"),
+    seq_len: int = typer.Option(128, "--seq-len", help="tokens per window"),
+    lr: float = typer.Option(2e-3, "--lr", help="peak learning rate (cosine decay after warm-up)"),
+    aux_coef: float = typer.Option(0.01, "--router-aux-loss-coef", help="weight of transformers' load-balancing loss"),
+    source: str = typer.Option("topics+docstrings", "--source", help="topics (pydoc_data) or topics+docstrings (with stdlib docstrings)"),
+    held_out: float = typer.Option(0.05, "--held-out", help="share of documents held out"),
+    max_documents: int = typer.Option(None, "--max-documents", help="only the first N documents (quick trials)"),
+    seed: int = typer.Option(0, "--seed", help="seed of the split, the weights and the batches"),
+    dtype: str = typer.Option("float32", "--dtype", help="dtype the checkpoint is saved in (training is float32)"),
+    as_json: bool = typer.Option(False, "--json", help="print the report as JSON"),
+    force: bool = typer.Option(False, "--force", help="overwrite a non-empty --out directory"),
+) -> None:
+    """Train a small MoE on Python's own documentation; write the checkpoint, a loss curve and expert-load report."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from eaas.errors import ConfigError
+    from eaas.training import TrainConfig, train
+    from eaas.training.trainer import REPORT_JSON, REPORT_PNG
+
+    if out.exists() and any(out.iterdir()) and not force:
+        raise ConfigError(f"{out} exists and is not empty; use --force to overwrite")
+    config = TrainConfig(arch=arch, layers=layers, hidden=hidden, intermediate=intermediate, experts=experts,
+                         top_k=top_k, vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
+                         lr=lr, router_aux_loss_coef=aux_coef, source=source, held_out_fraction=held_out,
+                         max_documents=max_documents, seed=seed, dtype=dtype)
+    columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, disable=as_json, transient=False) as bar:
+        task = bar.add_task("train", total=steps, loss="-")
+        result = train(config, out, progress=lambda step, _n, loss: bar.update(task, completed=step, loss=f"{loss:.3f}"))
+    if as_json:
+        import json
+
+        print_json(json.loads((out / REPORT_JSON).read_text()))
+        return
+    table = Table(title=f"{arch} trained on {source} in {result.seconds / 60:.1f} min -> {out}")
+    for col in ("layer", "hottest expert share", "Gini"):
+        table.add_column(col, justify="right")
+    for e in result.expert_load:
+        table.add_row(str(e.layer), f"{e.hottest_fraction:.3f}", f"{e.gini:.3f}")
+    console.print(table)
+    console.print(f"held-out loss {result.held_out_loss:.3f} nats/token (perplexity {result.held_out_perplexity:.1f}), "
+                  f"{result.tokens['train']:,} training tokens; report: {out / REPORT_JSON}, {out / REPORT_PNG}",
+                  highlight=False)

@@ -17,7 +17,7 @@ import json
 import logging
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 
@@ -45,11 +45,16 @@ def corpus_text() -> str:
     return resources.files("eaas.data").joinpath("tokenizer_corpus.txt").read_text(encoding="utf-8")
 
 
-def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):  # -> tokenizers.Tokenizer
-    """Train a byte-level BPE on the shipped corpus (deterministic).
+def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE, lines: Iterable[str] | None = None):  # -> tokenizers.Tokenizer
+    """Train a byte-level BPE (deterministic), with ``<|endoftext|>`` and ``<|pad|>`` as special tokens.
 
-    The vocabulary may come out smaller than ``vocab_size`` when the corpus has
-    fewer merges; callers size the model from ``get_vocab_size()``.
+    Args:
+        vocab_size: target size; it may come out smaller when the text has fewer
+            merges, so callers size the model from ``get_vocab_size()``.
+        lines: training text (default: the non-blank lines of the shipped corpus).
+
+    Raises:
+        ConfigError: ``vocab_size`` below the 256 bytes plus the 2 special tokens.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
@@ -64,7 +69,9 @@ def train_tokenizer(vocab_size: int = DEFAULT_VOCAB_SIZE):  # -> tokenizers.Toke
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator([line for line in corpus_text().splitlines() if line.strip()], trainer)
+    if lines is None:
+        lines = [line for line in corpus_text().splitlines() if line.strip()]
+    tok.train_from_iterator(lines, trainer)
     return tok
 
 
