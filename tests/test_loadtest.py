@@ -27,8 +27,10 @@ pytestmark = pytest.mark.timeout(240)
 
 
 @pytest.fixture(scope="module")
-def up(tmp_path_factory) -> Iterator[UpProcess]:  # type: ignore[no-untyped-def]
-    with UpProcess(tmp_path_factory.mktemp("lt"), workers=3, replicas=2, autoscale=True, ready_timeout_s=180) as u:
+def up(tmp_path_factory, tiny_checkpoint) -> Iterator[UpProcess]:  # type: ignore[no-untyped-def]
+    # the tiny Mixtral (D=64, float32): the shapes the locustfile's layer-forward task sends by default
+    with UpProcess(tmp_path_factory.mktemp("lt"), workers=3, replicas=2, autoscale=True, ready_timeout_s=180,
+                   model_dir=tiny_checkpoint("mixtral")) as u:
         yield u
 
 

@@ -21,6 +21,7 @@ from eaas.registry.server import free_port
 from eaas.testing import wait_for
 
 PROMPT = "The expert said"
+MODEL = "pydoc-mixtral"  # the default: trained on Python's documentation, shipped in the package
 
 
 class Up:
@@ -29,7 +30,9 @@ class Up:
 
     @property
     def checkpoint(self) -> Path:
-        return self.cache / "models" / "tiny-mixtral"
+        from eaas.deploy import packaged_model_dir
+
+        return packaged_model_dir()
 
     def registry(self) -> Registry:
         state = json.loads((Path(self.env["EAAS_STATE_DIR"]) / "deployment.json").read_text())
@@ -75,7 +78,7 @@ def reference(up: Up):  # type: ignore[no-untyped-def]
 
 
 def _complete(up: Up, **body: object) -> dict:
-    r = httpx.post(f"{up.url}/v1/completions", json={"model": "tiny-mixtral", **body}, timeout=120)
+    r = httpx.post(f"{up.url}/v1/completions", json={"model": MODEL, **body}, timeout=120)
     assert r.status_code == 200, r.text
     return r.json()
 
@@ -86,10 +89,18 @@ def test_greedy_completion_equals_transformers_generate(up: Up, reference) -> No
     assert out["usage"]["completion_tokens"] == 24
 
 
+def test_the_default_model_answers_readable_english(up: Up) -> None:
+    """A random-weight model answers byte soup (partial UTF-8, punctuation runs); the trained one words."""
+    text = _complete(up, prompt="The with statement is used to", max_tokens=24, temperature=0)["choices"][0]["text"]
+    words = text.split()
+    assert "\ufffd" not in text and text.isascii(), text
+    assert len(words) >= 8 and sum(w.strip(".,:;()*\"'").isalpha() for w in words) / len(words) >= 0.6, text
+
+
 def test_streamed_completion_gives_the_same_tokens(up: Up, reference) -> None:  # type: ignore[no-untyped-def]
     tokens, done = [], False
     with httpx.stream("POST", f"{up.url}/v1/completions", timeout=120,
-                      json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
+                      json={"model": MODEL, "prompt": PROMPT, "max_tokens": 24, "temperature": 0,
                             "stream": True, "ignore_eos": True}) as r:
         assert r.status_code == 200
         for line in r.iter_lines():
@@ -104,17 +115,17 @@ def test_streamed_completion_gives_the_same_tokens(up: Up, reference) -> None:  
 
 def test_models_and_metrics_parse(up: Up) -> None:
     models = httpx.get(f"{up.url}/v1/models", timeout=10).json()
-    assert [m["id"] for m in models["data"]] == ["tiny-mixtral"]
+    assert [m["id"] for m in models["data"]] == [MODEL]
     _complete(up, prompt="count the calls", max_tokens=2, temperature=0)
     text = httpx.get(f"{up.url}/metrics", timeout=10).text
     calls = {s.labels.get("model"): s.value for f in text_string_to_metric_families(text)
              if f.name == "eaas_expert_calls" for s in f.samples if s.name == "eaas_expert_calls_total"}
-    assert calls.get("tiny-mixtral", 0) > 0, calls  # the expert client's calls, labelled with its model
+    assert calls.get(MODEL, 0) > 0, calls  # the expert client's calls, labelled with its model
 
 
 def test_chat_completion_on_the_default_model(up: Up) -> None:
     r = httpx.post(f"{up.url}/v1/chat/completions", timeout=120,
-                   json={"model": "tiny-mixtral", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
+                   json={"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4})
     assert r.status_code == 200, r.text  # the tiny checkpoint's tokenizer has a chat template
     choice = r.json()["choices"][0]
     assert choice["message"]["role"] == "assistant" and choice["finish_reason"] in ("stop", "length")
@@ -150,11 +161,11 @@ def test_eight_concurrent_completions_share_forward_passes(up: Up, reference) ->
 
 def test_worker_sigkill_during_a_completion(up: Up, reference) -> None:  # type: ignore[no-untyped-def]
     reg = up.registry()
-    victims = [w for w in reg.workers("tiny-mixtral")]
+    victims = [w for w in reg.workers(MODEL)]
     assert len(victims) == 3
     tokens, killed = [], False
     with httpx.stream("POST", f"{up.url}/v1/completions", timeout=180,
-                      json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": 48, "temperature": 0,
+                      json={"model": MODEL, "prompt": PROMPT, "max_tokens": 48, "temperature": 0,
                             "stream": True, "ignore_eos": True}) as r:
         for line in r.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
@@ -172,8 +183,8 @@ def test_worker_sigkill_during_a_completion(up: Up, reference) -> None:  # type:
 def test_bad_input_gets_4xx_and_the_gateway_keeps_serving(up: Up) -> None:
     post = lambda **kw: httpx.post(f"{up.url}/v1/completions", timeout=30, **kw)  # noqa: E731
     assert post(content=b"{not json", headers={"content-type": "application/json"}).status_code in (400, 422)
-    assert post(json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": "many"}).status_code in (400, 422)
-    assert post(json={"model": "tiny-mixtral", "prompt": PROMPT, "max_tokens": 10**7}).status_code == 400
+    assert post(json={"model": MODEL, "prompt": PROMPT, "max_tokens": "many"}).status_code in (400, 422)
+    assert post(json={"model": MODEL, "prompt": PROMPT, "max_tokens": 10**7}).status_code == 400
     assert post(json={"model": "nope", "prompt": PROMPT}).status_code == 404
     assert _complete(up, prompt=PROMPT, max_tokens=2, temperature=0)["usage"]["completion_tokens"] == 2
 

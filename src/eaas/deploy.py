@@ -1,8 +1,8 @@
 """The whole system on one machine: what ``eaas up`` starts and stops.
 
 In order (DESIGN.md, "The main job"): a private Redis unless ``EAAS_REDIS_URL``
-is set; the model registered (``--model DIR``, default a tiny Mixtral created on
-first use under the cache directory); a warm pool of expert workers with every
+is set; the model registered (``--model DIR``, default the trained ``pydoc-mixtral``
+shipped in the package, :func:`packaged_model_dir`); a warm pool of expert workers with every
 expert on at least ``replicas`` replicas; the autoscaler; the gateway with an
 attention client. :meth:`LocalDeployment.stop` undoes it all in reverse order:
 no orphan process, no leaked shared memory, state file removed.
@@ -24,7 +24,7 @@ import torch
 from transformers import AutoTokenizer
 
 from eaas.errors import ConfigError, EaaSError, NotFound
-from eaas.functions import inspect_checkpoint, write_tiny_checkpoint
+from eaas.functions import inspect_checkpoint
 from eaas.gateway.serve import assemble_gateway
 from eaas.platform.autoscale.config import AutoscalerConfig, config_from_env
 from eaas.platform.autoscale.mechanism import Autoscaler
@@ -39,35 +39,29 @@ from eaas.settings import Settings
 
 log = logging.getLogger(__name__)
 
-TINY_MODEL_NAME = "tiny-mixtral"
+DEFAULT_MODEL_NAME = "pydoc-mixtral"
+"""The model ``eaas up`` serves without ``--model``: a small Mixtral trained by
+``eaas checkpoint train`` on Python's own documentation, shipped in the package."""
 KEEP_LOG_DIRS = 5
 """Log directories of past deployments kept under ``<state_dir>/logs`` (the newest ones)."""
 
 Progress = Callable[[str, int, int], None]
 """``progress(step, done, total)``: a hook for the CLI's progress display."""
 
-def _has_chat_template(path: Path) -> bool:
-    """The tokenizer in ``path`` has a chat template (its own file, or inside its config)."""
-    if (path / "chat_template.jinja").is_file():
-        return True
-    config = path / "tokenizer_config.json"
-    return config.is_file() and '"chat_template"' in config.read_text(encoding="utf-8")
 
+def packaged_model_dir() -> Path:
+    """The trained default checkpoint inside the installed package (read-only; no download).
 
-def default_model_dir(settings: Settings) -> Path:
-    """The tiny Mixtral checkpoint under the cache directory, written on first use
-    (and written again over a copy cached by a version without a chat template)."""
-    path = Path(settings.cache_dir) / "models" / TINY_MODEL_NAME
-    if not (path / "config.json").is_file() or not _has_chat_template(path):
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".partial")
-        write_tiny_checkpoint("mixtral", tmp)
-        if path.exists():
-            old = path.with_name(path.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            path.replace(old)
-            shutil.rmtree(old, ignore_errors=True)
-        tmp.replace(path)
+    Raises:
+        CheckpointError: the package was installed without its model files.
+    """
+    from importlib import resources
+
+    from eaas.errors import CheckpointError
+
+    path = Path(str(resources.files("eaas.data").joinpath("models", DEFAULT_MODEL_NAME)))
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"the default model is missing from the package ({path}); reinstall eaas or pass --model DIR")
     return path
 
 
@@ -101,7 +95,7 @@ class UpConfig:
     """What ``eaas up`` starts.
 
     Attributes:
-        model_dir: checkpoint directory (None: the tiny Mixtral).
+        model_dir: checkpoint directory (None: the packaged pydoc-mixtral).
         name: model name (default: the directory name).
         workers: expert worker processes at start.
         replicas: replicas of every expert (>= 2 gives failover).
@@ -158,7 +152,7 @@ class LocalDeployment:
         self.progress("redis", 1, 1)
 
         self.progress("model", 0, 1)
-        self.model_dir = Path(self.config.model_dir) if self.config.model_dir else default_model_dir(self.settings)
+        self.model_dir = Path(self.config.model_dir) if self.config.model_dir else packaged_model_dir()
         spec, fns = inspect_checkpoint(self.model_dir, name=self.config.name)
         self.model_name = spec.name
         self.registry.register_model(spec.to_dict(), [f.to_dict() for f in fns])

@@ -53,15 +53,20 @@ class Sample:
 
 
 def closed_loop(url: str, *, concurrency: int, duration_s: float, max_tokens: int, prompt: str = PROMPT,
-                headers: dict[str, str] | None = None, timeout_s: float = 120.0, stream: bool = False) -> list[Sample]:  # fmt: skip
+                headers: dict[str, str] | None = None, timeout_s: float = 120.0, stream: bool = False,
+                model: str | None = None) -> list[Sample]:  # fmt: skip
     """``concurrency`` clients sending the same completion back to back for ``duration_s``.
+
+    ``model``: the model to ask (default: the first one ``/v1/models`` lists).
 
     A request started before the end is waited for (at most ``timeout_s``). With
     ``stream`` the completions are streamed (SSE) and each token's arrival is recorded.
     """
     import httpx
 
-    body = {"model": "tiny-mixtral", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
+    if model is None:
+        model = httpx.get(f"{url}/v1/models", headers=headers, timeout=30).json()["data"][0]["id"]
+    body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "ignore_eos": True}
     samples: list[Sample] = []
     lock = threading.Lock()
     end_at = time.time() + duration_s

@@ -33,7 +33,7 @@ def _check_port_free(host: str, port: int) -> None:
 
 @cli_errors
 def up(
-    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint directory (default: a tiny Mixtral, created on first use)"),
+    model: Optional[Path] = typer.Option(None, "--model", help="checkpoint directory (default: pydoc-mixtral, the small trained Mixtral shipped with eaas)"),
     name: Optional[str] = typer.Option(None, "--name", help="model name (default: the directory name)"),
     workers: int = typer.Option(2, "--workers", min=1, help="expert worker processes at start"),
     replicas: int = typer.Option(2, "--replicas", min=1, help="replicas of every expert (>= 2 survives a worker failure)"),

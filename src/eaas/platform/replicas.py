@@ -101,8 +101,11 @@ class ExtraReplicas:
                 self.step()
                 self.last_error = None
             except Exception as e:  # noqa: BLE001 - one failed pass never ends the thread
+                again = self.last_error == repr(e)  # the same failure pass after pass (Redis away): logged once
                 self.last_error = repr(e)
-                if isinstance(e, EaaSError):
+                if again:
+                    pass
+                elif isinstance(e, EaaSError):
                     log.warning("worker %s: extra replicas: %s", self.worker_id, e)
                 else:
                     log.exception("worker %s: extra replicas pass failed", self.worker_id)
