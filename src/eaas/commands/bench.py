@@ -289,3 +289,47 @@ def e2e(
 
     _report("e2e", run, table=be.summary_table, plot=be.plot, json_out=json_out, png=png,
             extra_lines=be.summary_lines)
+
+
+@app.command("balance")
+def balance(
+    model_dir: str = typer.Option(None, "--model", help="checkpoint from `eaas checkpoint train` (default: the shipped pydoc-mixtral)"),
+    workers: int = typer.Option(4, "--workers", min=2, help="shard workers at start"),
+    replicas: int = typer.Option(2, "--replicas", min=1, help="replicas of every expert among them (groups = workers / replicas)"),
+    concurrency: int = typer.Option(4, "--concurrency", min=1, help="closed-loop streaming clients"),
+    max_tokens: int = typer.Option(32, "--max-tokens", min=1, help="output tokens per request"),
+    phase_s: float = typer.Option(75.0, "--phase-s", min=10.0, help="length of each phase (mix A, then mix B), s"),
+    sample_s: float = typer.Option(2.0, "--sample-s", min=0.5, help="registry sampling period, s"),
+    tail_s: float = typer.Option(30.0, "--tail-s", min=2.0, help="end of each phase that counts as 'after', s"),
+    upscale_delay_s: float = typer.Option(20.0, "--upscale-delay-s", min=0.0, help="autoscaler: delay before a better placement of extra replicas applies"),
+    downscale_delay_s: float = typer.Option(30.0, "--downscale-delay-s", min=0.0, help="autoscaler: delay before a placement with fewer extra replicas applies"),
+    balance_target: float = typer.Option(0.9, "--balance-target", min=0.01, max=1.0, help="autoscaler: balancedness (vLLM EPLB, per layer) it plans extra replicas up to"),
+    max_hot_replicas: int = typer.Option(2, "--max-hot-replicas", min=0, help="autoscaler: most extra replicas per expert (0: none, the baseline)"),
+    seed: int = typer.Option(0, "--seed", help="prompt order"),
+    workdir: str = typer.Option(None, "--workdir", help="keep logs and deployment state here (default: a temp dir)"),
+    json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
+    png: str = typer.Option(None, "--png", help="write balancedness and per-worker load over time to this PNG"),
+) -> None:
+    """Live hot-expert replication under held-out-text load whose hot set moves halfway: balancedness
+    before / after, the longest token gap during each rebalance, failed requests."""
+    import tempfile
+
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from eaas.bench import balance as bb
+
+    def run() -> dict:
+        cfg = bb.BalanceBenchConfig(model_dir=Path(model_dir) if model_dir else None, workers=workers,
+                                    replicas=replicas, concurrency=concurrency, max_tokens=max_tokens, phase_s=phase_s,
+                                    sample_s=sample_s, tail_s=min(tail_s, phase_s), upscale_delay_s=upscale_delay_s,
+                                    downscale_delay_s=downscale_delay_s, look_back_s=min(4.0, downscale_delay_s),
+                                    balance_target=balance_target, max_hot_replicas=max_hot_replicas, seed=seed)
+        with tempfile.TemporaryDirectory(prefix="eaas-bench-balance-") as tmp, \
+                Progress(TextColumn("balance"), BarColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+                         transient=True) as prog:  # fmt: skip
+            task = prog.add_task("run", total=2 * phase_s)
+            return bb.run_balance_bench(cfg, Path(workdir) if workdir else Path(tmp),
+                                        progress=lambda done, _total: prog.update(task, completed=done))
+
+    _report("balance", run, table=bb.summary_table, plot=bb.plot, json_out=json_out, png=png)

@@ -28,11 +28,12 @@ function's tokens are predicted to spread evenly over the workers hosting it;
 :func:`plan_extra_replicas` adds one extra replica at a time, of a hot function
 of the most loaded worker of some layer, on a cold worker of that layer, taking
 the addition that raises the balancedness most, while it is below
-``balance_target`` and the gain is at least ``min_balance_gain``. Extra replicas
+``balance_target`` and the gain is at least ``min_balance_gain``. Rates are smoothed
+over ``look_back_s``. Extra replicas
 go onto existing workers, which load them while serving
 (:class:`eaas.platform.replicas.ExtraReplicas`): adding *workers* cannot lift a
 layer's mean over max while other workers stay cold in it. A new plan replaces
-the current one only when it is better by ``min_balance_gain`` for
+the current one only when it is better by twice ``min_balance_gain`` for
 ``upscale_delay_s`` (or, with fewer extras and no worse, for ``downscale_delay_s``).
 """
 
@@ -164,6 +165,8 @@ class PolicyState:
     shards: Mapping[str, ShardState] = field(default_factory=dict)
     extras: Mapping[str, frozenset[str]] = field(default_factory=dict)
     extras_pending_since_s: float | None = None
+    rates: Mapping[str, float] = field(default_factory=dict)
+    rates_at_s: float | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -304,27 +307,45 @@ def decide(
         reasons[shard] = f"{shard}: {note}"
         new_shards[shard] = ShardState(ts, ema, ema_at_s, window_since_s, len(ready))
 
-    extras, since, balance, note = _decide_extras(snapshot, config, state)
+    rates = _smoothed_rates(snapshot, config, state)
+    extras, since, balance, note = _decide_extras(snapshot, config, state, rates)
     if note:
         reasons["extra replicas"] = note
     decision = Decision(desired, extras, reasons, loads, frozenset(panic), balance)
-    return decision, PolicyState(new_shards, extras, since)
+    return decision, PolicyState(new_shards, extras, since, rates, snapshot.now_s)
 
 
-def _decide_extras(snapshot: MetricsSnapshot, config: AutoscalerConfig, state: PolicyState
+def _smoothed_rates(snapshot: MetricsSnapshot, config: AutoscalerConfig, state: PolicyState) -> dict[str, float]:
+    """Tokens/s per function (summed over the fresh ready workers), as an exponential moving average
+    with time constant ``look_back_s`` (as the shards' load): a plan follows the traffic, not the noise
+    of one heartbeat period."""
+    now_s = snapshot.now_s
+    raw: dict[str, float] = {}
+    for w in snapshot.workers:
+        if w.state is WorkerState.READY and now_s - w.heartbeat_at_s <= config.metrics_stale_s:
+            for fid, r in w.function_rates.items():
+                raw[fid] = raw.get(fid, 0.0) + max(r, 0.0)
+    if state.rates_at_s is None or config.look_back_s == 0:
+        return raw
+    alpha = 1.0 - math.exp(-max(now_s - state.rates_at_s, 0.0) / config.look_back_s)
+    return {f: state.rates.get(f, 0.0) + alpha * (raw.get(f, 0.0) - state.rates.get(f, 0.0))
+            for f in set(raw) | set(state.rates)}
+
+
+def _decide_extras(snapshot: MetricsSnapshot, config: AutoscalerConfig, state: PolicyState, rates: dict[str, float]
                    ) -> tuple[dict[str, frozenset[str]], float | None, float | None, str]:
-    """Extra replicas per ready worker (see the module docstring): (extras, pending since, measured, note)."""
+    """Extra replicas per ready worker (see the module docstring): (extras, pending since, measured, note).
+
+    ``rates``: smoothed tokens/s per function (:func:`_smoothed_rates`)."""
     now_s = snapshot.now_s
     ready = [w for w in snapshot.workers
              if w.state is WorkerState.READY and now_s - w.heartbeat_at_s <= config.metrics_stale_s]
     current = {w.worker_id: state.extras[w.worker_id] for w in ready if state.extras.get(w.worker_id)}
-    rates: dict[str, float] = {}
     measured_loads: dict[int, dict[str, float]] = {}
     for w in ready:
         for fid in w.functions:
             measured_loads.setdefault(layer_of(fid), {}).setdefault(w.worker_id, 0.0)
         for fid, r in w.function_rates.items():
-            rates[fid] = rates.get(fid, 0.0) + max(r, 0.0)
             if fid in w.functions:
                 measured_loads[layer_of(fid)][w.worker_id] += max(r, 0.0)
     if config.max_hot_replicas == 0 or not ready or sum(rates.values()) <= 0:
@@ -341,7 +362,7 @@ def _decide_extras(snapshot: MetricsSnapshot, config: AutoscalerConfig, state: P
 
     b_fresh, b_current = predicted(fresh), predicted(current)
     fewer = sum(map(len, fresh.values())) < sum(map(len, current.values()))
-    if b_fresh >= b_current + config.min_balance_gain:
+    if b_fresh >= b_current + 2 * config.min_balance_gain:  # a new plan must clearly beat the one serving
         delay_s = config.upscale_delay_s
     elif fewer and b_fresh >= b_current - 0.01:
         delay_s = config.downscale_delay_s
