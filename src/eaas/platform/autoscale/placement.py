@@ -69,13 +69,15 @@ def plan_extra_replicas(rates: Mapping[str, float], base: Mapping[str, frozenset
     Each round looks, in every layer, at the ``candidates`` hottest functions of that
     layer's most loaded worker and the ``candidates`` least loaded workers of the layer
     that do not host them yet, and keeps the single addition that raises the
-    balancedness most. It stops at ``target``, or when the best gain is below ``min_gain``.
+    balancedness most (only the changed layer is rescored). It stops at ``target``, or when
+    the best addition lifts its own layer's share of the sum by less than ``min_gain``
+    (the total by less than ``min_gain / layers``).
 
     Args:
         rates: tokens/s per function id (summed over its replicas).
         base: function ids each ready worker hosts by its shard.
         target: balancedness at which planning stops (0-1].
-        min_gain: least rise one more replica must bring.
+        min_gain: least rise one more replica must bring to its layer.
         max_per_worker: most extra replicas one worker hosts.
         max_per_function: most extra replicas one function gets.
         candidates: functions and workers tried per layer and round.
@@ -85,33 +87,55 @@ def plan_extra_replicas(rates: Mapping[str, float], base: Mapping[str, frozenset
     """
     extras: dict[str, set[str]] = {w: set() for w in base}
     per_fn: dict[str, int] = {}
+    loads = predicted_loads(rates, base)  # kept current as replicas are added
+    holders: dict[str, list[str]] = {}
+    by_wl: dict[tuple[str, int], list[str]] = {}  # (worker, layer) -> functions it hosts there
+    for w, fids in base.items():
+        for f in fids:
+            holders.setdefault(f, []).append(w)
+            by_wl.setdefault((w, layer_of(f)), []).append(f)
+    stats = {layer: (sum(per.values()) / len(per), max(per.values())) for layer, per in loads.items() if per}
+    sum_mean, sum_max = sum(m for m, _ in stats.values()), sum(x for _, x in stats.values())
+    current = sum_mean / sum_max if sum_max > 0 else 1.0
 
-    def hosts() -> dict[str, frozenset[str]]:
-        return {w: base[w] | frozenset(extras[w]) for w in base}
+    def with_replica(per: dict[str, float], fid: str, wid: str) -> dict[str, float]:
+        """``per`` (one layer's loads) after ``fid`` gets a replica on ``wid``."""
+        n = len(holders[fid])
+        old_share, new_share = rates[fid] / n, rates[fid] / (n + 1)
+        trial = dict(per)
+        for w in holders[fid]:
+            trial[w] -= old_share - new_share
+        trial[wid] += new_share
+        return trial
 
-    current = layer_balancedness(predicted_loads(rates, hosts()))
     for _ in range(sum(len(f) for f in base.values()) + 1):
         if current >= target:
             break
-        placement = hosts()
-        loads = predicted_loads(rates, placement)
-        best: tuple[float, str, str] | None = None
-        for layer, per in sorted(loads.items()):
+        best: tuple[float, str, str, int] | None = None
+        for layer, per in loads.items():
             hot = max(per, key=lambda w: (per[w], w))
-            fns = sorted((f for f in placement[hot] if layer_of(f) == layer and rates.get(f, 0.0) > 0
+            fns = sorted((f for f in by_wl.get((hot, layer), ()) if rates.get(f, 0.0) > 0
                           and per_fn.get(f, 0) < max_per_function), key=lambda f: (-rates[f], f))[:candidates]
             for fid in fns:
-                cold = sorted((w for w in per if fid not in placement[w] and len(extras[w]) < max_per_worker),
+                cold = sorted((w for w in per if w not in holders[fid] and len(extras[w]) < max_per_worker),
                               key=lambda w: (per[w], w))[:candidates]
-                for wid in cold:
-                    extras[wid].add(fid)
-                    score = layer_balancedness(predicted_loads(rates, hosts()))
-                    extras[wid].discard(fid)
-                    if best is None or score > best[0]:
-                        best = (score, wid, fid)
-        if best is None or best[0] < current + min_gain:
+                for wid in cold:  # only this layer's loads change: rescore it alone
+                    trial = with_replica(per, fid, wid)
+                    mean, top = stats[layer]
+                    new_max = sum_max - top + max(trial.values())
+                    score = (sum_mean - mean + sum(trial.values()) / len(trial)) / new_max if new_max > 0 else 1.0
+                    if best is None or (score, wid, fid) > best[:3]:
+                        best = (score, wid, fid, layer)
+        if best is None or best[0] < current + min_gain / max(1, len(stats)):  # min_gain within one layer
             break
-        current, wid, fid = best
+        current, wid, fid, layer = best
+        loads[layer] = with_replica(loads[layer], fid, wid)
+        holders[fid].append(wid)
+        by_wl.setdefault((wid, layer), []).append(fid)
+        mean, top = stats[layer]
+        stats[layer] = (sum(loads[layer].values()) / len(loads[layer]), max(loads[layer].values()))
+        sum_mean += stats[layer][0] - mean
+        sum_max += stats[layer][1] - top
         extras[wid].add(fid)
         per_fn[fid] = per_fn.get(fid, 0) + 1
     return {w: frozenset(f) for w, f in extras.items() if f}
