@@ -310,8 +310,8 @@ def balance(
     json_out: bool = typer.Option(False, "--json", help="print one JSON object instead of the table"),
     png: str = typer.Option(None, "--png", help="write balancedness and per-worker load over time to this PNG"),
 ) -> None:
-    """Live hot-expert replication under held-out-text load whose hot set moves halfway: balancedness
-    before / after, the longest token gap during each rebalance, failed requests."""
+    """Live extra replicas of hot experts under held-out-text load whose mix changes halfway: balancedness
+    before / after, the longest token gap around each rebalance, failed requests (about 2 x --phase-s + 30 s)."""
     import tempfile
 
     from rich.console import Console

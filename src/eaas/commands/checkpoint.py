@@ -105,6 +105,7 @@ def train_cmd(
     batch_size: int = typer.Option(16, "--batch-size", help="windows per step"),
     seq_len: int = typer.Option(128, "--seq-len", help="tokens per window"),
     lr: float = typer.Option(2e-3, "--lr", help="peak learning rate (cosine decay after warm-up)"),
+    warmup_steps: int = typer.Option(100, "--warmup-steps", help="linear warm-up steps before the peak learning rate"),
     aux_coef: float = typer.Option(0.01, "--router-aux-loss-coef", help="weight of transformers' load-balancing loss"),
     source: str = typer.Option("topics+docstrings", "--source", help="topics (pydoc_data) or topics+docstrings (with stdlib docstrings)"),
     held_out: float = typer.Option(0.05, "--held-out", help="share of documents held out"),
@@ -125,7 +126,7 @@ def train_cmd(
         raise ConfigError(f"{out} exists and is not empty; use --force to overwrite")
     config = TrainConfig(arch=arch, layers=layers, hidden=hidden, intermediate=intermediate, experts=experts,
                          top_k=top_k, vocab_size=vocab_size, steps=steps, batch_size=batch_size, seq_len=seq_len,
-                         lr=lr, router_aux_loss_coef=aux_coef, source=source, held_out_fraction=held_out,
+                         lr=lr, warmup_steps=min(warmup_steps, steps), router_aux_loss_coef=aux_coef, source=source, held_out_fraction=held_out,
                          max_documents=max_documents, seed=seed, dtype=dtype)
     columns = (TextColumn("training"), BarColumn(), MofNCompleteColumn(), TextColumn("loss {task.fields[loss]}"),
                TimeElapsedColumn(), TimeRemainingColumn())
@@ -137,12 +138,15 @@ def train_cmd(
 
         print_json(json.loads((out / REPORT_JSON).read_text()))
         return
-    table = Table(title=f"{arch} trained on {source} in {result.seconds / 60:.1f} min -> {out}")
+    console.print(f"trained {arch} in {result.seconds / 60:.1f} min; expert load on held-out text:", highlight=False)
+    table = Table()
     for col in ("layer", "hottest expert share", "Gini"):
         table.add_column(col, justify="right")
     for e in result.expert_load:
         table.add_row(str(e.layer), f"{e.hottest_fraction:.3f}", f"{e.gini:.3f}")
     console.print(table)
-    console.print(f"held-out loss {result.held_out_loss:.3f} nats/token (perplexity {result.held_out_perplexity:.1f}), "
-                  f"{result.tokens['train']:,} training tokens; report: {out / REPORT_JSON}, {out / REPORT_PNG}",
-                  highlight=False)
+    seen = steps * batch_size * seq_len
+    console.print(f"wrote {out}: held-out loss {result.held_out_loss:.3f} nats/token (perplexity "
+                  f"{result.held_out_perplexity:.1f}); {seen:,} tokens seen in {steps} steps "
+                  f"({seen / result.tokens['train']:.2f} passes over the {result.tokens['train']:,} training tokens); "
+                  f"report: {out / REPORT_JSON}, {out / REPORT_PNG}", highlight=False)

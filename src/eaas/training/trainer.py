@@ -107,8 +107,16 @@ class TrainConfig:
     dtype: str = "float32"
 
     def __post_init__(self) -> None:
+        from eaas.training.corpus import SOURCES
+
         if self.arch not in TRAIN_ARCHS:
             raise ConfigError(f"cannot train {self.arch!r}: expected one of {', '.join(TRAIN_ARCHS)}")
+        if self.source not in SOURCES:
+            raise ConfigError(f"unknown corpus source {self.source!r}: expected one of {', '.join(SOURCES)}")
+        if self.vocab_size < 258:
+            raise ConfigError(f"vocab_size {self.vocab_size} is too small: a byte-level BPE needs at least 258")
+        if self.warmup_steps < 0:
+            raise ConfigError(f"warmup_steps={self.warmup_steps!r} must be >= 0")
         for name in ("steps", "seq_len", "batch_size", "eval_every", "eval_windows", "layers", "experts"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}={getattr(self, name)!r} must be >= 1")
@@ -145,7 +153,7 @@ class TrainResult:
 
 def learning_rate(step: int, config: TrainConfig) -> float:
     """Learning rate at optimiser step ``step`` (0-based): linear warm-up, then cosine to ``min_lr_ratio * lr``."""
-    if step < config.warmup_steps:
+    if step < config.warmup_steps:  # (warmup_steps 0: no warm-up)
         return config.lr * (step + 1) / config.warmup_steps
     span = max(1, config.steps - config.warmup_steps)
     progress = min(1.0, (step - config.warmup_steps) / span)
