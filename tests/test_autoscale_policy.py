@@ -9,7 +9,6 @@ import pytest
 from eaas.errors import ConfigError
 from eaas.platform.autoscale import (
     AutoscalerConfig,
-    FunctionMetrics,
     MetricsSnapshot,
     PolicyState,
     WorkerMetrics,
