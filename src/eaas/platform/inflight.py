@@ -26,7 +26,7 @@ from typing import Any
 import torch
 import zmq
 
-from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RegistryUnavailable, RemoteError, TransportError
+from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
 from eaas.platform.decode import decode_header
 from eaas.functions.spec import layer_of
@@ -147,10 +147,7 @@ class LayerCall:
                         it.tried.clear()  # a replica that failed earlier may be back
                     c.routing.request_refresh()
                     c.stop.wait(min(0.05, max(0.0, call_deadline - now)))
-                    try:
-                        c.routing.refresh()
-                    except RegistryUnavailable as e:  # route on the table held (the watch keeps trying)
-                        log.debug("client %s: routing refresh failed while waiting: %s", c.model, e)
+                    c.routing.refresh()
                 self.pending = unplaced
                 if not self.inflight:
                     continue
