@@ -9,6 +9,7 @@ import pytest
 from eaas.errors import ConfigError
 from eaas.platform.autoscale import (
     AutoscalerConfig,
+    FunctionMetrics,
     MetricsSnapshot,
     PolicyState,
     WorkerMetrics,

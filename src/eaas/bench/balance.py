@@ -191,7 +191,7 @@ def _sample(registry: Any, model: str, prev: dict[str, tuple[int, dict[str, int]
     """One timeline row from the registry: per-worker tokens since ``prev``, balancedness, hot experts, extras.
 
     ``base`` (worker id -> the functions it started with) is filled in as workers are first seen."""
-    from eaas.functions.spec import layer_of
+    from eaas.functions.spec import parse_function_id
 
     workers = registry.workers(model)
     now: dict[str, tuple[int, dict[str, int]]] = {w.id: (w.tokens_served, dict(w.function_tokens)) for w in workers}
@@ -204,12 +204,12 @@ def _sample(registry: Any, model: str, prev: dict[str, tuple[int, dict[str, int]
         before_total, before = prev.get(w.id, (w.tokens_served, dict(w.function_tokens)))
         per_worker[w.id] = max(0, w.tokens_served - before_total)
         for fid in w.shard:
-            per_layer.setdefault(layer_of(fid), {}).setdefault(w.id, 0.0)
+            per_layer.setdefault(parse_function_id(fid)[1], {}).setdefault(w.id, 0.0)
         for fid, n in w.function_tokens.items():
             d = max(0, n - before.get(fid, n))
             fn_delta[fid] = fn_delta.get(fid, 0) + d
             if fid in w.shard:
-                per_layer[layer_of(fid)][w.id] += d
+                per_layer[parse_function_id(fid)[1]][w.id] += d
     top = sorted(fn_delta, key=lambda f: (-fn_delta[f], f))[:4]
     total = sum(fn_delta.values()) or 1
     busy = sum(per_worker.values()) > 0

@@ -7,8 +7,6 @@ through JSON (``to_dict`` / ``from_dict``).
 
 from __future__ import annotations
 
-import functools
-
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
@@ -43,17 +41,6 @@ def parse_function_id(fid: str) -> tuple[str, int, int]:
     if len(parts) != 3 or not parts[0] or not parts[1].isdigit() or not parts[2].isdigit():
         raise InvalidFunctionId(f"invalid function id {fid!r}: expected 'model/layer/expert'")
     return parts[0], int(parts[1]), int(parts[2])
-
-
-@functools.lru_cache(maxsize=65536)
-def layer_of(fid: str) -> int:
-    """The layer of a function id ``{model}/{layer}/{expert}`` (memoised: replica choice and the
-    placement policy ask it for the same ids call after call).
-
-    Raises:
-        InvalidFunctionId: ``fid`` does not have that form.
-    """
-    return parse_function_id(fid)[1]
 
 
 class _Dict:

@@ -206,7 +206,7 @@ class RecentTokens:
     ones. A hot expert's rows thus spread over its replicas by each replica's load in
     the layer, which is how an extra replica on a worker that is cold in that layer
     takes its share (the policy side is
-    :func:`eaas.platform.autoscale.placement.plan_extra_replicas`). Time is passed in
+    :func:`eaas.platform.autoscale.policy.plan_extra_replicas`). Time is passed in
     (monotonic seconds). Updates from several threads may lose an increment now
     and then; the count only steers a choice.
     """
@@ -229,6 +229,19 @@ class RecentTokens:
     def add(self, key: object, rows: int, now: float) -> None:
         """Count ``rows`` more sent for ``key`` at ``now``."""
         self._values[key] = (self.get(key, now) + rows, now)
+
+
+_LAYERS: dict[str, str] = {}
+
+
+def layer_key(fid: str) -> str:
+    """The layer part of a function id ``{model}/{layer}/{expert}`` (memoised; for :class:`RecentTokens` keys)."""
+    layer = _LAYERS.get(fid)
+    if layer is None:
+        if len(_LAYERS) > 65536:
+            _LAYERS.clear()
+        layer = _LAYERS[fid] = fid.rsplit("/", 2)[-2] if fid.count("/") >= 2 else ""
+    return layer
 
 
 def choose_replica(

@@ -29,8 +29,7 @@ import zmq
 from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
 from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
 from eaas.platform.decode import decode_header
-from eaas.functions.spec import layer_of
-from eaas.platform.dispatch import RecentTokens, choose_replica
+from eaas.platform.dispatch import RecentTokens, choose_replica, layer_key
 from eaas.platform.protocol import RETRYABLE_CODES, now_ms, recv_frames, send_frames
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
@@ -198,12 +197,11 @@ class LayerCall:
         now = time.monotonic()
         for it in self.pending:
             reps = table.get(it.fid, [])
-            if not reps:
-                unplaced.append(it)
-                continue
-            layer = layer_of(it.fid)
-            base = {} if len(reps) == 1 else {
-                w.id: self.load[w.id] + w.queue_tokens + c.recent.get((w.id, layer), now) for w in reps}
+            if len(reps) == 1:
+                base = {}
+            else:
+                layer = layer_key(it.fid)
+                base = {w.id: self.load[w.id] + w.queue_tokens + c.recent.get((w.id, layer), now) for w in reps}
             ids = [w.id for w in reps]
             healthy = [w for w in ids if not c.suspects.suspect(w, now)]
             wid = choose_replica(healthy, base, c.rng, it.tried) or choose_replica(ids, base, c.rng, it.tried)
@@ -211,7 +209,7 @@ class LayerCall:
                 unplaced.append(it)
                 continue
             self.load[wid] += it.rows.numel()
-            c.recent.add((wid, layer), it.rows.numel(), now)
+            c.recent.add((wid, layer_key(it.fid)), it.rows.numel(), now)
             by_worker.setdefault(wid, []).append(it)
             workers[wid] = next(w for w in reps if w.id == wid)
         for wid, its in by_worker.items():

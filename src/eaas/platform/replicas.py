@@ -48,19 +48,14 @@ class ExtraReplicas:
             checkpoint, device and dtype, so the bits are the same).
         interval_s: how often the wanted set is read (s).
         grace_s: how long removed functions stay loaded after leaving the registry (s).
-        epoch: the worker's current registry incarnation; a new one (its lease keeper
-            registered it again, with its own functions only) gets the extras announced again.
     """
 
     def __init__(self, registry: Any, worker_id: str, model: str, base: list[Pair],
-                 load: Callable[[list[Pair]], Any], *, interval_s: float = 0.5, grace_s: float = 2.0,
-                 epoch: Callable[[], int] = lambda: 0) -> None:
+                 load: Callable[[list[Pair]], Any], *, interval_s: float = 0.5, grace_s: float = 2.0) -> None:
         self.registry, self.worker_id, self.model = registry, worker_id, model
         self.base = frozenset(function_id(model, l, e) for l, e in base)
         self._load = load
         self.interval_s, self.grace_s = interval_s, grace_s
-        self._epoch = epoch
-        self._announced_epoch: int | None = None  # the incarnation whose hosting sets hold the extras
         self.hosted: frozenset[str] = frozenset()  # extras loaded, swapped in and announced
         self.loads = 0
         self.last_error: str | None = None
@@ -120,10 +115,8 @@ class ExtraReplicas:
         """One pass: make the hosted extras equal the wanted ones (see the module docstring)."""
         wanted = self._wanted()
         if wanted == self.hosted:
-            epoch = self._epoch()
-            if self.hosted and epoch != self._announced_epoch:  # re-registered: the shard set was rewritten
+            if self.hosted:  # a re-registration (new lease) rewrites the shard set: announce them again
                 self.registry.update_hosting(self.worker_id, add=self.hosted)
-                self._announced_epoch = epoch
             return
         removed, added = self.hosted - wanted, wanted - self.hosted
         if removed:
@@ -143,8 +136,6 @@ class ExtraReplicas:
         self.loads += 1
         self.hosted = wanted
         if added:
-            epoch = self._epoch()
             self.registry.update_hosting(self.worker_id, add=added)
-            self._announced_epoch = epoch
         log.info("worker %s: extra replicas now %s (+%d -%d)", self.worker_id, sorted(self.hosted) or "none",
                  len(added), len(removed))

@@ -29,8 +29,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -346,8 +346,7 @@ class ExpertWorker:
                  self.epoch)
         if self._reload is not None:
             self.extras = ExtraReplicas(self.registry, self.id, self.model, list(self.shard.functions), self._reload,
-                                        interval_s=self.settings.heartbeat_interval_s,
-                                        epoch=lambda: self.epoch).start()
+                                        interval_s=self.settings.heartbeat_interval_s).start()
         idle_since: float | None = None
         grace_s = max(0.5, 2 * self.settings.heartbeat_interval_s)
         last_sweep = last_publish = time.monotonic()

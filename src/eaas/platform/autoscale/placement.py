@@ -15,7 +15,19 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from eaas.functions.spec import layer_of
+from eaas.functions.spec import parse_function_id
+
+
+def layer_of(fid: str, cache: dict[str, int] = {}) -> int:  # noqa: B006 - a deliberate memo
+    """The layer of a function id ``{model}/{layer}/{expert}`` (memoised).
+
+    Raises:
+        InvalidFunctionId: not of that form.
+    """
+    layer = cache.get(fid)
+    if layer is None:
+        layer = cache[fid] = parse_function_id(fid)[1]
+    return layer
 
 
 def predicted_loads(rates: Mapping[str, float], hosts: Mapping[str, frozenset[str]]) -> dict[int, dict[str, float]]:

@@ -45,8 +45,7 @@ from typing import Mapping
 
 
 from eaas.platform.autoscale.config import AutoscalerConfig
-from eaas.functions.spec import layer_of
-from eaas.platform.autoscale.placement import layer_balancedness, plan_extra_replicas, predicted_loads
+from eaas.platform.autoscale.placement import layer_balancedness, layer_of, plan_extra_replicas, predicted_loads
 from eaas.registry.records import WorkerState  # the one life cycle: starting, ready, draining
 
 
