@@ -132,18 +132,23 @@ class ExpertShard:
             start += rows
         if start != x.shape[0]:
             raise ShardInputError(f"segments cover {start} rows, x has {x.shape[0]} (expected equal)")
+        if torch.is_inference_mode_enabled():  # a worker's serve loop runs in it throughout
+            return self._forward_layers(x, layers)
         with torch.inference_mode():
-            if len(layers) == 1 and sum(next(iter(layers.values()))[1]) == x.shape[0]:
-                layer, (_, counts, locals_) = next(iter(layers.items()))
-                return self._run(layer, x, counts, locals_)
-            out = torch.empty_like(x)  # [N, D]
-            for layer, (starts, counts, locals_) in layers.items():
-                rows = torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)]).to(x.device)
-                y = self._run(layer, x.index_select(0, rows), counts, locals_)
-                out.index_copy_(0, rows, y)
-            return out
+            return self._forward_layers(x, layers)
 
     __call__ = forward
+
+    def _forward_layers(self, x: torch.Tensor, layers: dict[int, tuple[list[int], list[int], list[int]]]) -> torch.Tensor:
+        if len(layers) == 1 and sum(next(iter(layers.values()))[1]) == x.shape[0]:
+            layer, (_, counts, locals_) = next(iter(layers.items()))
+            return self._run(layer, x, counts, locals_)
+        out = torch.empty_like(x)  # [N, D]
+        for layer, (starts, counts, locals_) in layers.items():
+            rows = torch.cat([torch.arange(s, s + c) for s, c in zip(starts, counts)]).to(x.device)
+            y = self._run(layer, x.index_select(0, rows), counts, locals_)
+            out.index_copy_(0, rows, y)
+        return out
 
     def _run(self, layer: int, x: torch.Tensor, counts: list[int], locals_: list[int]) -> torch.Tensor:
         """One forward of ``layer``'s hosted experts over ``x``; computes each expert once.

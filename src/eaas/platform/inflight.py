@@ -30,7 +30,7 @@ from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteErro
 from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
 from eaas.platform.decode import decode_header
 from eaas.platform.dispatch import RecentTokens, choose_replica, layer_key
-from eaas.platform.protocol import RETRYABLE_CODES, now_ms, recv_frames, send_frames
+from eaas.platform.protocol import RETRYABLE_CODES, has_input, now_ms, recv_frames, send_frames
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
 from eaas.settings import Settings
@@ -266,11 +266,17 @@ class LayerCall:
         rings = [cn.ring for cn in conns.values() if cn.ring is not None]
         socks = [s for cn in conns.values() for s in (cn.sock, cn.monitor)]
         res = c.waiter.wait(rings, socks, timeout_s)
+        if res.ring_ready and not res.closed:
+            # A reply came on a ring: take it now. The sockets and monitors (a ZeroMQ reply, a
+            # disconnect) are looked at by the next wait, if anything is still in flight: checking
+            # them here costs a getsockopt per socket and a failed recv per pair on every reply.
+            self._take_rings(conns)
+            return
         for wid, cn in conns.items():
             if cn.ring is not None and cn.ring in res.closed:
                 self._disconnected(wid, "the worker closed its doorbell")
                 continue
-            if cn.monitor.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+            if has_input(cn.monitor):
                 self._on_monitor(wid, cn)
             if wid in c.conns:
                 self._take_socket(wid, cn)
@@ -294,7 +300,7 @@ class LayerCall:
         return got
 
     def _take_socket(self, wid: str, cn: Conn) -> None:
-        while wid in self.c.conns:
+        while wid in self.c.conns and has_input(cn.sock):  # no recv, and no zmq.Again, when nothing came
             try:
                 frames = recv_frames(cn.sock, zmq.NOBLOCK, 1)  # header as bytes, payload as frames
             except zmq.ZMQError:  # Again included

@@ -22,7 +22,7 @@ import zmq
 
 from eaas.errors import ProtocolError
 from eaas.platform.outbox import ReplyOutbox
-from eaas.platform.protocol import Header, recv_frames
+from eaas.platform.protocol import Header, has_input, recv_frames
 from eaas.platform.transport.select import WorkerEndpoint
 from eaas.platform.waiter import Waiter
 
@@ -57,15 +57,20 @@ class Mailroom:
         """Take every waiting message off the rings and the socket (waiting up to ``timeout_ms``
         for the first; spinning on the rings first when there are fast-path peers). True if any came."""
         rings = self.endpoint_io.rings
+        ring_ready = False
         if rings:
             if timeout_ms:
-                for ring in self.waiter.wait(list(rings.values()), [self.sock], timeout_ms / 1000).closed:
+                res = self.waiter.wait(list(rings.values()), [self.sock], timeout_ms / 1000)
+                for ring in res.closed:
                     self._drop_ring_peer(ring)
+                ring_ready = res.ring_ready and not res.closed
         elif not self.sock.poll(timeout_ms):
             return False
         got = self._take_rings(rings) if rings else False
-        if rings and not self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-            return got  # nothing on the socket: skip the non-blocking recv and its zmq.Again (~10 µs)
+        if ring_ready or (rings and not has_input(self.sock)):
+            # nothing on the socket, or an invoke came on a ring (the socket is looked at by the
+            # next pass, whose wait checks it first): skip the recv and its zmq.Again (~10 µs)
+            return got
         for _ in range(RECEIVE_BUDGET):
             try:
                 # envelope and header as bytes, payload frames as zero-copy zmq.Frames

@@ -53,6 +53,8 @@ DTYPES: Mapping[str, torch.dtype] = {
 }
 _RCVMORE = int(zmq.RCVMORE)
 _SNDMORE = int(zmq.SNDMORE)  # a plain int: ``int | zmq.Flag`` goes through enum machinery
+_EVENTS = int(zmq.EVENTS)
+_POLLIN = int(zmq.POLLIN)
 _ZmqFrame = zmq.Frame
 _DTYPE_NAMES: Mapping[torch.dtype, str] = {dt: name for name, dt in DTYPES.items()}
 _ITEMSIZE: Mapping[str, int] = {name: dt.itemsize for name, dt in DTYPES.items()}
@@ -329,6 +331,15 @@ def send_frames(sock: Any, frames: Sequence[Frame], flags: int = 0) -> None:
     for i, f in enumerate(frames):
         send(f, more if i < last else flags,
              copy=type(f) is not _ZmqFrame and len(f) < COPY_BELOW_BYTES)
+
+
+def has_input(sock: Any) -> bool:
+    """Whether a ZeroMQ socket has a message to read now (``ZMQ_EVENTS`` & ``POLLIN``, no recv).
+
+    Plain ints instead of pyzmq's ``zmq.EVENTS``/``zmq.POLLIN`` enums: ``int & Flag`` builds an
+    enum member per call (~1 µs of the ~3-4 µs a check costs), and the waiters check often.
+    """
+    return bool(sock.getsockopt(_EVENTS) & _POLLIN)
 
 
 def recv_frames(sock: Any, flags: int = 0, head: int = 0) -> list[Any]:

@@ -20,9 +20,10 @@ from typing import Any
 
 import zmq
 
+from eaas.platform.protocol import has_input
 from eaas.platform.spin import SpinState, spin_budget_s
 
-ZMQ_CHECK_EVERY = 8  # spin turns between two ZeroMQ input checks
+ZMQ_CHECK_EVERY = 8  # spin turns between two ZeroMQ input checks while there are rings to spin on
 IDLE_CLAMP = 2.0  # a wait counts as at most this many spin caps in the policy's means
 
 
@@ -40,12 +41,15 @@ class WaitResult:
 
     Attributes:
         closed: rings whose peer closed the doorbell (the peer exited or dropped the pair).
+        ring_ready: it ended because a ring had input (the caller may take the rings and
+            leave its sockets for its next wait, which checks them again).
         slept: the wait ended in the kernel, not while spinning.
         waited_s: how long it took (s).
         long_spin: it was allowed to spin past the floor (the spinning arm of the policy).
     """
 
     closed: list[Any] = field(default_factory=list)
+    ring_ready: bool = False
     slept: bool = False
     waited_s: float = 0.0
     long_spin: bool = False
@@ -82,14 +86,16 @@ class Waiter:
         if res.closed:
             return self._done(res, t0)
         spin_until = t0 + min(budget, timeout_s)
+        check_every = ZMQ_CHECK_EVERY if rings else 1  # sockets only: they are what we wait on
         turn = 0
         while True:
             for r in rings:
                 if r.ready():
+                    res.ring_ready = True
                     return self._done(res, t0)
-            if turn % ZMQ_CHECK_EVERY == 0:
+            if turn % check_every == 0:
                 for s in socks:
-                    if s.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    if has_input(s):
                         return self._done(res, t0)
             turn += 1
             if time.perf_counter() >= spin_until:
@@ -104,6 +110,10 @@ class Waiter:
                 for b in began:
                     if not b.sleep_end():
                         res.closed.append(b)
+                if r.closed:
+                    res.closed.append(r)
+                else:
+                    res.ring_ready = True
                 return self._done(res, t0)
             began.append(r)
         poller = zmq.Poller()
@@ -116,6 +126,8 @@ class Waiter:
         for r in rings:
             if not r.sleep_end():
                 res.closed.append(r)
+            elif not res.ring_ready and r.ready():
+                res.ring_ready = True
         return self._done(res, t0)
 
     def _done(self, res: WaitResult, t0: float) -> WaitResult:

@@ -256,13 +256,20 @@ class ExpertWorker:
                 rows += p.x.shape[0]
         return batch
 
+    def _hosts_all(self, segments: tuple[tuple[str, int], ...]) -> bool:
+        hosted = self._fid_to_pair
+        for f, _ in segments:
+            if f not in hosted:
+                return False
+        return True
+
     def _run_batch(self, batch: list[_Pending]) -> None:
         now = now_ms()
         live: list[_Pending] = []
         for p in batch:
             if p.header.deadline_ms is not None and p.header.deadline_ms < now:
                 self._reply_error(p, ProtocolError(f"request {p.header.id!r} expired in the queue", "deadline_exceeded"))
-            elif any(f not in self._fid_to_pair for f, _ in p.header.segments):  # an extra replica removed meanwhile
+            elif not self._hosts_all(p.header.segments):  # an extra replica removed meanwhile
                 self._reply_error(p, ProtocolError(f"request {p.header.id!r} names a function no longer hosted here",
                                                    "unknown_function"))
             else:
@@ -282,13 +289,13 @@ class ExpertWorker:
         finally:
             self._busy_s += time.monotonic() - t0
         self.batches += 1
-        if len({p.peer for p in live}) > 1:
+        if len(live) > 1 and len({p.peer for p in live}) > 1:
             self.cross_client_batches += 1
         row = 0
         for p in live:
             n = p.x.shape[0]
             try:
-                frames = self.endpoint_io.reply_frames(p.peer, p.header, y[row : row + n])
+                frames = self.endpoint_io.reply_frames(p.peer, p.header, y if len(live) == 1 else y[row : row + n])
                 self.mailroom.send(p.peer, frames, p.header.id, p.ring)
             except ProtocolError as e:
                 self._reply_error(p, e)
@@ -347,37 +354,9 @@ class ExpertWorker:
         if self._reload is not None:
             self.extras = ExtraReplicas(self.registry, self.id, self.model, list(self.shard.functions), self._reload,
                                         interval_s=self.settings.heartbeat_interval_s).start()
-        idle_since: float | None = None
-        grace_s = max(0.5, 2 * self.settings.heartbeat_interval_s)
-        last_sweep = last_publish = time.monotonic()
         try:
-            while True:
-                self._board.tick()
-                got = self.mailroom.receive(timeout_ms=0 if self._pending else 50)
-                batch = self._take_batch()
-                if batch:
-                    self._run_batch(batch)
-                if self.extras is not None and (offer := self.extras.take()) is not None:
-                    self.shard, self._fid_to_pair = offer  # between batches: never half a shard
-                    self.endpoint_io.known_functions = self._fid_to_pair
-                if self.outbox.owed:
-                    self.outbox.flush()
-                now = time.monotonic()
-                if now - last_publish >= 0.1:
-                    self._publish()
-                    self._watch_lease()
-                    last_publish = now
-                if now - last_sweep > 5.0:
-                    self.endpoint_io.sweep()
-                    last_sweep = now
-                if not self._draining.is_set():
-                    continue
-                if got or batch or self._pending:
-                    idle_since = None
-                elif idle_since is None:
-                    idle_since = time.monotonic()
-                elif time.monotonic() - idle_since >= grace_s:
-                    break
+            with torch.inference_mode():  # the whole loop: no guard entered and left per batch
+                self._serve_until_drained()
         finally:
             if self.extras is not None:
                 self.extras.stop()
@@ -391,6 +370,39 @@ class ExpertWorker:
                  " the drain was announced)", self.id, self.requests_served, self.tokens_served,
                  self.received_after_drain)
         return 0
+
+    def _serve_until_drained(self) -> None:
+        """Receive, batch, compute and reply until a drain has seen no traffic for a grace period."""
+        idle_since: float | None = None
+        grace_s = max(0.5, 2 * self.settings.heartbeat_interval_s)
+        last_sweep = last_publish = time.monotonic()
+        while True:
+            self._board.tick()
+            got = self.mailroom.receive(timeout_ms=0 if self._pending else 50)
+            batch = self._take_batch()
+            if batch:
+                self._run_batch(batch)
+            if self.extras is not None and (offer := self.extras.take()) is not None:
+                self.shard, self._fid_to_pair = offer  # between batches: never half a shard
+                self.endpoint_io.known_functions = self._fid_to_pair
+            if self.outbox.owed:
+                self.outbox.flush()
+            now = time.monotonic()
+            if now - last_publish >= 0.1:
+                self._publish()
+                self._watch_lease()
+                last_publish = now
+            if now - last_sweep > 5.0:
+                self.endpoint_io.sweep()
+                last_sweep = now
+            if not self._draining.is_set():
+                continue
+            if got or batch or self._pending:
+                idle_since = None
+            elif idle_since is None:
+                idle_since = time.monotonic()
+            elif time.monotonic() - idle_since >= grace_s:
+                return
 
     def _stop_keeper(self) -> None:
         if self._board is not None:
