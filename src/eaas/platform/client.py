@@ -26,13 +26,11 @@ call's dispatch, waiting and failover by :class:`~eaas.platform.inflight.LayerCa
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
 import random
 import threading
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -115,20 +113,20 @@ class ExpertClient:
         self._lanes.append(lane)
         return lane
 
-    @contextlib.contextmanager
-    def _lane(self) -> Iterator[CallEnv]:
-        """A lane for one call: a free one, a new one below ``MAX_LANES``, or the next one freed."""
+    def _take_lane(self) -> CallEnv:
+        """A lane for one call: a free one, a new one below ``MAX_LANES``, or the next one freed
+        (give it back with :meth:`_give_lane`)."""
         with self._lane_cv:
             while not self._free and len(self._lanes) >= MAX_LANES:
                 self._lane_cv.wait()
             lane = self._free.pop() if self._free else self._new_lane()
             self.stats.calls += 1
-        try:
-            yield lane
-        finally:
-            with self._lane_cv:
-                self._free.append(lane)
-                self._lane_cv.notify()
+        return lane
+
+    def _give_lane(self, lane: CallEnv) -> None:
+        with self._lane_cv:
+            self._free.append(lane)
+            self._lane_cv.notify()
 
     # --- routing ---------------------------------------------------------------------
 
@@ -222,10 +220,13 @@ class ExpertClient:
 
     def _run(self, x: torch.Tensor, items: list[Item], total_rows: int,
              cancelled: threading.Event | None = None) -> torch.Tensor:
-        with self._lane() as lane:
+        lane = self._take_lane()  # not a contextmanager: a generator per layer call costs more than the lock
+        try:
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled("the caller cancelled this call before it was sent")
             return LayerCall(lane, x, items, total_rows).run()
+        finally:
+            self._give_lane(lane)
 
     @property
     def metrics(self) -> Any:

@@ -187,11 +187,16 @@ def combine(
     """
     out = torch.zeros_like(hidden_states)
     dev = out.device
-    w = top_k_weights.reshape(-1).index_select(0, plan.weight_idx.to(dev))
-    cur = (y * w[:, None]).to(out.dtype)
+    widx = plan.weight_idx
+    if widx.device != dev:
+        widx = widx.to(dev)
+    cur = y * top_k_weights.reshape(-1).index_select(0, widx).unsqueeze(1)
+    if cur.dtype != out.dtype:
+        cur = cur.to(out.dtype)
+    t = out.shape[0]
     for rows, tokens in plan.rounds:
         if isinstance(rows, slice):  # the same additions, without index tensors
-            out[tokens].add_(cur[rows])
+            (out if tokens.start == 0 and tokens.stop == t else out[tokens]).add_(cur[rows])
         else:
             out.index_add_(0, tokens.to(dev), cur.index_select(0, rows.to(dev)))
     return out

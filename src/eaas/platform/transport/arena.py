@@ -90,8 +90,14 @@ class ArenaChannel(ArenaSlots):
             return self._inline.decode_reply(slot, header, frames)
         check_reply_matches(slot, header)
         hd = header.handle
-        if (header.transport != self.name or frames or hd.get("offset") != slot.offset
-                or hd.get("nbytes") != slot.nbytes or any(hd.get(k) != v for k, v in self._ident.items())):
+        same = (header.transport == self.name and not frames and hd.get("offset") == slot.offset
+                and hd.get("nbytes") == slot.nbytes)
+        if same:
+            for k, v in self._ident.items():
+                if hd.get(k) != v:
+                    same = False
+                    break
+        if not same:
             raise ProtocolError(f"reply {header.id!r} does not match its {self.name} slot", "bad_handle")
         self._on_reply(slot, header)
         return slot.x
