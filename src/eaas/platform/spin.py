@@ -37,6 +37,8 @@ from dataclasses import dataclass
 EWMA_ALPHA = 0.2
 #: one wait in this many tries the arm not preferred (keeps both means current)
 EXPLORE_EVERY = 16
+#: the spinning arm is preferred unless its mean wait exceeds the sleeping arm's by this fraction
+SPIN_MARGIN = 0.25
 
 
 def spin_budget_s(typical_wait_s: float, may_spin: bool, *, floor_s: float, cap_s: float) -> float:
@@ -61,13 +63,19 @@ def spin_budget_s(typical_wait_s: float, may_spin: bool, *, floor_s: float, cap_
 
 
 def prefer_spinning(spin_wait_s: float | None, sleep_wait_s: float | None) -> bool:
-    """Whether the spinning arm's recent waits (s) were no longer than the sleeping arm's.
+    """Whether to spin: the spinning arm's recent waits (s) were not clearly longer than the sleeping arm's.
 
+    "Clearly" is :data:`SPIN_MARGIN` of the sleeping arm's mean: a wait's length is mostly
+    the peer's cycle, which varies by more than the wake-up a spin saves, so an even
+    comparison flipped between the arms on noise alone (measured: a worker with a core to
+    itself slept in 29% of its waits, and every sleep costs its client a doorbell and a
+    wake-up). Spinning that steals the compute a waiter waits for lengthens its waits by
+    far more than the margin (session 6: two workers and a client spinning on two vCPUs).
     An arm not measured yet (None) loses to one that was; with neither measured, spin.
     """
     if spin_wait_s is None or sleep_wait_s is None:
         return sleep_wait_s is None
-    return spin_wait_s <= sleep_wait_s
+    return spin_wait_s <= sleep_wait_s * (1.0 + SPIN_MARGIN)
 
 
 def spin_this_wait(waits: int, spin_wait_s: float | None, sleep_wait_s: float | None) -> bool:
