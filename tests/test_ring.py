@@ -190,8 +190,35 @@ def test_waiter_sleeps_and_wakes_on_the_doorbell(pair) -> None:
     t.start()
     res = waiter.wait([worker], [], timeout_s=10)
     t.join()
-    assert res.slept and not res.closed and res.waited_s < 5
+    assert res.slept and res.ring_ready and not res.closed and res.waited_s < 5
     assert worker.take() == b"hello" and client.rings_sent == 1
+
+
+def test_waiter_says_whether_a_ring_or_only_a_socket_ended_the_wait(pair) -> None:
+    """``ring_ready`` lets a caller take the rings and skip its sockets: it must be set only
+    when a ring has input, and never when only a socket or the timeout ended the wait."""
+    import zmq
+
+    client, worker = pair
+    ctx = zmq.Context.instance()
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.bind("inproc://waiter-ring-ready")
+        b.connect("inproc://waiter-ring-ready")
+        spinner = Waiter(floor_s=1e-3, cap_s=1e-3)
+        res = spinner.wait([worker], [b], timeout_s=0.01)
+        assert not res.ring_ready and not res.closed  # the timeout
+        a.send(b"x")
+        res = spinner.wait([worker], [b], timeout_s=10)
+        assert not res.ring_ready and res.waited_s < 5  # the socket
+        b.recv()
+        client.post(b"hello")
+        res = spinner.wait([worker], [b], timeout_s=10)
+        assert res.ring_ready and not res.slept  # the ring, seen while spinning
+        assert worker.take() == b"hello"
+    finally:
+        a.close(0)
+        b.close(0)
 
 
 def test_waiter_returns_at_once_when_a_peer_closes(pair) -> None:
