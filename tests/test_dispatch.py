@@ -64,6 +64,21 @@ def test_small_and_tensor_plans_agree(monkeypatch: pytest.MonkeyPatch) -> None:
         assert torch.equal(r1, r2) and torch.equal(t1, t2)
 
 
+def test_decode_plans_are_cached_by_expert_ids() -> None:
+    """Decode-sized plans are shared between calls with the same expert ids (and only those)."""
+    a, b = plan_layer(torch.tensor([[3, 1]]), 8), plan_layer(torch.tensor([[3, 1]]), 8)
+    c = plan_layer(torch.tensor([[1, 3]]), 8)
+    assert a is b and c is not a
+    assert a.weight_idx.tolist() == [1, 0] and c.weight_idx.tolist() == [0, 1]
+    assert [(e, r.tolist()) for e, r in a.expert_rows()] == [(1, [0]), (3, [0])]
+    assert plan_layer(torch.tensor([[3, 1]]), 9) is not a  # another expert count: another plan
+    idx = torch.tensor([[2, 0], [0, 5], [2, 5]])
+    sliced = dispatch.LayerPlan(*[getattr(plan_layer(idx, 6), f) for f in ("experts", "counts", "token_idx",
+                                                                          "weight_idx", "rounds")])
+    assert [(e, r.tolist()) for e, r in plan_layer(idx, 6).expert_rows()] == \
+        [(e, r.tolist()) for e, r in sliced.expert_rows()] == [(0, [1, 0]), (2, [0, 2]), (5, [1, 2])]  # k-major
+
+
 def test_a_call_with_only_masked_experts_plans_nothing() -> None:
     plan = plan_layer(torch.full((3, 2), 8), 8)
     assert not plan and plan.expert_rows() == []

@@ -50,18 +50,27 @@ class LayerPlan:
     token_idx: torch.Tensor
     weight_idx: torch.Tensor
     rounds: tuple[tuple[torch.Tensor, torch.Tensor] | tuple[slice, slice], ...]
+    by_expert: tuple[tuple[int, torch.Tensor], ...] = ()  # expert_rows, when built with the plan
 
     def __bool__(self) -> bool:
         return bool(self.experts)
 
-    def expert_rows(self) -> list[tuple[int, torch.Tensor]]:
-        """``(expert, token indices [n])`` per expert, plan order (views of ``token_idx``)."""
+    def expert_rows(self) -> Sequence[tuple[int, torch.Tensor]]:
+        """``(expert, token indices [n])`` per expert, plan order (read-only; views of ``token_idx``
+        or cached tensors of the same values)."""
+        if self.by_expert:
+            return self.by_expert
         out, start = [], 0
         for e, n in zip(self.experts, self.counts):
             out.append((e, self.token_idx[start : start + n]))
             start += n
         return out
 
+
+#: plans of calls with at most this many (token, slot) pairs are kept, by their expert ids
+_PLAN_CACHE_PAIRS = 16
+_PLAN_CACHE: dict[tuple[int, ...], LayerPlan] = {}
+_PLAN_CACHE_MAX = 4096
 
 #: small index tensors recur call after call at decode ([0], [0, 1], ...): built once each
 _INDEX_CACHE: dict[tuple[int, ...], torch.Tensor] = {}
@@ -92,12 +101,21 @@ def plan_layer(top_k_index: torch.Tensor, num_experts: int) -> LayerPlan:
         num_experts: ``E``.
 
     Returns:
-        The :class:`LayerPlan`. Small calls (``T*K <= SMALL_PLAN_PAIRS``, decode) are
+        The :class:`LayerPlan` (read-only: plans of decode-sized calls, ``T*K <= 16``, are
+        cached by their expert ids and shared). Small calls (``T*K <= SMALL_PLAN_PAIRS``) are
         grouped in Python: a handful of small tensors instead of a dozen tensor ops.
     """
     t, k = top_k_index.shape
     if t * k <= SMALL_PLAN_PAIRS:
-        return _plan_small(top_k_index.tolist(), t, k, num_experts)
+        if t * k > _PLAN_CACHE_PAIRS:
+            return _plan_small(top_k_index.tolist(), t, k, num_experts)
+        key = (t, k, num_experts, *top_k_index.reshape(-1).tolist())  # decode: the same choices recur
+        plan = _PLAN_CACHE.get(key)
+        if plan is None:
+            if len(_PLAN_CACHE) >= _PLAN_CACHE_MAX:
+                _PLAN_CACHE.clear()
+            plan = _PLAN_CACHE[key] = _plan_small(top_k_index.tolist(), t, k, num_experts)
+        return plan
     flat = top_k_index.t().reshape(-1).to(torch.int64)  # [K*T], position p = slot*T + token
     order = torch.argsort(flat, stable=True)
     sorted_ids = flat[order]
@@ -130,8 +148,13 @@ def _plan_small(ids: list[list[int]], t: int, k: int, num_experts: int) -> Layer
             rounds.append(([], []))
         rounds[j][0].append(row)
         rounds[j][1].append(tok)
+    by_expert, start = [], 0
+    for e in experts:
+        n = len(buckets[e])
+        by_expert.append((e, _tensor(tokens[start : start + n])))
+        start += n
     return LayerPlan(tuple(experts), tuple(len(buckets[e]) for e in experts), _tensor(tokens), _tensor(pairs),
-                     tuple(_round(r, tk) for r, tk in rounds))
+                     tuple(_round(r, tk) for r, tk in rounds), tuple(by_expert))
 
 
 def _round(rows: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor] | tuple[slice, slice]:

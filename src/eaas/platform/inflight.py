@@ -242,11 +242,16 @@ class LayerCall:
         c = self.c
         conn = c.conns.connect(worker, self.device)
         ch = conn.channel
-        n = sum(it.rows.numel() for it in its)
+        if len(its) == 1:
+            idx = its[0].rows
+            n = idx.numel()
+        else:
+            idx = torch.cat([it.rows for it in its])
+            n = idx.numel()
         slot = ch.alloc(n, self.x.shape[1], self.x.dtype)
-        idx = its[0].rows if len(its) == 1 else torch.cat([it.rows for it in its])
         if slot.x.device == self.x.device:
-            torch.index_select(self.x, 0, idx.to(self.x.device), out=slot.x)
+            torch.index_select(self.x, 0, idx if idx.device == self.x.device else idx.to(self.x.device),
+                               out=slot.x)
         else:  # a host transport for device rows (no cuda_ipc between these two): one copy over
             slot.x.copy_(self.x.index_select(0, idx.to(self.x.device)))
         rid = c.next_request_id()
