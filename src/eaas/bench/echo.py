@@ -24,7 +24,8 @@ import zmq
 from eaas.errors import ExpertTimeout, TransportError
 from eaas.platform.mailroom import Mailroom
 from eaas.platform.outbox import ReplyOutbox
-from eaas.platform.protocol import Header, encode_header, now_ms, raise_if_error, recv_frames, send_frames
+from eaas.platform.protocol import (Header, encode_header, has_input, now_ms, raise_if_error, recv_frames,
+                                    send_frames)
 from eaas.platform.decode import decode_header
 from eaas.platform.transport.base import ClientChannel
 from eaas.platform.transport.select import WorkerEndpoint, make_client_channel
@@ -155,7 +156,7 @@ class PairClient:
                 raise TransportError("the worker closed the pair's doorbell")
             if self.ring.ready():
                 continue
-            if self.sock.getsockopt(zmq.EVENTS) & zmq.POLLIN:  # a reply that did not fit the ring
+            if has_input(self.sock):  # a reply that did not fit the ring
                 return recv_frames(self.sock, 0, 1)
         return [data]
 

@@ -39,12 +39,6 @@ MATMUL_BIAS_BODY_CLASSES = frozenset({"GptOssExperts"})
 Body = Callable[[torch.nn.Module, int, torch.Tensor], torch.Tensor]
 
 
-def _linear_body(module: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
-    """``x[n, D]`` -> ``[n, D]`` through expert ``e`` (``MixtralExperts.forward``'s loop body)."""
-    gate, up = F.linear(x, module.gate_up_proj[e]).chunk(2, dim=-1)  # [n, I] each
-    return F.linear(module.act_fn(gate) * up, module.down_proj[e])
-
-
 def _matmul_bias_body(module: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
     """``x[n, D]`` -> ``[n, D]`` through expert ``e`` (``GptOssExperts.forward``'s loop body)."""
     gate_up = x @ module.gate_up_proj[e] + module.gate_up_proj_bias[e]  # [n, 2I], interleaved
@@ -52,7 +46,8 @@ def _matmul_bias_body(module: torch.nn.Module, e: int, x: torch.Tensor) -> torch
 
 
 def _bound_linear_body(module: torch.nn.Module) -> Body:
-    """:func:`_linear_body` with every expert's weight views and the activation looked up once.
+    """``MixtralExperts.forward``'s loop body, ``x[n, D]`` -> ``[n, D]`` through expert ``e``,
+    with every expert's weight views and the activation looked up once.
 
     A decode request runs one expert on one row, where ``nn.Module.__getattr__`` for the two
     weights, the ``[e]`` views and the activation module's ``__call__`` are a tenth of the

@@ -43,6 +43,8 @@ class LayerPlan:
             the output of its ``j``-th expert (ascending id); ``(rows of y [m], tokens [m])``
             as int64 tensors, or as two slices when the rows are consecutive and the tokens
             are ``0..m-1`` (every round of a lone token).
+        by_expert: :meth:`expert_rows` built with the plan (cached tensors; decode-sized plans),
+            or empty when it is sliced from ``token_idx`` on demand.
     """
 
     experts: tuple[int, ...]
@@ -50,7 +52,7 @@ class LayerPlan:
     token_idx: torch.Tensor
     weight_idx: torch.Tensor
     rounds: tuple[tuple[torch.Tensor, torch.Tensor] | tuple[slice, slice], ...]
-    by_expert: tuple[tuple[int, torch.Tensor], ...] = ()  # expert_rows, when built with the plan
+    by_expert: tuple[tuple[int, torch.Tensor], ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.experts)

@@ -242,12 +242,8 @@ class LayerCall:
         c = self.c
         conn = c.conns.connect(worker, self.device)
         ch = conn.channel
-        if len(its) == 1:
-            idx = its[0].rows
-            n = idx.numel()
-        else:
-            idx = torch.cat([it.rows for it in its])
-            n = idx.numel()
+        idx = its[0].rows if len(its) == 1 else torch.cat([it.rows for it in its])
+        n = idx.numel()
         slot = ch.alloc(n, self.x.shape[1], self.x.dtype)
         if slot.x.device == self.x.device:
             torch.index_select(self.x, 0, idx if idx.device == self.x.device else idx.to(self.x.device),
