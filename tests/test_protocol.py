@@ -108,6 +108,7 @@ BAD = [
     ("handle not a map", _pack(_invoke(handle=[1])), "bad_handle"),
     ("handle bad value", _pack(_invoke(handle={"a": {"b": 1}})), "bad_handle"),
     ("reply bad status", _pack({**_invoke(kind="reply"), "status": "meh"}), "bad_field"),
+    ("kind unhashable", _pack(_invoke(kind=["invoke"])), "bad_kind"),
 ]
 
 
@@ -254,3 +255,72 @@ def test_send_frames_copies_small_buffers_and_shares_large_ones():
         a.close(0)
         b.close(0)
         ctx.term()
+
+
+# --- the fast (msgspec) decoder gives the validator's answer --------------------------------
+
+from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+
+from eaas.platform.decode import _decode_checked, _decode_fast  # noqa: E402
+
+_any_value = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), (1 << 64) - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=300) | st.binary(max_size=40),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=6,
+)
+_FIELDS = ("v", "kind", "id", "deadline_ms", "segments", "dtype", "shape", "transport", "handle", "status")
+
+
+@st.composite
+def _headers(draw):
+    """A well-formed invoke or reply map, then up to three of its fields replaced or removed."""
+    rows = draw(st.integers(0, 40))
+    split = draw(st.integers(0, rows))
+    d = _invoke(id=draw(st.integers(-5, 1 << 40) | st.text(max_size=130)), shape=[rows, draw(st.integers(0, 4096))],
+                segments=[["m/0/1", split], ["m/0/3", max(0, rows - split + draw(st.sampled_from([0, 0, 0, 1, -1])))]], deadline_ms=NOW + draw(st.integers(-5, 5)),
+                dtype=draw(st.sampled_from(["float32", "bfloat16", "float16"])),
+                transport=draw(st.sampled_from(["inline", "shm", "cuda_ipc", "nixl"])),
+                handle=draw(st.none() | st.just({"arena": "eaas-1-ab", "offset": 64, "nbytes": 12})
+                            | st.dictionaries(st.text(max_size=4), _any_value, max_size=3)))
+    if draw(st.booleans()):
+        d["kind"] = "reply"
+        if draw(st.booleans()):
+            d["status"] = "ok"
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.sampled_from(_FIELDS))
+        if draw(st.booleans()):
+            d.pop(key, None)
+        else:
+            d[key] = draw(_any_value)
+    return d
+
+
+def _answer(fn):
+    try:
+        return fn()
+    except ProtocolError as e:
+        return ("error", e.code)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_headers(), st.sampled_from([LIMIT, 100]), st.booleans())
+def test_fast_decoder_agrees_with_the_validator(d, limit, check_deadline):
+    """Whenever the msgspec path accepts a header, the Python validator accepts it too and
+    builds the same Header (so the fast path never lets through what the validator refuses)."""
+    raw = _pack(d)
+    checked = _answer(lambda: _decode_checked(raw, limit, NOW, check_deadline))
+    fast = _decode_fast(raw, limit, NOW, check_deadline)
+    if fast is not None:
+        assert fast == checked and type(fast.segments) is tuple
+    assert _answer(lambda: decode_header(raw, max_message_bytes=limit, now_ms_=NOW,
+                                         check_deadline=check_deadline)) == checked
+
+
+def test_fast_decoder_takes_the_hot_kinds():
+    """The well-formed invoke and reply go through msgspec (the path exists and is used)."""
+    inv = _pack(_invoke(transport="shm", handle={"arena": "eaas-1-ab", "offset": 64, "nbytes": 48}))
+    rep = _pack({**_invoke(kind="reply"), "status": "ok"})
+    for raw in (inv, rep):
+        assert _decode_fast(raw, LIMIT, NOW, True) == _decode_checked(raw, LIMIT, NOW, True)
+    assert _decode_fast(_pack({"v": 1, "kind": "ping", "id": 1}), LIMIT, NOW, True) is None

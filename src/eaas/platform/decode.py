@@ -7,14 +7,26 @@ before any buffer is looked at (DESIGN.md, "Security"). Failures raise
 :data:`eaas.platform.protocol.ERROR_CODES`, which the worker turns into an error
 reply: a malformed message never kills a worker. The wire format itself (the
 header's fields, encoding, frames) is :mod:`eaas.platform.protocol`.
+
+Two decoders, one answer. The hot kinds (``invoke`` and ``reply``, one of each per
+request) are decoded by msgspec straight into typed structs (:class:`_InvokeWire`,
+:class:`_ReplyWire`): the types, ranges and lengths of every field are checked in C
+while decoding, and what is left in Python is what a type cannot say (rows summing
+to ``shape[0]``, the payload limit, the deadline, the handle's item types). Anything
+that decoder refuses — every other kind, and every malformed message — goes to the
+field-by-field Python validator, which alone decides the error code; so the fast
+path changes no answer, only the time (a well-formed invoke: 9.5 µs -> ~3 µs warm,
+measured with ``timeit`` on the 2-vCPU VMs). ``tests/test_protocol.py`` checks that
+both give the same header or the same error on valid and mutated headers.
 """
 
 from __future__ import annotations
 
 from collections.abc import Container, Mapping, Sequence
-from typing import Any
+from typing import Annotated, Any, Literal, Optional, Union
 
 import msgpack
+import msgspec
 from msgpack import unpackb as _unpackb
 
 from eaas.errors import ProtocolError
@@ -70,6 +82,24 @@ def peek_request_id(raw: Frame) -> str | int | None:
     except Exception:  # noqa: BLE001 - anything malformed means "no id"
         pass
     return None
+
+
+def _handle_ok(h: dict[str, Any]) -> bool:
+    """Whether a decoded handle map passes :func:`_handle` (the fast path's check; no message)."""
+    if len(h) > MAX_HANDLE_ITEMS:
+        return False
+    for k, val in h.items():
+        t = type(val)
+        if t is int:
+            continue
+        if t is str or t is bytes:
+            if len(val) > MAX_HANDLE_VALUE_BYTES:
+                return False
+            continue
+        if not (t is list and len(val) <= MAX_HANDLE_ITEMS
+                and all((type(x) is int or type(x) is bytes) for x in val)):
+            return False
+    return True
 
 
 def _handle(d: Mapping[str, Any]) -> dict[str, Any]:
@@ -153,6 +183,74 @@ def _segments(d: Mapping[str, Any], rows: int) -> tuple[tuple[str, int], ...]:
     return tuple(segments)
 
 
+_NonNeg = Annotated[int, msgspec.Meta(ge=0)]
+_RequestId = Union[int, Annotated[str, msgspec.Meta(max_length=MAX_ID_CHARS)]]
+_FunctionId = Annotated[str, msgspec.Meta(min_length=1, max_length=256)]
+_DtypeName = Literal["float32", "bfloat16", "float16"]
+_TransportName = Literal["inline", "shm", "cuda_ipc", "nixl"]
+assert set(_DtypeName.__args__) == set(DTYPES) and set(_TransportName.__args__) == set(TRANSPORTS)
+
+
+class _InvokeWire(msgspec.Struct, tag_field="kind", tag="invoke"):
+    """An ``invoke`` header as msgspec decodes it: every field typed and range-checked (see protocol.py)."""
+
+    v: Literal[PROTOCOL_VERSION]  # type: ignore[valid-type]
+    deadline_ms: _NonNeg
+    segments: Annotated[list[tuple[_FunctionId, _NonNeg]], msgspec.Meta(max_length=MAX_SEGMENTS)]
+    dtype: _DtypeName
+    shape: tuple[_NonNeg, _NonNeg]
+    transport: _TransportName
+    id: _RequestId = 0
+    handle: Optional[dict[str, Any]] = None
+
+
+class _ReplyWire(msgspec.Struct, tag_field="kind", tag="reply"):
+    """A ``reply`` header as msgspec decodes it."""
+
+    v: Literal[PROTOCOL_VERSION]  # type: ignore[valid-type]
+    dtype: _DtypeName
+    shape: tuple[_NonNeg, _NonNeg]
+    transport: _TransportName
+    id: _RequestId = 0
+    status: Literal["ok"] = "ok"
+    handle: Optional[dict[str, Any]] = None
+
+
+_fast_decode = msgspec.msgpack.Decoder(Union[_InvokeWire, _ReplyWire]).decode
+_DecodeError = msgspec.DecodeError  # ValidationError is a subclass
+
+
+def _decode_fast(raw: Frame, max_message_bytes: int, now_ms_: int | None, check_deadline: bool) -> Header | None:
+    """The header of a well-formed ``invoke`` or ``reply`` given as ``bytes``; None for anything else
+    (another kind, another frame type, or any check failing: :func:`decode_header`'s validator then
+    decides, with its error code)."""
+    n = len(raw)
+    if n == 0 or n > MAX_HEADER_BYTES:
+        return None
+    try:
+        w = _fast_decode(raw)
+    except _DecodeError:
+        return None
+    rows, hidden = w.shape
+    if rows * hidden * _ITEMSIZE[w.dtype] > max_message_bytes:
+        return None
+    handle = w.handle
+    if handle is None:
+        handle = _NO_HANDLE
+    elif not _handle_ok(handle):
+        return None
+    if type(w) is _ReplyWire:
+        return Header("reply", w.id, None, (), w.dtype, w.shape, w.transport, handle, "ok")
+    total = 0
+    for _, r in w.segments:
+        total += r
+    if total != rows:
+        return None
+    if check_deadline and w.deadline_ms <= (now_ms() if now_ms_ is None else now_ms_):
+        return None
+    return Header("invoke", w.id, w.deadline_ms, tuple(w.segments), w.dtype, w.shape, w.transport, handle)
+
+
 def decode_header(
     raw: Frame,
     *,
@@ -171,12 +269,23 @@ def decode_header(
     Raises:
         ProtocolError: with ``code`` from :data:`ERROR_CODES`.
     """
+    if type(raw) is _ZmqFrame and 0 < len(raw) <= MAX_HEADER_BYTES:
+        raw = raw.bytes  # a small copy: msgspec and msgpack both read bytes fastest
+    if type(raw) is bytes:
+        h = _decode_fast(raw, max_message_bytes, now_ms_, check_deadline)
+        if h is not None:
+            return h
+    return _decode_checked(raw, max_message_bytes, now_ms_, check_deadline)
+
+
+def _decode_checked(raw: Frame, max_message_bytes: int, now_ms_: int | None, check_deadline: bool) -> Header:
+    """:func:`decode_header` field by field in Python: every kind, and the error code of every malformed header."""
     d = _unpack_map(raw)
     v = d.get("v")
     if type(v) is not int or v != PROTOCOL_VERSION:
         raise _fail(f"protocol version {v!r:.40} not supported (expected {PROTOCOL_VERSION})", "bad_version")
     kind = d.get("kind")
-    if kind not in KINDS:
+    if type(kind) is not str or kind not in KINDS:  # a list or map is unhashable: test the type first
         raise _fail(f"unknown message kind {kind!r:.40}", "bad_kind")
     rid = d.get("id", 0)
     if not ((type(rid) is int) or (isinstance(rid, str) and len(rid) <= MAX_ID_CHARS)):

@@ -39,7 +39,7 @@ from typing import Any, NamedTuple, Union
 
 import torch
 import zmq
-from msgpack import packb as _packb
+import msgspec
 
 from eaas.errors import ProtocolError
 
@@ -99,6 +99,8 @@ Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (has .buffer)
 
 
 _NO_HANDLE: Mapping[str, Any] = MappingProxyType({})
+#: msgpack encoding of a header map (the same bytes as ``msgpack.packb(d, use_bin_type=True)``, ~3x faster)
+_pack = msgspec.msgpack.Encoder().encode
 
 
 class Header(NamedTuple):
@@ -176,7 +178,7 @@ def encode_header(h: Header) -> bytes:
         d["shape"] = list(h.shape)
     if h.handle:
         d["handle"] = dict(h.handle)
-    return _packb(d, use_bin_type=True)
+    return _pack(d)
 
 
 def encode_invoke(
@@ -202,7 +204,7 @@ def encode_invoke(
                          "transport": transport, "shape": [rows, int(hidden)]}
     if handle:
         d["handle"] = dict(handle)
-    return _packb(d, use_bin_type=True)
+    return _pack(d)
 
 
 def encode_reply(request: Header, y: torch.Tensor, *, handle: Mapping[str, Any] | None = None) -> bytes:
@@ -215,7 +217,7 @@ def encode_reply(request: Header, y: torch.Tensor, *, handle: Mapping[str, Any] 
         del d["transport"]
     if handle:
         d["handle"] = dict(handle)
-    return _packb(d, use_bin_type=True)
+    return _pack(d)
 
 
 def invoke_header(
