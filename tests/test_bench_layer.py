@@ -28,6 +28,8 @@ def test_bench_layer_cli_json_and_png(tmp_path):
     assert cfg["workers"] == 2 and cfg["transports_used"] == ["shm"]
     assert cfg["thread_budget"]["monolithic_threads"] == cfg["thread_budget"]["total"] == 2
     assert cfg["client_failovers"] == 0
+    # every block started after the other side was let settle: 2 T x 1 block (2 calls <= --block 5) x 2 sides
+    assert cfg["settle"]["blocks"] == 4 and 0 <= cfg["settle"]["unsettled"] <= 4
     assert [r["tokens"] for r in out["rows"]] == [4, 16]
     for r in out["rows"]:
         assert {"tokens", "eaas_tokens_per_s", "monolithic_tokens_per_s", "ratio"} <= set(r)
@@ -44,6 +46,27 @@ def test_bench_layer_inline_transport_every_expert_on_both_workers():
     assert out["config"]["shards"] == ["*:0-3", "*:0-3"]
     assert out["config"]["transports_used"] == ["inline"]
     assert len(out["rows"]) == 1 and out["rows"][0]["tokens"] == 8
+
+
+def test_settle_waits_for_a_running_process_and_not_for_a_sleeping_one():
+    """The block switch's wait reads real thread states: a busy process counts as running
+    until it is gone, a sleeping one never does (the settle would otherwise wait for nothing)."""
+    from eaas.bench.layer import _running_threads, _settle
+
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        from eaas.testing import wait_for
+        wait_for(lambda: _running_threads([busy.pid]) >= 1, 30, what="the busy loop running")
+        wait_for(lambda: _running_threads([idle.pid]) == 0, 30, what="the sleeper asleep")
+        assert _settle([idle.pid], timeout_s=5.0)
+        assert not _settle([busy.pid], timeout_s=0.05)
+    finally:
+        busy.kill()
+        idle.kill()
+        busy.wait()
+        idle.wait()
+    assert _running_threads([busy.pid, idle.pid]) == 0  # gone processes count as idle
 
 
 def test_bench_layer_rejects_bad_arguments():

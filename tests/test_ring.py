@@ -18,7 +18,7 @@ import pytest
 import torch
 
 from eaas.errors import ProtocolError, TransportError
-from eaas.platform.spin import EXPLORE_EVERY, SpinState, prefer_spinning, spin_budget_s, spin_this_wait
+from eaas.platform.spin import EXPLORE_EVERY, SpinState, ewma, prefer_spinning, spin_budget_s, spin_this_wait
 from eaas.platform.transport.ring import (
     REQ_POSTED,
     WORKER_ASLEEP,
@@ -124,7 +124,7 @@ def test_announced_ring_geometry_is_validated(slots, slot_bytes, size) -> None:
 
 
 @pytest.mark.parametrize("typical_us,may_spin,want_us", [
-    (100, True, 200),      # short waits: spin twice the typical wait
+    (100, True, 400),      # short waits: spin SPIN_FACTOR (4) typical waits
     (10, True, 50),        # never below the floor
     (2000, True, 3000),    # capped
     (5000, True, 50),      # waits longer than the cap: sleep after the floor
@@ -164,6 +164,29 @@ def test_a_waiter_that_spins_into_longer_waits_stops_spinning() -> None:
         later.append(s.may_spin())
         s.observe(0.0009 if later[-1] else 0.0003, slept=not later[-1], spun_arm=later[-1])
     assert later.count(True) == 2  # from now on only the explorations spin
+
+
+def test_a_rare_long_spinning_wait_does_not_turn_spinning_off() -> None:
+    """The arms are compared by their medians: one wait in eight that spun but hit a 3 ms
+    stall (the peer preempted) must not make a waiter whose spinning waits are typically
+    55 µs prefer sleeping ones of 140 µs (an exponentially weighted mean did: 213 vs 150 µs)."""
+    s = SpinState()
+    spun_waits = 0
+    for i in range(8 * EXPLORE_EVERY):
+        arm = s.may_spin()
+        if arm:
+            spun_waits += 1
+            wait = 0.003 if spun_waits % 8 == 0 else 55e-6
+        else:
+            wait = 140e-6
+        s.observe(wait, slept=not arm, spun_arm=arm)
+    assert s.spin_wait_s == pytest.approx(55e-6) and s.sleep_wait_s == pytest.approx(140e-6)
+    assert prefer_spinning(s.spin_wait_s, s.sleep_wait_s)
+    assert s.spun >= 7 * EXPLORE_EVERY  # only the explorations slept
+    mean = None
+    for w in s.spin_waits:
+        mean = ewma(mean, w)
+    assert mean > 1.25 * 140e-6  # the mean would have preferred sleeping: the window holds the stall
 
 
 def test_spinning_can_be_switched_off_and_state_learns() -> None:

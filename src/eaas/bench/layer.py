@@ -18,9 +18,15 @@ client runs the router and the combine on ``client_threads`` = 1 thread and
 otherwise waits on its sockets). Everything runs in one invocation: a private
 Redis, a seeded Mixtral-shaped checkpoint, the pool. Per ``T``: warm-up calls
 of both, then ``repeats`` timed calls of each, in alternating blocks of ``block``
-calls (so a noisy neighbour hits both alike, while neither side runs right after
-the other's every call: the monolithic side's idle OpenMP threads spin for a while
-after each call, on the cores the workers need); tokens/s = ``T / median(seconds)``;
+calls (so a noisy neighbour hits both alike). Before each block the other side is let
+settle (:func:`_settle`, up to :data:`SETTLE_S`): the monolithic side's idle OpenMP
+threads spin for ~9 ms after its last call (measured here: one helper thread stays
+runnable 8.9 ms after a 2-thread ``linear``), on the very cores the workers need, and
+the workers spin up to ``EAAS_SPIN_CAP_US`` after their last reply, on the cores the
+monolithic threads need; neither would be there in a deployment of only one of them
+(at T=4, D=256 that spinning alone turned EaaS 1.8 ms into 3.4 ms). So the first call
+of every block starts with the other side idle and its own side cold, and
+tokens/s = ``T / median(seconds)``;
 ``overhead_ms`` = EaaS ms − monolithic ms (the per-layer price of going remote); each
 row also carries the best (minimum) times and their ``ratio_best``, the estimate
 least moved by other load on a small shared machine. The same run measures the
@@ -32,7 +38,9 @@ output scale, must be <= 1e-5); the worst error is reported in ``config``.
 
 from __future__ import annotations
 
+import os
 import statistics
+import threading
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -53,6 +61,40 @@ from eaas.settings import get_settings
 
 DEFAULT_TOKENS = (16, 128, 512, 2048)
 EXACT_RTOL = 1e-5
+SETTLE_S = 0.1  # longest wait for the other side's threads to stop running before a block (s)
+
+
+def _running_threads(pids: Sequence[int], skip_tid: int | None = None) -> int:
+    """How many threads of processes ``pids`` are running or runnable now (state ``R`` in
+    ``/proc/PID/task/TID/stat``), not counting ``skip_tid``; 0 where /proc cannot be read."""
+    n = 0
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            if skip_tid is not None and int(tid) == skip_tid:
+                continue
+            try:
+                with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R":
+                n += 1
+    return n
+
+
+def _settle(pids: Sequence[int], skip_tid: int | None = None, timeout_s: float = SETTLE_S) -> bool:
+    """Wait until no thread of ``pids`` (but ``skip_tid``) runs, polling every 0.5 ms, at most
+    ``timeout_s``; return whether they settled."""
+    deadline = time.monotonic() + timeout_s
+    while _running_threads(pids, skip_tid):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.0005)
+    return True
 
 
 def _rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
@@ -133,7 +175,8 @@ def run_layer_bench(
             settings = get_settings(redis_url=st.redis_url, prefix=st.registry.prefix, transport=transport)
             client = ExpertClient(st.registry, st.model, settings, seed=seed)
             bind_experts(eaas_model, client, st.model)
-            timer = _Timer(mono, eaas, workers * worker_threads, warmup, repeats, len(tokens), report, block)
+            timer = _Timer(mono, eaas, workers * worker_threads, warmup, repeats, len(tokens), report, block,
+                           worker_pids=[h.pid for h in handles])
             gen = torch.Generator().manual_seed(seed + 1)
             rows = [timer.row(t, torch.randn(1, t, hidden, generator=gen)) for t in tokens]
             report("measuring the round-trip floors", 1.0)
@@ -153,6 +196,7 @@ def run_layer_bench(
                 "monolithic": f"transformers {type(mono).__name__} (router + experts), experts_implementation={mono_impl}",
                 "eaas": f"same {type(eaas).__name__}, experts_implementation=eaas (ExpertClient -> {workers} workers, eager experts)",
                 "repeats": repeats, "warmup": warmup, "block": block, "statistic": "median", "seed": seed,
+                "settle": {"timeout_s": SETTLE_S, "blocks": timer.switches, "unsettled": timer.unsettled},
                 "floors": floors, "spin_cap_us": settings.spin_cap_us, "shm_ring": settings.shm_ring,
                 "exact": worst_err <= EXACT_RTOL, "max_rel_err": worst_err, "exact_tolerance": EXACT_RTOL,
                 "client_requests": client.stats.requests, "client_failovers": client.stats.failovers,
@@ -184,10 +228,19 @@ class _Timer:
     of the comparison (the monolithic block gets all threads; the client one)."""
 
     def __init__(self, mono: torch.nn.Module, eaas: torch.nn.Module, budget: int, warmup: int, repeats: int,
-                 num_t: int, report: Callable[[str, float], None], block: int = 1) -> None:
+                 num_t: int, report: Callable[[str, float], None], block: int = 1,
+                 worker_pids: Sequence[int] = ()) -> None:
         self.mono, self.eaas, self.budget, self.warmup, self.repeats = mono, eaas, budget, warmup, repeats
         self.block = block
+        self.worker_pids = list(worker_pids)
+        self.switches = 0  # blocks started
+        self.unsettled = 0  # blocks started while the other side still ran after SETTLE_S
         self.report, self.steps, self.done = report, num_t * 2 * (warmup + repeats), 0
+
+    def _switch(self, pids: list[int], skip_tid: int | None) -> None:
+        self.switches += 1
+        if not _settle(pids, skip_tid):
+            self.unsettled += 1
 
     def _timed(self, block: torch.nn.Module, x: torch.Tensor, threads: int) -> tuple[torch.Tensor, float]:
         torch.set_num_threads(threads)
@@ -206,11 +259,14 @@ class _Timer:
             for start in range(0, total, self.block):
                 n = min(self.block, total - start)
                 refs = []
+                self._switch(self.worker_pids, None)  # the workers' spinning after the last EaaS block
                 for i in range(start, start + n):
                     ref, dm = self._timed(self.mono, x, self.budget)
                     refs.append(ref)
                     if i >= self.warmup:
                         mono_s.append(dm)
+                torch.set_num_threads(1)
+                self._switch([os.getpid()], threading.get_native_id())  # the OpenMP threads' spinning
                 for i in range(start, start + n):
                     out, de = self._timed(self.eaas, x, 1)
                     if i >= self.warmup:

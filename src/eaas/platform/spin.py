@@ -11,9 +11,9 @@ Whether that happens is measured, not guessed. A machine-wide runnable count
 (``/proc/loadavg``) cannot tell: spinners are runnable too, so two workers and a client
 spinning on two cores each saw "no spare core" and made one another sleep (measured on
 the 2-vCPU VMs: +0.35 ms per T=1 layer call, D=256). Instead each waiter keeps two
-exponentially weighted means of its own waits — those that were allowed to spin up to
-the cap and those that slept after the floor — and prefers the arm whose waits were
-shorter (:func:`prefer_spinning`), trying the other arm once every
+windows of its own recent waits — those that were allowed to spin up to the cap and
+those that slept after the floor — and prefers the arm whose median wait was shorter
+(:func:`prefer_spinning`), trying the other arm once every
 :data:`EXPLORE_EVERY` waits (:func:`spin_this_wait`). If spinning steals the compute
 a waiter waits for, that compute takes longer and the spinning arm's waits grow
 past the sleeping arm's: the waiter stops spinning. The rule for one wait
@@ -21,9 +21,17 @@ past the sleeping arm's: the waiter stops spinning. The rule for one wait
 
 - always spin at least ``floor_s`` (about one kernel wake-up): a wait that short
   costs no more spinning than sleeping would add;
-- spin up to ``cap_s`` when this wait may spin and the recent waits
-  (``typical_wait_s``) fit in the cap — then a spin catches the reply without a wake-up;
+- spin up to :data:`SPIN_FACTOR` typical waits (at most ``cap_s``) when this wait may
+  spin and the recent waits (``typical_wait_s``) fit in the cap — then a spin catches
+  the reply without a wake-up;
 - otherwise spin only ``floor_s`` and sleep.
+
+A sleep costs more than its wake-up: on these VMs a vCPU that halts gives its core's
+caches and TLB to the host's other work, and the work right after it runs cold (two
+4 MiB copies took 750 µs after a 100 µs sleep vs 390 µs back to back; a D=256 expert
+row 264 vs 128 µs after 1 ms away). Waits have heavy tails, so a budget of twice the
+typical wait still slept in 3-7% of a lone client's waits that were meant to spin;
+four times, in 0-1% (a 4 MiB shm echo, 300 round trips).
 
 Spin loops also call ``sched_yield`` between checks, so a runnable peer on the
 same core gets it at once (see :mod:`eaas.platform.transport.ring`).
@@ -31,14 +39,19 @@ same core gets it at once (see :mod:`eaas.platform.transport.ring`).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import deque
+from dataclasses import dataclass, field
 
-#: weight of a new observation in the exponentially weighted means
+#: weight of a new observation in the exponentially weighted mean of all waits (the budget's typical wait)
 EWMA_ALPHA = 0.2
-#: one wait in this many tries the arm not preferred (keeps both means current)
+#: one wait in this many tries the arm not preferred (keeps both arms' windows current)
 EXPLORE_EVERY = 16
-#: the spinning arm is preferred unless its mean wait exceeds the sleeping arm's by this fraction
+#: the spinning arm is preferred unless its median wait exceeds the sleeping arm's by this fraction
 SPIN_MARGIN = 0.25
+#: recent waits kept per arm; the arms are compared by the median of these
+ARM_WINDOW = 15
+#: a wait on the spinning arm spins up to this many typical waits (capped) before it sleeps
+SPIN_FACTOR = 4.0
 
 
 def spin_budget_s(typical_wait_s: float, may_spin: bool, *, floor_s: float, cap_s: float) -> float:
@@ -59,13 +72,21 @@ def spin_budget_s(typical_wait_s: float, may_spin: bool, *, floor_s: float, cap_
     floor = min(floor_s, cap_s)
     if not may_spin or typical_wait_s > cap_s:
         return floor
-    return max(floor, min(cap_s, 2.0 * typical_wait_s))
+    return max(floor, min(cap_s, SPIN_FACTOR * typical_wait_s))
 
 
 def prefer_spinning(spin_wait_s: float | None, sleep_wait_s: float | None) -> bool:
     """Whether to spin: the spinning arm's recent waits (s) were not clearly longer than the sleeping arm's.
 
-    "Clearly" is :data:`SPIN_MARGIN` of the sleeping arm's mean: a wait's length is mostly
+    Each arm is summarised by the median of its last :data:`ARM_WINDOW` waits, not a mean:
+    a wait that spun has a heavy tail (the peer preempted once in a while, a 3 ms wait among
+    60 µs ones), and one such outlier pulled an exponentially weighted mean past the
+    sleeping arm's for several waits (measured on a 4 MiB shm echo: spin arm median 55 µs,
+    mean 213 µs, sleep arm 141 / 150 µs; the client then slept in 44% of its waits, and
+    every sleep costs a wake-up *and* the caches: the copies right after a 100 µs sleep ran
+    at half speed on these VMs).
+
+    "Clearly" is :data:`SPIN_MARGIN` of the sleeping arm's median: a wait's length is mostly
     the peer's cycle, which varies by more than the wake-up a spin saves, so an even
     comparison flipped between the arms on noise alone (measured: a worker with a core to
     itself slept in 29% of its waits, and every sleep costs its client a doorbell and a
@@ -84,6 +105,13 @@ def spin_this_wait(waits: int, spin_wait_s: float | None, sleep_wait_s: float | 
     return (not preferred) if waits % EXPLORE_EVERY == EXPLORE_EVERY - 1 else preferred
 
 
+def median(window: deque[float]) -> float | None:
+    """The median of a window of waits (s), None when it is empty (the upper median of an even count)."""
+    if not window:
+        return None
+    return sorted(window)[len(window) // 2]
+
+
 def ewma(mean: float | None, sample: float, alpha: float = EWMA_ALPHA) -> float:
     """Exponentially weighted mean: ``mean + alpha * (sample - mean)`` (the sample alone when ``mean`` is None)."""
     return sample if mean is None else mean + alpha * (sample - mean)
@@ -94,19 +122,29 @@ class SpinState:
     """One waiter's memory of its recent waits (the mechanism feeds it, the policy reads it).
 
     Attributes:
-        typical_wait_s: weighted mean of all recent waits (s).
-        spin_wait_s: weighted mean of the waits that were allowed to spin to the cap (s), None before one.
-        sleep_wait_s: weighted mean of the waits that slept after the floor (s), None before one.
+        typical_wait_s: weighted mean of all recent waits (s); sizes the spin budget.
+        spin_waits: the last :data:`ARM_WINDOW` waits that were allowed to spin to the cap (s).
+        sleep_waits: the last :data:`ARM_WINDOW` waits that slept after the floor (s).
         waits: waits observed.
         spun: waits that ended while spinning; slept: waits that needed a kernel wake-up.
     """
 
     typical_wait_s: float = 0.0
-    spin_wait_s: float | None = None
-    sleep_wait_s: float | None = None
+    spin_waits: deque[float] = field(default_factory=lambda: deque(maxlen=ARM_WINDOW))
+    sleep_waits: deque[float] = field(default_factory=lambda: deque(maxlen=ARM_WINDOW))
     waits: int = 0
     spun: int = 0
     slept: int = 0
+
+    @property
+    def spin_wait_s(self) -> float | None:
+        """Median of the spinning arm's recent waits (s), None before one."""
+        return median(self.spin_waits)
+
+    @property
+    def sleep_wait_s(self) -> float | None:
+        """Median of the sleeping arm's recent waits (s), None before one."""
+        return median(self.sleep_waits)
 
     def may_spin(self) -> bool:
         """The arm of the next wait (:func:`spin_this_wait`)."""
@@ -115,10 +153,7 @@ class SpinState:
     def observe(self, waited_s: float, slept: bool, spun_arm: bool = True) -> None:
         """Record one finished wait of ``waited_s`` seconds, taken on the spinning arm or not."""
         self.typical_wait_s = ewma(self.typical_wait_s, waited_s)
-        if spun_arm:
-            self.spin_wait_s = ewma(self.spin_wait_s, waited_s)
-        else:
-            self.sleep_wait_s = ewma(self.sleep_wait_s, waited_s)
+        (self.spin_waits if spun_arm else self.sleep_waits).append(waited_s)
         self.waits += 1
         if slept:
             self.slept += 1

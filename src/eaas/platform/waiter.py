@@ -24,7 +24,7 @@ from eaas.platform.protocol import has_input
 from eaas.platform.spin import SpinState, spin_budget_s
 
 ZMQ_CHECK_EVERY = 8  # spin turns between two ZeroMQ input checks while there are rings to spin on
-IDLE_CLAMP = 2.0  # a wait counts as at most this many spin caps in the policy's means
+IDLE_CLAMP = 2.0  # a wait counts as at most this many spin caps in the policy's statistics
 
 
 def usable_cpus() -> int:
