@@ -82,7 +82,7 @@ def prefer_spinning(spin_wait_s: float | None, sleep_wait_s: float | None) -> bo
     a wait that spun has a heavy tail (the peer preempted once in a while, a 3 ms wait among
     60 µs ones), and one such outlier pulled an exponentially weighted mean past the
     sleeping arm's for several waits (measured on a 4 MiB shm echo: spin arm median 55 µs,
-    mean 213 µs, sleep arm 141 / 150 µs; the client then slept in 44% of its waits, and
+    mean 213 µs, sleep arm 141 / 150 µs; the client then slept in 45% of its waits, and
     every sleep costs a wake-up *and* the caches: the copies right after a 100 µs sleep ran
     at half speed on these VMs).
 
