@@ -81,7 +81,8 @@ def _running_threads(pids: Sequence[int], skip_tid: int | None = None) -> int:
                     stat = f.read()
             except OSError:
                 continue
-            if stat[stat.rindex(b")") + 2:stat.rindex(b")") + 3] == b"R":
+            end = stat.rindex(b")")  # the state follows the (command name), which may hold spaces
+            if stat[end + 2:end + 3] == b"R":
                 n += 1
     return n
 
@@ -265,7 +266,6 @@ class _Timer:
                     refs.append(ref)
                     if i >= self.warmup:
                         mono_s.append(dm)
-                torch.set_num_threads(1)
                 self._switch([os.getpid()], threading.get_native_id())  # the OpenMP threads' spinning
                 for i in range(start, start + n):
                     out, de = self._timed(self.eaas, x, 1)

@@ -125,6 +125,8 @@ class SpinState:
         typical_wait_s: weighted mean of all recent waits (s); sizes the spin budget.
         spin_waits: the last :data:`ARM_WINDOW` waits that were allowed to spin to the cap (s).
         sleep_waits: the last :data:`ARM_WINDOW` waits that slept after the floor (s).
+        spin_wait_s, sleep_wait_s: their medians (s), None before one (kept up to date by
+            :meth:`observe`, so that choosing an arm sorts nothing).
         waits: waits observed.
         spun: waits that ended while spinning; slept: waits that needed a kernel wake-up.
     """
@@ -132,19 +134,11 @@ class SpinState:
     typical_wait_s: float = 0.0
     spin_waits: deque[float] = field(default_factory=lambda: deque(maxlen=ARM_WINDOW))
     sleep_waits: deque[float] = field(default_factory=lambda: deque(maxlen=ARM_WINDOW))
+    spin_wait_s: float | None = None
+    sleep_wait_s: float | None = None
     waits: int = 0
     spun: int = 0
     slept: int = 0
-
-    @property
-    def spin_wait_s(self) -> float | None:
-        """Median of the spinning arm's recent waits (s), None before one."""
-        return median(self.spin_waits)
-
-    @property
-    def sleep_wait_s(self) -> float | None:
-        """Median of the sleeping arm's recent waits (s), None before one."""
-        return median(self.sleep_waits)
 
     def may_spin(self) -> bool:
         """The arm of the next wait (:func:`spin_this_wait`)."""
@@ -153,7 +147,12 @@ class SpinState:
     def observe(self, waited_s: float, slept: bool, spun_arm: bool = True) -> None:
         """Record one finished wait of ``waited_s`` seconds, taken on the spinning arm or not."""
         self.typical_wait_s = ewma(self.typical_wait_s, waited_s)
-        (self.spin_waits if spun_arm else self.sleep_waits).append(waited_s)
+        if spun_arm:
+            self.spin_waits.append(waited_s)
+            self.spin_wait_s = median(self.spin_waits)
+        else:
+            self.sleep_waits.append(waited_s)
+            self.sleep_wait_s = median(self.sleep_waits)
         self.waits += 1
         if slept:
             self.slept += 1
