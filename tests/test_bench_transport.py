@@ -4,6 +4,7 @@ the interleaved block sampling it relies on."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -14,12 +15,15 @@ from eaas.bench.transport import _time_interleaved, parse_size
 
 def test_bench_transport_cli_json_and_png(tmp_path):
     png = tmp_path / "transport.png"
+    scratch = tmp_path / "tmp"  # the run's TMPDIR: its peers' socket folder must not outlive it
+    scratch.mkdir()
     p = subprocess.run(
         [sys.executable, "-m", "eaas.cli", "bench", "transport", "--sizes", "64K,1M", "--transports",
          "inline_ipc,inline_tcp,shm", "--iters", "12", "--block", "4", "--json", "--png", str(png)],
-        capture_output=True, text=True, timeout=240,
+        capture_output=True, text=True, timeout=240, env={**os.environ, "TMPDIR": str(scratch)},
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
+    assert list(scratch.iterdir()) == []
     out = json.loads(p.stdout)
     assert out["benchmark"] == "transport"
     assert out["config"]["block"] == 4 and out["config"]["transports"] == ["inline_ipc", "inline_tcp", "shm"]

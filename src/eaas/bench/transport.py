@@ -30,6 +30,7 @@ from the caches), which charges each row its cold-start cost instead.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -187,17 +188,16 @@ def run_benchmark(cfg: TransportBenchConfig, progress: Callable[[str], None] | N
     torch.set_num_threads(cfg.torch_threads)
     transports = [t for t in cfg.transports if t != "nixl" or nixl_available()]
     skipped = sorted(set(cfg.transports) - set(transports))
-    tmp = tempfile.mkdtemp(prefix="eaas-bench-")
-    peers = {
-        "ipc": _start_peer(f"ipc://{tmp}/echo.sock"),
-        "tcp": _start_peer("tcp://127.0.0.1:0"),
-        "raw": _start_peer(f"ipc://{tmp}/raw.sock", "--raw"),
-    }
-    endpoints = {k: _wait_ready(p) for k, (p, _) in peers.items()}
+    tmp = tempfile.mkdtemp(prefix="eaas-bench-")  # the peers' ipc sockets; removed at the end
+    peers: dict[str, tuple[subprocess.Popen, str]] = {}
     ctx = zmq.Context()
     rows: list[dict[str, Any]] = []
     max_p = max(cfg.payload_bytes)
     try:
+        peers["ipc"] = _start_peer(f"ipc://{tmp}/echo.sock")
+        peers["tcp"] = _start_peer("tcp://127.0.0.1:0")
+        peers["raw"] = _start_peer(f"ipc://{tmp}/raw.sock", "--raw")
+        endpoints = {k: _wait_ready(p) for k, (p, _) in peers.items()}
         raw = ctx.socket(zmq.DEALER)
         raw.setsockopt(zmq.LINGER, 0)
         raw.connect(endpoints["raw"])
@@ -230,7 +230,9 @@ def run_benchmark(cfg: TransportBenchConfig, progress: Callable[[str], None] | N
                 proc.wait(10)
             except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()
         ctx.term()
+        shutil.rmtree(tmp, ignore_errors=True)
     config = {**asdict(cfg), "transports": transports, "skipped": skipped, "dtype": "float32",
               "cpus": os.cpu_count(), "peer": "echo subprocess (eaas.bench.echo)"}
     rows.sort(key=lambda r: r["payload_bytes"])  # stable: phase order within a size
