@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -42,6 +43,12 @@ def test_start_drain_adopt(pool: LocalPool, registry, model, eaas_env, tmp_path)
     assert [r.state for r in records] == [WorkerState.READY, WorkerState.READY]
     assert {r.shard_name for r in records} == {"shard-0"}
     assert len(registry.routing_table(model)["tiny/0/0"]) == 2
+    # every thread of a worker (zmq I/O, heartbeats, torch's pool) runs SCHED_BATCH: a worker
+    # woken by a client's doorbell does not preempt that client (EAAS_WORKER_SCHED_BATCH)
+    for h in handles:
+        tids = [int(t) for t in os.listdir(f"/proc/{h.pid}/task")]
+        assert len(tids) > 1 and {os.sched_getscheduler(t) for t in tids} == {os.SCHED_BATCH}
+    assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the process that started them is left as it was
 
     # a second pool object (a restarted autoscaler) adopts what it finds: no duplicates
     adopter = LocalPool(registry, env=eaas_env, log_dir=tmp_path / "logs2")

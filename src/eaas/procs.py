@@ -42,3 +42,22 @@ def die_with_parent() -> None:  # pragma: no cover - runs in the child
     except OSError:
         pass
     os.setpgrp()
+
+
+def use_batch_scheduling() -> bool:
+    """Run the calling thread — and every thread and process it starts afterwards — under
+    Linux's ``SCHED_BATCH`` policy (same nice level, no privilege needed).
+
+    A ``SCHED_BATCH`` task that is woken never preempts the running task on wake-up
+    (kernel ``check_preempt_wakeup_fair``: only ``SCHED_NORMAL`` tasks do); it runs on an
+    idle core at once, otherwise at the next tick or when the running task yields or blocks.
+    Expert workers use it: a client that rings a sleeping worker's doorbell keeps its core
+    and rings the next worker's too, instead of being switched out for the first worker's
+    whole expert computation (at concurrency 32 the gateway spent 12% of its time inside
+    ``Ring.notify``). Returns whether the policy was set (False off Linux or when refused).
+    """
+    try:
+        os.sched_setscheduler(0, os.SCHED_BATCH, os.sched_param(0))
+    except (AttributeError, OSError):
+        return False
+    return True

@@ -61,6 +61,9 @@ class Settings(BaseSettings):
 
     # --- compute ---
     torch_threads: int = Field(1, ge=1, description="torch intra-op threads per process")
+    worker_sched_batch: bool = Field(
+        True, description="`eaas worker` runs under SCHED_BATCH (Linux): a worker woken by a client's doorbell does"
+        " not preempt that client (eaas.procs.use_batch_scheduling)")
     device: str = Field("cpu", description="torch device for expert workers")
     experts_implementation: str | None = Field(
         None,

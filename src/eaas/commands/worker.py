@@ -37,6 +37,10 @@ def worker(
     from eaas.registry.deployment import connect_registry
 
     settings = get_settings(device=device, torch_threads=torch_threads, advertise_host=advertise_host)
+    if settings.worker_sched_batch:  # first, so that every thread of the worker (and its lease keeper) inherits it
+        from eaas.procs import use_batch_scheduling
+
+        use_batch_scheduling()
     if ensure_keys(settings.curve_keys_dir):
         err_console.print(f"made NEW CURVE keys in {settings.curve_keys_dir}: clients need its server.key and "
                           "client.key_secret", highlight=False)
