@@ -54,7 +54,7 @@ def test_settle_waits_for_a_running_process_and_not_for_a_sleeping_one():
     from eaas.bench.layer import _running_threads, _settle
 
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
-    idle = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    idle = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)  # blocks
     try:
         from eaas.testing import wait_for
         wait_for(lambda: _running_threads([busy.pid]) >= 1, 30, what="the busy loop running")
@@ -66,6 +66,7 @@ def test_settle_waits_for_a_running_process_and_not_for_a_sleeping_one():
         idle.kill()
         busy.wait()
         idle.wait()
+        idle.stdin.close()
     assert _running_threads([busy.pid, idle.pid]) == 0  # gone processes count as idle
 
 

@@ -120,22 +120,16 @@ def _handle(d: Mapping[str, Any]) -> dict[str, Any]:
 
 def _unpack_map(raw: Frame) -> dict[str, Any]:
     """Frame 0 -> the header map, bounded by ``MAX_HEADER_BYTES`` before msgpack sees it."""
+    # (decode_header has already turned a received zmq.Frame of a valid size into bytes)
     if type(raw) is bytes:
         data: Any = raw
         n = len(raw)
-    elif type(raw) is _ZmqFrame:  # received frame: its length is known, a small copy unpacks fastest
-        n = len(raw)
-        data = raw.bytes if 0 < n <= MAX_HEADER_BYTES else None
     else:
         try:
             data = frame_buffer(raw)
         except TypeError as e:
             raise _fail(f"header frame is not bytes: {e}", "bad_header") from None
         n = data.nbytes
-        if 0 < n <= MAX_HEADER_BYTES and type(raw) is not memoryview:
-            small = getattr(raw, "bytes", None)  # zmq.Frame: a small copy unpacks faster than a view
-            if type(small) is bytes:
-                data = small
     if n == 0 or n > MAX_HEADER_BYTES:
         raise _fail(f"header frame of {n} bytes (must be 1..{MAX_HEADER_BYTES})", "bad_header")
     try:
