@@ -59,6 +59,10 @@ def test_bench_e2e_tiny_real_run(tmp_path):
     # the monolithic gateway really loaded the chosen implementation
     log = (tmp_path / "run" / "monolithic.log").read_text()
     assert f"experts_implementation={c['monolithic_impl']}" in log
+    # the EaaS workers ran the expert kernel the config states (default: onednn, prepacked weights)
+    assert c["eaas_expert_kernel"] == "onednn"
+    worker_logs = [p.read_text() for p in (tmp_path / "run" / "eaas").rglob("*.log") if "shard" in p.name]
+    assert len(worker_logs) == 2 and all("(onednn kernel)" in text for text in worker_logs), worker_logs
     assert steps and steps[-1][1] == 1.0 and all(0.0 <= f <= 1.0 for _, f in steps)
 
     from rich.console import Console
@@ -94,7 +98,7 @@ def test_choose_implementation():
 
 @pytest.mark.parametrize("kw", [{"concurrencies": ()}, {"concurrencies": (0,)}, {"max_tokens": 0},
                                 {"top_k": 9}, {"replicas": 3, "workers": 2}, {"torch_threads": 0},
-                                {"engine": "paged"}])
+                                {"engine": "paged"}, {"expert_kernel": "fast"}])
 def test_config_rejects_bad_arguments(kw):
     with pytest.raises(ValueError):
         E2EBenchConfig(**kw).validate()

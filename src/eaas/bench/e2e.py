@@ -41,6 +41,7 @@ import httpx
 
 from eaas.bench.serve import ServeBenchConfig, local_gateway, run_level
 from eaas.bench.stats import load_avg_1m
+from eaas.functions.expert_math import EXPERT_KERNELS
 from eaas.platform.waiter import usable_cpus
 
 SIDES = ("monolithic", "eaas")
@@ -69,6 +70,8 @@ class E2EBenchConfig:
         engine: the runner engine of both gateways (``slots`` or ``padded``; ``EAAS_ENGINE``).
         max_prefill_tokens: ``EAAS_MAX_PREFILL_TOKENS`` of both gateways (None: their default).
         microbatch_min_batch: ``EAAS_MICROBATCH_MIN_BATCH`` of both gateways (None: their default).
+        expert_kernel: ``EAAS_EXPERT_KERNEL`` of the EaaS workers: ``onednn`` (default; prepacked
+            weights, the fastest here for float32 on CPU) or ``eager`` (transformers' bits).
         layers, hidden, intermediate, experts, top_k, seed: the checkpoint written when no
             ``model_dir`` is given (Mixtral-shaped, float32).
         impl_repeats: timed forwards per implementation and token count (median reported).
@@ -83,6 +86,7 @@ class E2EBenchConfig:
     workers: int = 2
     replicas: int = 1
     torch_threads: int = 1
+    expert_kernel: str = "onednn"
     monolithic_impl: str | None = None
     engine: str = "slots"
     max_prefill_tokens: int | None = None
@@ -107,6 +111,8 @@ class E2EBenchConfig:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.top_k > self.experts:
             raise ValueError(f"top_k {self.top_k} > experts {self.experts}")
+        if self.expert_kernel not in EXPERT_KERNELS:
+            raise ValueError(f"expert_kernel must be one of {', '.join(EXPERT_KERNELS)}, got {self.expert_kernel!r}")
         if self.engine not in ("slots", "padded"):
             raise ValueError(f"engine must be 'slots' or 'padded', got {self.engine!r}")
         if self.replicas > self.workers:
@@ -339,7 +345,7 @@ def run_e2e_bench(
         # both servers start at once (start-up is not measured) and stay up for the whole run
         step(f"starting the monolithic gateway and EaaS ({cfg.workers} workers)")
         up = UpProcess(workdir / "eaas", workers=cfg.workers, replicas=cfg.replicas, autoscale=False,
-                       model_dir=model_dir, extra_env=_engine_env(cfg),
+                       model_dir=model_dir, extra_env={**_engine_env(cfg), "EAAS_EXPERT_KERNEL": cfg.expert_kernel},
                        extra_args=["--torch-threads", str(cfg.torch_threads)])  # fmt: skip
         stack.callback(up.stop)
         up_error: list[BaseException] = []
@@ -427,7 +433,8 @@ def run_e2e_bench(
         "schedule": "both servers up for the whole run; per level one side, then the other (never both under "
                     "load); the side that goes first alternates from level to level",
         "monolithic_cmd": "eaas gateway --monolithic --torch-threads W*t --experts-implementation IMPL",
-        "eaas_cmd": "eaas up --model DIR --workers W --replicas R --no-autoscale --torch-threads t",
+        "eaas_cmd": "EAAS_EXPERT_KERNEL=K eaas up --model DIR --workers W --replicas R --no-autoscale --torch-threads t",
+        "eaas_expert_kernel": cfg.expert_kernel,
         "cpu_count": usable_cpus(),
         "load_avg_1m": {"before": load_before, "after": load_avg_1m()},
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__},
@@ -556,7 +563,8 @@ def summary_lines(result: dict[str, Any]) -> list[str]:
             lines.append(f"experts impl {impl}: {per_t} (score {t['score_ms']:g} ms){mark}")
         else:
             lines.append(f"experts impl {impl}: unavailable ({t['error']}){mark}")
-    lines.append(f"monolithic impl: {cfg['monolithic_impl']} ({cfg['monolithic_impl_source']})")
+    lines.append(f"monolithic impl: {cfg['monolithic_impl']} ({cfg['monolithic_impl_source']}); "
+                 f"EaaS workers' expert kernel: {cfg.get('eaas_expert_kernel', 'eager')}")
     floor = cfg.get("wave_prefill_floor", {}).get("results", {})
     if floor:
         lines.append("TTFT floor, one prefill of a whole wave: " + ", ".join(

@@ -171,6 +171,9 @@ def layer(
     block: int = typer.Option(5, "--block", min=1, help="consecutive calls of one side before the other's turn"),
     transport: str = typer.Option("auto", "--transport", help="data-plane transport: auto, inline, shm, cuda_ipc, nixl"),
     seed: int = typer.Option(0, "--seed", help="seed of the checkpoint and the inputs"),
+    expert_kernel: str = typer.Option("onednn", "--expert-kernel",
+                                      help="EaaS workers' EAAS_EXPERT_KERNEL: onednn (prepacked weights, the fastest "
+                                           "on CPU float32) or eager (transformers' bits)"),
     monolithic_impl: str = typer.Option(None, "--monolithic-impl",
                                         help="experts implementation of the monolithic block (eager, grouped_mm, ...;"
                                              " default: transformers' default)"),
@@ -250,8 +253,11 @@ def e2e(
     workers: int = typer.Option(2, "--workers", min=1, help="EaaS expert worker processes (W)"),
     replicas: int = typer.Option(1, "--replicas", min=1, help="EaaS replicas of every expert"),
     torch_threads: int = typer.Option(1, "--torch-threads", min=1,
-                                      help="torch threads t per process: monolithic gets W x t in one process, "
+                                      help="torch threads t per process: monolithic gets (W+1) x t in one process, "
                                            "EaaS t per worker + t in its gateway"),
+    expert_kernel: str = typer.Option("onednn", "--expert-kernel",
+                                      help="EaaS workers' EAAS_EXPERT_KERNEL: onednn (prepacked weights, the fastest "
+                                           "on CPU float32) or eager (transformers' bits)"),
     monolithic_impl: str = typer.Option(None, "--monolithic-impl",
                                         help="force the monolithic experts implementation (eager, grouped_mm, "
                                              "batched_mm; default: the fastest measured here)"),
@@ -277,6 +283,7 @@ def e2e(
         cfg = be.E2EBenchConfig(concurrencies=levels, max_tokens=max_tokens, requests_per_client=requests_per_client,
                                 prompt_words=prompt_words, workers=workers, replicas=replicas,
                                 torch_threads=torch_threads, monolithic_impl=monolithic_impl, engine=engine,
+                                expert_kernel=expert_kernel,
                                 max_prefill_tokens=max_prefill_tokens, microbatch_min_batch=microbatch_min_batch,
                                 layers=layers,
                                 hidden=hidden, intermediate=intermediate)  # fmt: skip

@@ -52,11 +52,13 @@ def worker(
     spec = registry.model(model)
     pairs = parse_shard_spec(shard, spec["moe_layers"], int(spec["num_experts"]))
     with err_console.status(f"loading {len(pairs)} experts of {model} onto {settings.device}"):
-        loaded = load_shard(spec["checkpoint"], pairs, device=settings.device, dtype=dtype, model=model)
+        loaded = load_shard(spec["checkpoint"], pairs, device=settings.device, dtype=dtype, model=model,
+                           kernel=settings.expert_kernel)
     w = ExpertWorker(
         settings, registry, model, loaded, worker_id=worker_id, shard_name=shard_name or shard, bind=bind,
         advertise_host=settings.advertise_host, transports=[transport] if transport else None,
-        reload=lambda more: load_shard(spec["checkpoint"], more, device=settings.device, dtype=dtype, model=model),
+        reload=lambda more: load_shard(spec["checkpoint"], more, device=settings.device, dtype=dtype, model=model,
+                                       kernel=settings.expert_kernel),
     )
-    err_console.print(f"worker {w.id}: {len(pairs)} experts at {w.endpoint}", highlight=False)
+    err_console.print(f"worker {w.id}: {len(pairs)} experts at {w.endpoint} ({loaded.kernel} kernel)", highlight=False)
     sys.exit(w.serve())

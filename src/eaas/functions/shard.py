@@ -23,7 +23,8 @@ from pathlib import Path
 import torch
 
 from eaas.errors import CheckpointError, ShardInputError, UnknownFunction
-from eaas.functions.expert_math import expert_body, grouped_forward, grouped_rows
+from eaas.functions.expert_math import (EXPERT_KERNELS, expert_body, grouped_forward,
+                                        grouped_rows, onednn_linear_body, onednn_supported)
 from eaas.functions.loader import Checkpoint, build_meta_experts, open_checkpoint
 from eaas.functions.storage import dtype_name, parse_dtype
 
@@ -46,6 +47,16 @@ class ExpertShard:
         dtype: dtype of weights, inputs and outputs.
         device: device of weights, inputs and outputs.
         nbytes: bytes of the weights held.
+        kernel: ``"eager"`` (transformers' eager loop body: its bits) or ``"onednn"`` (the same math
+            on oneDNN-prepacked weights; float32 CPU linear families only, see
+            :func:`~eaas.functions.expert_math.onednn_linear_body`).
+
+    Args:
+        kernel: the kernel asked for (``EAAS_EXPERT_KERNEL``); ``"onednn"`` falls back to
+            ``"eager"`` for a shard it cannot run (bf16, GPU, GPT-OSS).
+
+    Raises:
+        ValueError: an unknown ``kernel``.
     """
 
     def __init__(
@@ -57,7 +68,10 @@ class ExpertShard:
         dtype: torch.dtype,
         device: torch.device,
         model: str | None = None,
+        kernel: str = "eager",
     ) -> None:
+        if kernel not in EXPERT_KERNELS:
+            raise ValueError(f"unknown expert kernel {kernel!r}; choose one of {', '.join(EXPERT_KERNELS)}")
         self.model = model
         self.hidden_size = hidden_size
         self.dtype = dtype
@@ -68,14 +82,19 @@ class ExpertShard:
             (layer, e): i for layer, es in experts.items() for i, e in enumerate(es)
         }
         self.functions: tuple[tuple[int, int], ...] = tuple(sorted(self._local))
-        # layer -> the eager loop's per-expert body, when the family's is known (expert_math)
-        self._bodies = {layer: expert_body(m) for layer, m in modules.items()}
-        # small batches' routing, per (counts, local experts, dtype): the rows of each
-        # expert (direct body) or (local_index [n, 1], ones [n, 1]) (eager forward)
-        self._routing: dict[tuple, object] = {}
         self.nbytes = sum(
             p.numel() * p.element_size() for m in modules.values() for p in m.parameters()
         )
+        # layer -> the per-expert body, when the family's is known (expert_math): the eager loop's,
+        # or with kernel "onednn" the same math on prepacked weights (the module's own are freed)
+        packed = {layer: kernel == "onednn" and onednn_supported(m) for layer, m in modules.items()}
+        self._bodies = {layer: onednn_linear_body(m) if packed[layer] else expert_body(m)
+                        for layer, m in modules.items()}  # fmt: skip
+        #: the kernel every layer runs: "onednn" only where all could be prepacked (else "eager")
+        self.kernel = "onednn" if packed and all(packed.values()) else "eager"
+        # small batches' routing, per (counts, local experts, dtype): the rows of each
+        # expert (direct body) or (local_index [n, 1], ones [n, 1]) (eager forward)
+        self._routing: dict[tuple, object] = {}
 
     def __repr__(self) -> str:
         return (
@@ -204,6 +223,7 @@ def load_shard(
     dtype: str | torch.dtype | None = None,
     *,
     model: str | None = None,
+    kernel: str = "eager",
 ) -> ExpertShard:
     """Load the hosted experts of a checkpoint into an :class:`ExpertShard`.
 
@@ -216,6 +236,7 @@ def load_shard(
         device: torch device for weights and compute.
         dtype: weight dtype (default: the checkpoint's).
         model: model name recorded on the shard.
+        kernel: how the experts compute (:class:`ExpertShard`'s ``kernel``).
 
     Raises:
         CheckpointError: the checkpoint is unreadable, an expert does not exist,
@@ -270,8 +291,10 @@ def load_shard(
         dtype=weight_dtype or torch.float32,
         device=dev,
         model=model,
+        kernel=kernel,
     )
-    logger.info("shard %s: loaded %d experts from %s (%d bytes)", model, len(pairs), ckpt.path, shard.nbytes)
+    logger.info("shard %s: loaded %d experts from %s (%d bytes, %s kernel)", model, len(pairs), ckpt.path,
+                shard.nbytes, shard.kernel)
     return shard
 
 
