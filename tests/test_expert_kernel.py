@@ -1,5 +1,6 @@
 """The ``onednn`` expert kernel (EAAS_EXPERT_KERNEL): the same math as the eager body on
-prepacked weights, close to transformers but not its bits; shards it cannot run stay eager."""
+prepacked weights for 2+ rows, close to transformers but not its bits (single rows keep them);
+shards it cannot run stay eager."""
 
 from __future__ import annotations
 
@@ -45,9 +46,7 @@ def test_onednn_shard_matches_transformers_within_rounding(case, n) -> None:  # 
     linear = type(modules[layer]).__name__ in LINEAR_BODY_CLASSES
     assert eager.kernel == "eager"
     assert shard.kernel == ("onednn" if linear else "eager")  # GPT-OSS (matmul + biases) stays eager
-    assert shard.nbytes == eager.nbytes
-    if linear:  # the prepacked copy replaces the module's weights: held once
-        assert shard.module(layer).gate_up_proj.numel() == 0 and shard.module(layer).down_proj.numel() == 0
+    assert shard.nbytes == (2 if linear else 1) * eager.nbytes  # the prepacked copy is a second one
     gen = torch.Generator().manual_seed(n)
     for e in range(spec.num_experts):
         x = torch.randn(n, spec.hidden_size, generator=gen)
@@ -55,7 +54,7 @@ def test_onednn_shard_matches_transformers_within_rounding(case, n) -> None:  # 
         ref = _reference(modules[layer], x, e)
         assert y.shape == x.shape and y.dtype == torch.float32
         assert (y - ref).abs().max().item() <= 1e-5 * max(1.0, ref.abs().max().item()), (e, n)
-        if not linear:
+        if not linear or n == 1:  # a single row stays on the eager body: transformers' bits
             assert torch.equal(y, eager.forward(x, [((layer, e), n)]))
 
 

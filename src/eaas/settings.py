@@ -67,8 +67,9 @@ class Settings(BaseSettings):
     device: str = Field("cpu", description="torch device for expert workers")
     expert_kernel: Literal["eager", "onednn"] = Field(
         "eager", description="how workers compute linear experts: 'eager' (transformers' eager loop body, its bits) or"
-        " 'onednn' (the same math on oneDNN-prepacked weights: 1.4-2x faster at 2-32 rows per expert on CPU float32,"
-        " ~1e-6 relative rounding differences; bf16/GPU/GPT-OSS shards stay eager)")
+        " 'onednn' (2+ rows per expert on oneDNN-prepacked weights, 1.4-2x faster at 2-32 rows on CPU float32, within"
+        " float32 rounding of transformers; single rows stay eager; holds the expert weights twice; bf16/GPU/GPT-OSS"
+        " shards stay eager)")
     experts_implementation: str | None = Field(
         None,
         description="transformers experts implementation of a monolithic gateway (eager, grouped_mm, batched_mm);"

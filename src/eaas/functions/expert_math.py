@@ -69,7 +69,8 @@ def _bound_linear_body(module: torch.nn.Module) -> Body:
 
 EXPERT_KERNELS = ("eager", "onednn")
 """How a worker's linear experts compute (``EAAS_EXPERT_KERNEL``): ``eager``, transformers' eager
-loop body (the same bits as transformers); ``onednn``, the same math on oneDNN-prepacked weights."""
+loop body (the same bits as transformers); ``onednn``, the same math on oneDNN-prepacked weights
+for two or more rows (:func:`onednn_linear_body`)."""
 
 
 def onednn_supported(module: torch.nn.Module) -> bool:
@@ -81,20 +82,24 @@ def onednn_supported(module: torch.nn.Module) -> bool:
     return all(w.dtype == torch.float32 and w.device.type == "cpu" for w in weights)
 
 
-def onednn_linear_body(module: torch.nn.Module) -> Body:
-    """The linear families' loop body on weights prepacked once for oneDNN; frees the module's own.
+def onednn_linear_body(module: torch.nn.Module) -> tuple[Body, int]:
+    """The linear families' loop body, with rows of two or more on weights prepacked for oneDNN.
 
     ``F.linear`` on a plain ``[N, K]`` weight makes MKL repack the weight on every call; with
     the 2 to 8 rows an expert gets per decode step that repacking is most of the call. Here each
-    expert's ``gate_up [2I, D]`` and ``down [D, I]`` are reordered once
+    expert's ``gate_up [2I, D]`` and ``down [D, I]`` are also reordered once
     (``torch.ops.mkldnn._reorder_linear_weight``, the prepacking torch inductor's freezing pass
-    uses) and every call is one ``torch.ops.mkldnn._linear_pointwise``. Measured per 16 expert
-    calls at D=1024, I=2816, 1 thread, this 2-vCPU VM (eager → prepacked): 1 row 42 → 54 ms,
-    2 rows 85 → 60, 4 rows 139 → 69, 8 rows 174 → 102, 32 rows 353 → 264.
+    uses), and a call with two or more rows is one ``torch.ops.mkldnn._linear_pointwise`` per
+    weight. A single row stays on the eager body (a GEMV: oneDNN's packed layout is slower there).
+    Measured per 16 expert calls at D=1024, I=2816, 1 thread, this 2-vCPU VM (eager → prepacked):
+    1 row 43 → 55 ms, 2 rows 80 → 58, 4 rows 152 → 75, 8 rows 193 → 104, 32 rows 380 → 273.
 
-    The math is the eager body's; the rounding is oneDNN's, not MKL's (outputs differ from
-    transformers' eager experts by float32 rounding, ~1e-6 relative). The module's
-    ``gate_up_proj`` / ``down_proj`` are replaced by empty tensors, so the weights are held once.
+    The math is the eager body's. One row gives transformers' bits; more rows oneDNN's
+    rounding, not MKL's (within float32 rounding of transformers', ~1e-6 relative). The
+    weights are held twice: the module's own and the prepacked copy.
+
+    Returns:
+        ``(body, packed_bytes)``: the body (bound to ``module``) and the bytes of the prepacked copy.
 
     Raises:
         ValueError: :func:`onednn_supported` is false for ``module``.
@@ -104,19 +109,21 @@ def onednn_linear_body(module: torch.nn.Module) -> Body:
                          f" {type(module).__name__} ({module.gate_up_proj.dtype}, {module.gate_up_proj.device})")
     reorder = torch.ops.mkldnn._reorder_linear_weight
     linear = torch.ops.mkldnn._linear_pointwise
+    single = _bound_linear_body(module)
     with torch.inference_mode(False):
         gate_up = [reorder(w.contiguous()) for w in module.gate_up_proj]  # [2I, D] per expert, prepacked
         down = [reorder(w.contiguous()) for w in module.down_proj]  # [D, I] per expert, prepacked
-        for name in ("gate_up_proj", "down_proj"):
-            module._parameters[name] = torch.nn.Parameter(torch.empty(0, dtype=torch.float32), requires_grad=False)
+    packed_bytes = sum(w.numel() * w.element_size() for w in (module.gate_up_proj, module.down_proj))
     act = module.act_fn
     act = act.forward if isinstance(act, torch.nn.Module) else act
 
     def body(_module: torch.nn.Module, e: int, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[0] == 1:
+            return single(_module, e, x)
         gate, up = linear(x, gate_up[e], None, "none", [], "").chunk(2, dim=-1)  # [n, I] each
         return linear(act(gate) * up, down[e], None, "none", [], "")
 
-    return body
+    return body, packed_bytes
 
 
 def expert_body(module: torch.nn.Module) -> Body | None:

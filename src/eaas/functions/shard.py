@@ -16,6 +16,7 @@ Legend: ``N`` rows, ``D`` hidden, ``E`` hosted experts of a layer.
 from __future__ import annotations
 
 import logging
+from typing import Any
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -46,9 +47,9 @@ class ExpertShard:
         hidden_size: ``D``.
         dtype: dtype of weights, inputs and outputs.
         device: device of weights, inputs and outputs.
-        nbytes: bytes of the weights held.
+        nbytes: bytes of the weights held (with the ``onednn`` kernel: the experts' twice).
         kernel: ``"eager"`` (transformers' eager loop body: its bits) or ``"onednn"`` (the same math
-            on oneDNN-prepacked weights; float32 CPU linear families only, see
+            on oneDNN-prepacked weights for 2+ rows; float32 CPU linear families only, see
             :func:`~eaas.functions.expert_math.onednn_linear_body`).
 
     Args:
@@ -86,12 +87,17 @@ class ExpertShard:
             p.numel() * p.element_size() for m in modules.values() for p in m.parameters()
         )
         # layer -> the per-expert body, when the family's is known (expert_math): the eager loop's,
-        # or with kernel "onednn" the same math on prepacked weights (the module's own are freed)
-        packed = {layer: kernel == "onednn" and onednn_supported(m) for layer, m in modules.items()}
-        self._bodies = {layer: onednn_linear_body(m) if packed[layer] else expert_body(m)
-                        for layer, m in modules.items()}  # fmt: skip
+        # or with kernel "onednn" the same math on prepacked weights for 2+ rows (a second copy)
+        self._bodies: dict[int, Any] = {}
+        for layer, m in modules.items():
+            if kernel == "onednn" and onednn_supported(m):
+                self._bodies[layer], packed_bytes = onednn_linear_body(m)
+                self.nbytes += packed_bytes
+            else:
+                self._bodies[layer] = expert_body(m)
         #: the kernel every layer runs: "onednn" only where all could be prepacked (else "eager")
-        self.kernel = "onednn" if packed and all(packed.values()) else "eager"
+        self.kernel = "onednn" if modules and kernel == "onednn" and all(map(onednn_supported, modules.values())) \
+            else "eager"
         # small batches' routing, per (counts, local experts, dtype): the rows of each
         # expert (direct body) or (local_index [n, 1], ones [n, 1]) (eager forward)
         self._routing: dict[tuple, object] = {}
