@@ -171,9 +171,6 @@ def layer(
     block: int = typer.Option(5, "--block", min=1, help="consecutive calls of one side before the other's turn"),
     transport: str = typer.Option("auto", "--transport", help="data-plane transport: auto, inline, shm, cuda_ipc, nixl"),
     seed: int = typer.Option(0, "--seed", help="seed of the checkpoint and the inputs"),
-    expert_kernel: str = typer.Option("onednn", "--expert-kernel",
-                                      help="EaaS workers' EAAS_EXPERT_KERNEL: onednn (prepacked weights, the fastest "
-                                           "on CPU float32) or eager (transformers' bits)"),
     monolithic_impl: str = typer.Option(None, "--monolithic-impl",
                                         help="experts implementation of the monolithic block (eager, grouped_mm, ...;"
                                              " default: transformers' default)"),
