@@ -7,7 +7,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from eaas.functions import SUPPORTED_MODEL_TYPES, experts_modules, inspect_checkpoint, load_shard, write_tiny_checkpoint
+from eaas.functions import (
+    SUPPORTED_MODEL_TYPES,
+    experts_modules,
+    inspect_checkpoint,
+    load_shard,
+    write_tiny_checkpoint,
+)
 from eaas.functions.expert_math import LINEAR_BODY_CLASSES
 from eaas.platform.integration import load_model
 from eaas.settings import get_settings

@@ -16,7 +16,6 @@ Legend: ``N`` rows, ``D`` hidden, ``E`` hosted experts of a layer.
 from __future__ import annotations
 
 import logging
-from typing import Any
 from collections.abc import Iterable, Sequence
 from contextlib import ExitStack
 from pathlib import Path
@@ -24,8 +23,15 @@ from pathlib import Path
 import torch
 
 from eaas.errors import CheckpointError, ShardInputError, UnknownFunction
-from eaas.functions.expert_math import (EXPERT_KERNELS, expert_body, grouped_forward,
-                                        grouped_rows, onednn_linear_body, onednn_supported)
+from eaas.functions.expert_math import (
+    EXPERT_KERNELS,
+    Body,
+    expert_body,
+    grouped_forward,
+    grouped_rows,
+    onednn_linear_body,
+    onednn_supported,
+)
 from eaas.functions.loader import Checkpoint, build_meta_experts, open_checkpoint
 from eaas.functions.storage import dtype_name, parse_dtype
 
@@ -88,7 +94,7 @@ class ExpertShard:
         )
         # layer -> the per-expert body, when the family's is known (expert_math): the eager loop's,
         # or with kernel "onednn" the same math on prepacked weights for 2+ rows (a second copy)
-        self._bodies: dict[int, Any] = {}
+        self._bodies: dict[int, Body | None] = {}
         for layer, m in modules.items():
             if kernel == "onednn" and onednn_supported(m):
                 self._bodies[layer], packed_bytes = onednn_linear_body(m)
