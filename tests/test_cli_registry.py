@@ -92,3 +92,17 @@ def test_eaas_redis_is_found_by_admin_commands(eaas_env: dict) -> None:
         assert proc.wait(15) == 0
     p = eaas(env, "registry", "models", check=False)
     assert p.returncode == 1 and "no EaaS deployment found" in p.stderr
+
+
+def test_a_bad_setting_names_its_variable_and_value_before_anything_starts(eaas_env: dict, tmp_path) -> None:
+    """An invalid EAAS_* value or flag is one line naming the variable, the value and what is
+    expected; ``eaas up`` refuses before it starts Redis or a worker (no state file written)."""
+    env = {**eaas_env, "EAAS_STATE_DIR": str(tmp_path / "state")}
+    p = eaas({**env, "EAAS_EXPERT_KERNEL": "bogus"}, "worker", "--model", "m", "--shard", "all", check=False)
+    assert p.returncode == 1
+    assert "invalid setting: EAAS_EXPERT_KERNEL='bogus': Input should be 'eager' or 'onednn'" in p.stderr, p.stderr
+    assert "Traceback" not in p.stderr
+    p = eaas(env, "up", "--torch-threads", "0", "--port", "0", check=False)
+    assert p.returncode == 1
+    assert "invalid setting: EAAS_TORCH_THREADS=0: Input should be greater than or equal to 1" in p.stderr, p.stderr
+    assert "private Redis" not in p.stderr and not (tmp_path / "state" / "deployment.json").exists()

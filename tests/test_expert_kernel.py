@@ -102,3 +102,18 @@ def test_worker_with_onednn_kernel_serves_transformers_tokens(registry, register
         assert torch.equal(got_tokens, want_tokens)
     finally:
         client.close()
+
+
+def test_a_worker_that_cannot_run_onednn_says_it_runs_eager(registry, registered, workers, eaas_env,
+                                                             tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """GPT-OSS experts (matmul + biases) cannot be prepacked: the worker's one start line says
+    which kernel it runs and why it is not the one asked for."""
+    from eaas.testing import wait_for
+
+    model = registered("gpt_oss")
+    workers(model, ["all"], env={**eaas_env, "EAAS_EXPERT_KERNEL": "onednn"})
+    wait_workers_ready(registry, model, 1)
+    log = tmp_path / "w0.log"
+    wait_for(lambda: "experts at" in log.read_text(), 10, what="the worker's start line")
+    line = next(ln for ln in log.read_text().splitlines() if "experts at" in ln)
+    assert line.endswith("(eager kernel; EAAS_EXPERT_KERNEL=onednn needs float32 CPU linear experts)"), line

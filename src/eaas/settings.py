@@ -145,11 +145,11 @@ class Settings(BaseSettings):
 
 
 def get_settings(**overrides: object) -> Settings:
-    """Read settings from the environment, then apply non-None ``overrides``.
+    """Read settings from the environment, then apply non-None ``overrides`` (CLI flags), which
+    take precedence and are validated like the environment.
 
     Raises:
-        pydantic.ValidationError: an ``EAAS_*`` variable has an invalid value.
+        pydantic.ValidationError: an ``EAAS_*`` variable or an override has an invalid value.
     """
-    s = Settings()
     clean = {k: v for k, v in overrides.items() if v is not None}
-    return s.model_copy(update=clean) if clean else s
+    return Settings(**clean)

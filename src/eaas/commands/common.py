@@ -41,10 +41,23 @@ def cli_errors(fn: F) -> F:
             raise typer.Exit(130) from None
         except Exception as e:  # pydantic ValidationError for EAAS_* values
             if type(e).__name__ == "ValidationError":
-                fail(f"invalid setting: {str(e).splitlines()[0]} {str(e).splitlines()[1:3]}")
+                fail(settings_error_line(e))
             raise
 
     return wrapper  # type: ignore[return-value]
+
+
+def settings_error_line(exc: Any) -> str:
+    """One line for a pydantic ``ValidationError`` of :class:`~eaas.settings.Settings`: each bad
+    field with its ``EAAS_*`` variable, the value given and what is expected, e.g.
+    ``invalid setting: EAAS_EXPERT_KERNEL='bogus': Input should be 'eager' or 'onednn'``."""
+    parts = []
+    for err in exc.errors():
+        loc = err.get("loc") or ("?",)
+        name = f"EAAS_{str(loc[0]).upper()}"
+        given = f"={err['input']!r}" if "input" in err and not isinstance(err["input"], dict) else ""
+        parts.append(f"{name}{given}: {err.get('msg', 'invalid')}")
+    return "invalid setting: " + "; ".join(parts)
 
 
 def print_json(obj: Any) -> None:

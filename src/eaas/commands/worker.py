@@ -60,5 +60,9 @@ def worker(
         reload=lambda more: load_shard(spec["checkpoint"], more, device=settings.device, dtype=dtype, model=model,
                                        kernel=settings.expert_kernel),
     )
-    err_console.print(f"worker {w.id}: {len(pairs)} experts at {w.endpoint} ({loaded.kernel} kernel)", highlight=False)
+    kernel = f"{loaded.kernel} kernel"
+    if loaded.kernel != settings.expert_kernel:  # onednn asked for, but these experts cannot run it
+        kernel += f"; EAAS_EXPERT_KERNEL={settings.expert_kernel} needs float32 CPU linear experts"
+    err_console.print(f"worker {w.id}: {len(pairs)} experts at {w.endpoint} ({kernel})", highlight=False,
+                      soft_wrap=True)  # one line in log files, whatever the width
     sys.exit(w.serve())
