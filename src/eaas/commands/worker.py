@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 from typing import Optional
@@ -51,14 +52,14 @@ def worker(
     registry = connect_registry(settings, f"worker {worker_id or model}")
     spec = registry.model(model)
     pairs = parse_shard_spec(shard, spec["moe_layers"], int(spec["num_experts"]))
+    load = functools.partial(load_shard, spec["checkpoint"], device=settings.device, dtype=dtype, model=model,
+                             kernel=settings.expert_kernel)  # these pairs now, extra replicas' later
     with err_console.status(f"loading {len(pairs)} experts of {model} onto {settings.device}"):
-        loaded = load_shard(spec["checkpoint"], pairs, device=settings.device, dtype=dtype, model=model,
-                           kernel=settings.expert_kernel)
+        loaded = load(pairs)
     w = ExpertWorker(
         settings, registry, model, loaded, worker_id=worker_id, shard_name=shard_name or shard, bind=bind,
         advertise_host=settings.advertise_host, transports=[transport] if transport else None,
-        reload=lambda more: load_shard(spec["checkpoint"], more, device=settings.device, dtype=dtype, model=model,
-                                       kernel=settings.expert_kernel),
+        reload=load,
     )
     kernel = f"{loaded.kernel} kernel"
     if loaded.kernel != settings.expert_kernel:  # onednn asked for, but these experts cannot run it

@@ -95,15 +95,16 @@ class ExpertShard:
         # layer -> the per-expert body, when the family's is known (expert_math): the eager loop's,
         # or with kernel "onednn" the same math on prepacked weights for 2+ rows (a second copy)
         self._bodies: dict[int, Body | None] = {}
+        packed = 0  # layers prepacked
         for layer, m in modules.items():
             if kernel == "onednn" and onednn_supported(m):
                 self._bodies[layer], packed_bytes = onednn_linear_body(m)
                 self.nbytes += packed_bytes
+                packed += 1
             else:
                 self._bodies[layer] = expert_body(m)
         #: the kernel every layer runs: "onednn" only where all could be prepacked (else "eager")
-        self.kernel = "onednn" if modules and kernel == "onednn" and all(map(onednn_supported, modules.values())) \
-            else "eager"
+        self.kernel = "onednn" if modules and packed == len(modules) else "eager"
         # small batches' routing, per (counts, local experts, dtype): the rows of each
         # expert (direct body) or (local_index [n, 1], ones [n, 1]) (eager forward)
         self._routing: dict[tuple, object] = {}
