@@ -12,7 +12,6 @@ import signal
 import socket
 import threading
 import time
-import uuid
 
 import pytest
 import torch
@@ -262,9 +261,9 @@ def test_waiter_returns_at_once_when_a_peer_closes(pair) -> None:
 
 @pytest.fixture
 def echo():
-    from tests.test_transport import start_echo, stop
+    from tests.test_transport import echo_ipc_endpoint, start_echo, stop
 
-    proc, ep = start_echo(f"ipc:///tmp/eaas-test-{uuid.uuid4().hex[:8]}.sock")
+    proc, ep = start_echo(echo_ipc_endpoint())
     yield proc, ep
     stop(proc)
 
@@ -367,9 +366,37 @@ def test_expert_client_over_the_ring_equals_the_zeromq_path(registry, registered
         assert len(rings) == 2 and all(r is not None for r in rings)
         assert sum(r.posted for r in rings) == fast.stats.requests  # no invoke went over ZeroMQ
         assert all(c.ring is None for c in slow._conns._conns.values())
+        # Replies are read where they landed and the slots are given back when the call ends:
+        # nothing is held in any arena between calls but the ring's own bytes (offset 0).
+        assert all(set(c.channel._alloc._used) == {0} for c in fast._conns._conns.values())
+        assert all(not c.channel._alloc._used for c in slow._conns._conns.values())
     finally:
         fast.close()
         slow.close()
+
+
+def test_invoke_returns_a_tensor_that_outlives_the_call(registry, registered, workers) -> None:
+    """A reply is read in its slot; what invoke() returns must be the caller's own copy, not a
+    view of a slot the next call's reply overwrites."""
+    from eaas.platform.client import ExpertClient
+    from eaas.settings import get_settings
+    from eaas.testing import wait_workers_ready
+
+    model = registered("mixtral")
+    workers(model, ["*:0-7"])
+    wait_workers_ready(registry, model, 1)
+    client = ExpertClient(registry, model, get_settings(redis_url="unused", prefix=registry.prefix))
+    try:
+        g = torch.Generator().manual_seed(5)
+        x1, x2 = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
+        y1 = client.invoke(f"{model}/0/3", x1)
+        kept = y1.clone()
+        y2 = client.invoke(f"{model}/0/3", x2)  # same shape: same slot in the arena
+        assert not torch.equal(y1, y2)
+        assert torch.equal(y1, kept)
+        assert client.transports() and set(client.transports().values()) == {"shm"}
+    finally:
+        client.close()
 
 
 def test_connecting_to_an_unreachable_worker_leaves_no_arena_or_doorbell() -> None:

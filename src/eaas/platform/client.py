@@ -31,6 +31,7 @@ import logging
 import os
 import random
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -50,6 +51,11 @@ log = logging.getLogger(__name__)
 
 #: concurrent calls at most (each holds a lane: its own connections and waiter); more wait
 MAX_LANES = 4
+
+
+def _own(y: torch.Tensor) -> torch.Tensor:
+    """A copy of ``y`` that outlives the call (``y`` may be a view of a reply's slot)."""
+    return y.clone()
 
 
 class ExpertClient:
@@ -191,15 +197,15 @@ class ExpertClient:
                 f"{list(hidden_states.shape)}, {list(top_k_index.shape)}, {list(top_k_weights.shape)}"
             )
         plan = plan_layer(top_k_index, self.num_experts)
-        x = hidden_states.detach().contiguous()
         if not plan:
             return torch.zeros_like(hidden_states)
+        x = hidden_states.detach() if hidden_states.requires_grad else hidden_states
+        x = x.contiguous()
         items, row = [], 0
-        for expert, rows in plan.expert_rows():
-            items.append(Item(self.function_id(layer, expert), rows, row))
-            row += rows.numel()
-        y = self._run(x, items, row)
-        return combine(hidden_states, plan, y, top_k_weights)
+        for (expert, rows), n in zip(plan.expert_rows(), plan.counts):
+            items.append(Item(self.function_id(layer, expert), rows, row, n))
+            row += n
+        return self._run(x, items, lambda y: combine(hidden_states, plan, y, top_k_weights))
 
     def invoke(self, function_id: str, x: torch.Tensor, cancelled: threading.Event | None = None) -> torch.Tensor:
         """Compute one function on ``x[N, D]`` remotely: ``y[N, D] = f(x)``.
@@ -216,16 +222,21 @@ class ExpertClient:
         n = x.shape[0]
         if n == 0:
             return torch.empty_like(x)
-        return self._run(x, [Item(function_id, torch.arange(n), 0)], n, cancelled)
+        return self._run(x, [Item(function_id, torch.arange(n), 0, n)], _own, cancelled)
 
-    def _run(self, x: torch.Tensor, items: list[Item], total_rows: int,
+    def _run(self, x: torch.Tensor, items: list[Item], finish: Callable[[torch.Tensor], torch.Tensor],
              cancelled: threading.Event | None = None) -> torch.Tensor:
+        """Run one call on a lane; ``finish(y)`` (combine, or a copy) reads ``y`` before its slots are released."""
         lane = self._take_lane()  # not a contextmanager: a generator per layer call costs more than the lock
+        call = None
         try:
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled("the caller cancelled this call before it was sent")
-            return LayerCall(lane, x, items, total_rows).run()
+            call = LayerCall(lane, x, items)
+            return finish(call.run())
         finally:
+            if call is not None:
+                call.release()
             self._give_lane(lane)
 
     @property
