@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import selectors
 import signal
@@ -36,9 +37,15 @@ def _read_line(proc: subprocess.Popen, timeout_s: float) -> str:
     return proc.stdout.readline().strip()
 
 
+def echo_ipc_endpoint() -> str:
+    """A fresh ``ipc://`` endpoint under /tmp for an echo peer (:func:`stop` removes its file)."""
+    return f"ipc:///tmp/eaas-test-{uuid.uuid4().hex[:8]}.sock"
+
+
 def start_echo(bind: str, *extra: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, "-m", "eaas.bench.echo", "--bind", bind, *extra],
                             stdout=subprocess.PIPE, text=True)
+    proc.ipc_path = bind[len("ipc://"):] if bind.startswith("ipc://") else None  # type: ignore[attr-defined]
     deadline = time.monotonic() + 60
     line = _read_line(proc, 60)
     while not line.startswith("READY ") and time.monotonic() < deadline:  # skip library chatter
@@ -48,6 +55,7 @@ def start_echo(bind: str, *extra: str) -> tuple[subprocess.Popen, str]:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """Stop an echo peer and remove its ipc socket file (a killed peer leaves it behind)."""
     if proc.poll() is None:
         proc.terminate()
         try:
@@ -55,6 +63,10 @@ def stop(proc: subprocess.Popen) -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait()
+    path = getattr(proc, "ipc_path", None)
+    if path:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
 
 
 def our_arenas(pid: int | None = None) -> set[str]:
@@ -71,7 +83,7 @@ def wait_until(cond, timeout_s: float, what: str) -> None:
 
 @pytest.fixture(scope="module")
 def echo_ipc():
-    proc, ep = start_echo(f"ipc:///tmp/eaas-test-{uuid.uuid4().hex[:8]}.sock")
+    proc, ep = start_echo(echo_ipc_endpoint())
     yield ep
     stop(proc)
 
@@ -250,7 +262,7 @@ def test_no_shm_left_after_client_exits_or_dies(echo_ipc, how):
 
 def test_no_shm_left_after_worker_sigkilled():
     before = our_arenas()
-    proc, ep = start_echo(f"ipc:///tmp/eaas-test-{uuid.uuid4().hex[:8]}.sock")
+    proc, ep = start_echo(echo_ipc_endpoint())
     c = PairClient(ep, "shm", arena_bytes=1 << 20)
     try:
         c.connect(timeout_s=30)

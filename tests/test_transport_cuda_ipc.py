@@ -5,7 +5,6 @@ Run on a GPU machine with ``scripts/gpu_check.sh``.
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 import torch
@@ -15,12 +14,12 @@ from eaas.platform.transport.select import cuda_ipc_available
 pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not cuda_ipc_available(), reason="needs CUDA and CuPy (cupy-cuda12x)")]
 
-from test_transport import _bits, start_echo, stop  # noqa: E402
+from test_transport import _bits, echo_ipc_endpoint, start_echo, stop  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def echo_cuda():
-    proc, ep = start_echo(f"ipc:///tmp/eaas-test-{uuid.uuid4().hex[:8]}.sock", "--device", "cuda:0")
+    proc, ep = start_echo(echo_ipc_endpoint(), "--device", "cuda:0")
     yield ep
     stop(proc)
 

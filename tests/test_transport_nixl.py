@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 
 import pytest
 import torch
@@ -11,12 +10,12 @@ from eaas.platform.transport.nixl import nixl_available
 
 pytestmark = pytest.mark.skipif(not nixl_available(), reason="NIXL (pip install nixl-cu12) is not installed")
 
-from test_transport import _bits, _carry, start_echo, stop  # noqa: E402
+from test_transport import _bits, _carry, echo_ipc_endpoint, start_echo, stop  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def echo_nixl():
-    proc, ep = start_echo(f"ipc:///tmp/eaas-test-{uuid.uuid4().hex[:8]}.sock")
+    proc, ep = start_echo(echo_ipc_endpoint())
     yield ep
     stop(proc)
 
