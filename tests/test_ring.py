@@ -376,8 +376,8 @@ def test_expert_client_over_the_ring_equals_the_zeromq_path(registry, registered
 
 
 def test_invoke_returns_a_tensor_that_outlives_the_call(registry, registered, workers) -> None:
-    """A reply is read in its slot; what invoke() returns must be the caller's own copy, not a
-    view of a slot the next call's reply overwrites."""
+    """A one-row call reads its reply in the slot; what invoke() returns must be the caller's own
+    copy, not a view of a slot the next call's reply overwrites."""
     from eaas.platform.client import ExpertClient
     from eaas.settings import get_settings
     from eaas.testing import wait_workers_ready
@@ -388,7 +388,7 @@ def test_invoke_returns_a_tensor_that_outlives_the_call(registry, registered, wo
     client = ExpertClient(registry, model, get_settings(redis_url="unused", prefix=registry.prefix))
     try:
         g = torch.Generator().manual_seed(5)
-        x1, x2 = torch.randn(2, 64, generator=g), torch.randn(2, 64, generator=g)
+        x1, x2 = torch.randn(1, 64, generator=g), torch.randn(1, 64, generator=g)
         y1 = client.invoke(f"{model}/0/3", x1)
         kept = y1.clone()
         y2 = client.invoke(f"{model}/0/3", x2)  # same shape: same slot in the arena

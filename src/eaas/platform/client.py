@@ -54,7 +54,7 @@ MAX_LANES = 4
 
 
 def _own(y: torch.Tensor) -> torch.Tensor:
-    """A copy of ``y`` that outlives the call (``y`` may be a view of a reply's slot)."""
+    """A copy of ``y`` that outlives the call (a one-row call's ``y`` is a view of its reply's slot)."""
     return y.clone()
 
 
@@ -205,7 +205,7 @@ class ExpertClient:
         for (expert, rows), n in zip(plan.expert_rows(), plan.counts):
             items.append(Item(self.function_id(layer, expert), rows, row, n))
             row += n
-        return self._run(x, items, lambda y: combine(hidden_states, plan, y, top_k_weights))
+        return self._run(x, items, row, lambda y: combine(hidden_states, plan, y, top_k_weights))
 
     def invoke(self, function_id: str, x: torch.Tensor, cancelled: threading.Event | None = None) -> torch.Tensor:
         """Compute one function on ``x[N, D]`` remotely: ``y[N, D] = f(x)``.
@@ -222,9 +222,9 @@ class ExpertClient:
         n = x.shape[0]
         if n == 0:
             return torch.empty_like(x)
-        return self._run(x, [Item(function_id, torch.arange(n), 0, n)], _own, cancelled)
+        return self._run(x, [Item(function_id, torch.arange(n), 0, n)], n, _own, cancelled)
 
-    def _run(self, x: torch.Tensor, items: list[Item], finish: Callable[[torch.Tensor], torch.Tensor],
+    def _run(self, x: torch.Tensor, items: list[Item], total_rows: int, finish: Callable[[torch.Tensor], torch.Tensor],
              cancelled: threading.Event | None = None) -> torch.Tensor:
         """Run one call on a lane; ``finish(y)`` (combine, or a copy) reads ``y`` before its slots are released."""
         lane = self._take_lane()  # not a contextmanager: a generator per layer call costs more than the lock
@@ -232,7 +232,7 @@ class ExpertClient:
         try:
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled("the caller cancelled this call before it was sent")
-            call = LayerCall(lane, x, items)
+            call = LayerCall(lane, x, items, total_rows)
             return finish(call.run())
         finally:
             if call is not None:

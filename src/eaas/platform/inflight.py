@@ -9,13 +9,17 @@ routing view, the connections, the suspects, the waiter and the counters.
 Per request the data path is: rows gathered straight into the pair's slot (a plain copy
 when the call has one token: every row is that token); the invoke posted on the pair's
 shared-memory ring when it has one (the same-host fast path,
-:mod:`eaas.platform.transport.ring`), else sent over ZeroMQ; the reply taken from either
-and kept where it landed — the slot stays held — until the call ends, when the replies are
-joined into ``y`` (one ``torch.cat``, or the lone reply itself) and the caller, done with
-``y``, releases the slots (:meth:`LayerCall.release`). Measured on a T=1 decode call at
-D=256 (2 workers, 2 vCPUs): copying each reply into a ``y`` buffer and gathering with
-``index_select`` cost a tensor allocation and four small ops per call, 7% and 7% of the
-client's samples.
+:mod:`eaas.platform.transport.ring`), else sent over ZeroMQ; the reply taken from either.
+
+Where the reply's rows go depends on the call's size. A one-token call (a lone decode
+stream) keeps them where they landed — the slot stays held — until the call ends, when
+they are joined into ``y`` (one ``torch.cat``, or the lone reply itself) and the caller,
+done with ``y``, releases the slots (:meth:`LayerCall.release`): measured on a T=1 call at
+D=256 (2 workers, 2 vCPUs), copying each reply into a ``y`` buffer and gathering with
+``index_select`` cost a tensor allocation and four small ops, 7% and 7% of the client's
+samples. A larger call copies each reply into ``y`` as it arrives and frees its slot at
+once: those copies are real work, done while later replies are still being computed
+rather than after the last one.
 """
 
 from __future__ import annotations
@@ -110,24 +114,28 @@ class InFlight:
 
 
 class LayerCall:
-    """Runs one call: ``y[R, D]`` where the rows of ``item`` are ``f_item(x[item.rows])``.
+    """Runs one call: ``y[total_rows, D]`` where the rows of ``item`` are ``f_item(x[item.rows])``.
 
     Args:
         env: the client's routing, connections, counters.
         x: ``[T, D]`` source rows (contiguous; CPU, or CUDA).
-        items: the functions to compute and their rows (``y`` has the sum of their rows).
+        items: the functions to compute and their rows.
+        total_rows: rows of ``y`` (the sum of the items' rows).
 
     Use: ``y = call.run()``, read ``y``, then ``call.release()`` (always, also after an
     error: the answered slots are held until then).
     """
 
-    def __init__(self, env: CallEnv, x: torch.Tensor, items: list[Item]) -> None:
+    def __init__(self, env: CallEnv, x: torch.Tensor, items: list[Item], total_rows: int) -> None:
         self.c = env
         self.x = x
         self.device = str(x.device)
         self.pending: list[Item] = list(items)
         self.inflight: dict[str, InFlight] = {}
         self.load: dict[str, int] = {}  # rows in flight per worker (this call)
+        self.total_rows = total_rows
+        self.in_place = x.shape[0] == 1  # a one-token call reads its replies in their slots
+        self.y: torch.Tensor | None = None  # a larger call's buffer, filled as replies arrive
         self.parts: list[tuple[int, torch.Tensor]] = []  # (first row in y, rows of y): answered items
         self.held: list[tuple[Any, Any]] = []  # (channel, slot) of the answered requests, until release()
 
@@ -138,7 +146,7 @@ class LayerCall:
             channel.release(slot)
 
     def run(self) -> torch.Tensor:
-        """Dispatch, wait, fail over until every item is computed; returns ``y[R, D]``, items' rows in their order.
+        """Dispatch, wait, fail over until every item is computed; returns ``y[total_rows, D]``.
 
         ``y`` may be a view of a reply's slot: valid until :meth:`release`.
 
@@ -184,7 +192,9 @@ class LayerCall:
         return self._join()
 
     def _join(self) -> torch.Tensor:
-        """``y``: the answered rows in order — the lone reply itself, or one ``torch.cat``."""
+        """``y``: the buffer, or the answered rows in order — the lone reply itself, or one ``torch.cat``."""
+        if self.y is not None:
+            return self.y
         parts = self.parts
         if len(parts) == 1:
             y = parts[0][1]
@@ -400,18 +410,28 @@ class LayerCall:
             self.inflight.pop(rid)
             self._requeue(fl, f"bad reply: {e}")
             return
-        # The rows stay in the slot until release(): joined into y once, not copied per reply.
-        self.held.append((cn.channel, fl.slot))
-        if len(fl.items) == 1:
-            it = fl.items[0]
-            self.parts.append((it.out_row, out))
-            self.load[wid] -= it.n
-        else:
-            row = 0
+        if self.in_place:  # the rows stay in the slot until release(): joined into y once, not copied per reply
+            self.held.append((cn.channel, fl.slot))
+            if len(fl.items) == 1:
+                it = fl.items[0]
+                self.parts.append((it.out_row, out))
+                self.load[wid] -= it.n
+            else:
+                row = 0
+                for it in fl.items:
+                    self.parts.append((it.out_row, out[row : row + it.n]))
+                    row += it.n
+                    self.load[wid] -= it.n
+        else:  # copied now, while other replies are still being computed
+            y = self.y
+            if y is None:
+                y = self.y = torch.empty((self.total_rows, self.x.shape[1]), dtype=self.x.dtype, device=self.x.device)
+            whole, row = len(fl.items) == 1, 0
             for it in fl.items:
-                self.parts.append((it.out_row, out[row : row + it.n]))
+                y[it.out_row : it.out_row + it.n].copy_(out if whole else out[row : row + it.n])
                 row += it.n
                 self.load[wid] -= it.n
+            cn.channel.release(fl.slot)
         self.inflight.pop(rid)
         c.suspects.clear(wid)  # a good reply
 
