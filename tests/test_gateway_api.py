@@ -335,6 +335,19 @@ def test_text_prompt_too_long_to_fit_is_refused_before_tokenizing(gateway, loade
     assert post(gateway, "/v1/completions", json={"model": MODEL, "prompt": "hi", "max_tokens": 2}).status_code == 200
 
 
+def test_a_prompt_that_fills_the_context_is_blamed_on_the_prompt_not_max_tokens(gateway, loaded):
+    runner = next(iter(gateway.state.runners.values()))
+    full = [5] * runner.max_model_len
+    r = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": full, "max_tokens": 2})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "prompt", r.text
+    assert f"{runner.max_model_len} tokens leave no room" in err["message"]
+    # one token shorter fits a 1-token answer; asking for 2 is then max_tokens' fault
+    r = post(gateway, "/v1/completions", json={"model": MODEL, "prompt": full[1:], "max_tokens": 2})
+    err = r.json()["error"]
+    assert r.status_code == 400 and err["code"] == "context_length_exceeded" and err["param"] == "max_tokens", r.text
+
+
 def test_lone_surrogate_is_a_400_not_a_500(gateway):
     body = b'{"model": "tiny", "prompt": "\\ud800 x", "max_tokens": 2}'
     r = post(gateway, "/v1/completions", content=body, headers={"content-type": "application/json"})

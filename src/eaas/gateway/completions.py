@@ -117,7 +117,8 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompts: lis
     """Build and check the request's sampling parameters against the model (context, vocabulary, batch).
 
     Raises:
-        APIError: 400 naming the parameter: output past the context limit, ``logit_bias`` ids
+        APIError: 400 naming the parameter: a prompt that fills the context (``prompt`` /
+            ``messages``), output past the context limit, ``logit_bias`` ids
             outside the vocabulary, more choices than the runner can decode together.
     """
     chat = isinstance(req, ChatCompletionRequest)
@@ -125,8 +126,14 @@ def sampling_params(req: CompletionRequest | ChatCompletionRequest, prompts: lis
     limit = req.output_limit if chat else req.max_tokens
     longest = max(len(p) for p in prompts)
     room = runner.max_model_len - longest
+    if room < 1:  # the prompt alone fills the context: its fault, not the output limit's (as OpenAI reports it)
+        raise bad_request(
+            f"the prompt's {longest} tokens leave no room for output within the model's limit of "
+            f"{runner.max_model_len} tokens",
+            param="messages" if chat else "prompt", code="context_length_exceeded",
+        )
     max_tokens = limit if limit is not None else min(default_max, room)
-    if room < 1 or max_tokens > room:
+    if max_tokens > room:
         raise bad_request(
             f"{limit_param}={max_tokens} plus the prompt's {longest} tokens exceeds the model's "
             f"limit of {runner.max_model_len} tokens",
