@@ -410,27 +410,23 @@ class LayerCall:
             self.inflight.pop(rid)
             self._requeue(fl, f"bad reply: {e}")
             return
-        if self.in_place:  # the rows stay in the slot until release(): joined into y once, not copied per reply
-            self.held.append((cn.channel, fl.slot))
-            if len(fl.items) == 1:
-                it = fl.items[0]
-                self.parts.append((it.out_row, out))
-                self.load[wid] -= it.n
-            else:
-                row = 0
-                for it in fl.items:
-                    self.parts.append((it.out_row, out[row : row + it.n]))
-                    row += it.n
-                    self.load[wid] -= it.n
-        else:  # copied now, while other replies are still being computed
-            y = self.y
+        # A one-token call keeps the rows in the slot until release() (joined into y once); a larger
+        # one copies them into y now, while other replies are still being computed.
+        y = self.y
+        if y is None and not self.in_place:
+            y = self.y = torch.empty((self.total_rows, self.x.shape[1]), dtype=self.x.dtype, device=self.x.device)
+        whole, row = len(fl.items) == 1, 0
+        for it in fl.items:
+            rows = out if whole else out[row : row + it.n]
             if y is None:
-                y = self.y = torch.empty((self.total_rows, self.x.shape[1]), dtype=self.x.dtype, device=self.x.device)
-            whole, row = len(fl.items) == 1, 0
-            for it in fl.items:
-                y[it.out_row : it.out_row + it.n].copy_(out if whole else out[row : row + it.n])
-                row += it.n
-                self.load[wid] -= it.n
+                self.parts.append((it.out_row, rows))
+            else:
+                y[it.out_row : it.out_row + it.n].copy_(rows)
+            row += it.n
+            self.load[wid] -= it.n
+        if y is None:
+            self.held.append((cn.channel, fl.slot))
+        else:
             cn.channel.release(fl.slot)
         self.inflight.pop(rid)
         c.suspects.clear(wid)  # a good reply
