@@ -16,7 +16,7 @@ def test_bench_layer_cli_json_and_png(tmp_path):
     p = subprocess.run(
         [sys.executable, "-m", "eaas.cli", "bench", "layer", "--tokens", "4,16", "--workers", "2", "--hidden", "64",
          "--intermediate", "128", "--experts", "4", "--top-k", "2", "--repeats", "1", "--warmup", "1",
-         "--transport", "shm", "--json", "--png", str(png)],
+         "--transport", "shm", "--inputs", "3", "--json", "--png", str(png)],
         capture_output=True, text=True, timeout=240,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
@@ -28,6 +28,7 @@ def test_bench_layer_cli_json_and_png(tmp_path):
     assert cfg["workers"] == 2 and cfg["transports_used"] == ["shm"]
     assert cfg["thread_budget"]["monolithic_threads"] == cfg["thread_budget"]["total"] == 2
     assert cfg["client_failovers"] == 0
+    assert cfg["inputs"] == 3  # three inputs per T, each EaaS output checked against its monolithic one
     # every block started after the other side was let settle: 2 T x 1 block (2 calls <= --block 5) x 2 sides
     assert cfg["settle"]["blocks"] == 4 and 0 <= cfg["settle"]["unsettled"] <= 4
     assert [r["tokens"] for r in out["rows"]] == [4, 16]
@@ -73,3 +74,5 @@ def test_settle_waits_for_a_running_process_and_not_for_a_sleeping_one():
 def test_bench_layer_rejects_bad_arguments():
     with pytest.raises(ValueError):
         run_layer_bench([0])
+    with pytest.raises(ValueError):
+        run_layer_bench([1], inputs=0)

@@ -169,6 +169,9 @@ def layer(
     repeats: int = typer.Option(5, "--repeats", min=1, help="timed calls per side and T (median reported)"),
     warmup: int = typer.Option(2, "--warmup", min=0, help="untimed calls per side and T first"),
     block: int = typer.Option(5, "--block", min=1, help="consecutive calls of one side before the other's turn"),
+    inputs: int = typer.Option(1, "--inputs", min=1,
+                               help="distinct inputs per T, cycled on both sides (1: the same experts, hot in cache,"
+                                    " every call; more: each call's experts colder, as in a decode stream)"),
     transport: str = typer.Option("auto", "--transport", help="data-plane transport: auto, inline, shm, cuda_ipc, nixl"),
     seed: int = typer.Option(0, "--seed", help="seed of the checkpoint and the inputs"),
     monolithic_impl: str = typer.Option(None, "--monolithic-impl",
@@ -196,7 +199,7 @@ def layer(
                 ts, workers=workers, hidden=hidden, intermediate=intermediate, experts=experts, top_k=top_k,
                 replicas=replicas, worker_threads=worker_threads, repeats=repeats, warmup=warmup,
                 transport=transport, seed=seed, monolithic_impl=monolithic_impl, block=block,
-                progress=lambda msg, frac: prog.update(task, description=msg, completed=frac),
+                inputs=inputs, progress=lambda msg, frac: prog.update(task, description=msg, completed=frac),
             )  # fmt: skip
 
     result = _report("layer", run, table=bl.summary_table, plot=bl.plot, json_out=json_out, png=png)
