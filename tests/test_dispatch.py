@@ -89,3 +89,39 @@ def test_a_lone_tokens_rounds_are_slices() -> None:
     plan = plan_layer(torch.tensor([[3, 1]]), 8)
     assert plan.experts == (1, 3)
     assert plan.rounds == ((slice(0, 1), slice(0, 1)), (slice(1, 2), slice(0, 1)))
+
+
+@pytest.mark.parametrize("k", [1, 2, 4])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_combine_rows_equals_the_eager_loop_bit_for_bit(k: int, dtype: torch.dtype) -> None:
+    """A decode step's replies, one [1, D] row per expert and never joined, combine to the eager loop's bits."""
+    e, d = 8, 64
+    g = torch.Generator().manual_seed(k)
+    x = torch.randn(1, d, generator=g).to(dtype)
+    idx = torch.randperm(e, generator=g)[:k].unsqueeze(0)
+    w = torch.softmax(torch.randn(1, k, generator=g), -1)  # float32 weights with bf16 rows: promoted, then cast
+    f = experts_fn(e, d, dtype)
+    plan = plan_layer(idx, e)
+    rows = [f(ex, x[r]) for ex, r in plan.expert_rows()]
+    got = dispatch.combine_rows(x, plan, rows, w)
+    ref = eager_reference(x, idx, w, f, e)
+    assert got.dtype == ref.dtype and torch.equal(got, ref)
+    assert torch.equal(got, combine(x, plan, torch.cat(rows), w))
+    if k > 1:  # a missing row is refused, not combined into a wrong sum
+        with pytest.raises(ValueError):
+            dispatch.combine_rows(x, plan, rows[:-1], w)
+
+
+def test_combine_rows_skips_a_masked_expert_and_refuses_several_tokens() -> None:
+    e, d = 8, 16
+    f = experts_fn(e, d, torch.float32)
+    x = torch.randn(1, d)
+    idx = torch.tensor([[5, e]])  # the expert-parallel masking id: one pair only
+    w = torch.tensor([[0.7, 0.3]])
+    plan = plan_layer(idx, e)
+    assert plan.weight_pos == (0,)
+    rows = [f(ex, x[r]) for ex, r in plan.expert_rows()]
+    assert torch.equal(dispatch.combine_rows(x, plan, rows, w), eager_reference(x, idx, w, f, e))
+    two = plan_layer(torch.tensor([[1, 2], [2, 3]]), e)
+    with pytest.raises(ValueError):
+        dispatch.combine_rows(torch.randn(2, d), two, [torch.randn(1, d)] * 4, torch.ones(2, 2))

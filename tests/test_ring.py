@@ -345,10 +345,15 @@ def test_a_killed_worker_is_noticed_through_the_doorbell_not_a_timeout(echo) -> 
         c.close()
 
 
-def test_expert_client_over_the_ring_equals_the_zeromq_path(registry, registered, workers) -> None:
+def test_expert_client_over_the_ring_equals_the_zeromq_path(registry, registered, workers, monkeypatch) -> None:
+    from eaas.platform import client as client_mod
     from eaas.platform.client import ExpertClient
     from eaas.settings import get_settings
     from eaas.testing import wait_workers_ready
+
+    unjoined = []  # one-token calls combine their replies' rows unjoined (a spy that calls through)
+    real = client_mod.combine_rows
+    monkeypatch.setattr(client_mod, "combine_rows", lambda *a: unjoined.append(len(a[2])) or real(*a))
 
     model = registered("mixtral")
     workers(model, ["*:0-3", "*:4-7"])
@@ -362,6 +367,7 @@ def test_expert_client_over_the_ring_equals_the_zeromq_path(registry, registered
             idx = torch.stack([torch.randperm(8, generator=g)[:2] for _ in range(t)])
             w = torch.rand(t, 2, generator=g)
             assert torch.equal(fast.forward(1, x, idx, w), slow.forward(1, x, idx, w))
+        assert unjoined == [2, 2, 2, 2]  # the two T=1 calls of each client, two rows each; T=3, 40 join
         rings = [c.ring for c in fast._conns._conns.values()]
         assert len(rings) == 2 and all(r is not None for r in rings)
         assert sum(r.posted for r in rings) == fast.stats.requests  # no invoke went over ZeroMQ

@@ -39,7 +39,7 @@ import torch
 from eaas.errors import Cancelled, EaaSError
 from eaas.functions.spec import function_id
 from eaas.platform.connections import Connections
-from eaas.platform.dispatch import RecentTokens, combine, plan_layer
+from eaas.platform.dispatch import RecentTokens, combine, combine_rows, plan_layer
 from eaas.platform.inflight import CallEnv, ClientStats, Item, LayerCall
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
@@ -53,9 +53,10 @@ log = logging.getLogger(__name__)
 MAX_LANES = 4
 
 
-def _own(y: torch.Tensor) -> torch.Tensor:
-    """A copy of ``y`` that outlives the call (a one-row call's ``y`` is a view of its reply's slot)."""
-    return y.clone()
+def _own(call: LayerCall) -> torch.Tensor:
+    """The call's ``y``, run to the end and copied so that it outlives the call (a one-row call's
+    ``y`` is a view of its reply's slot)."""
+    return call.run().clone()
 
 
 class ExpertClient:
@@ -205,7 +206,13 @@ class ExpertClient:
         for (expert, rows), n in zip(plan.expert_rows(), plan.counts):
             items.append(Item(self.function_id(layer, expert), rows, row, n))
             row += n
-        return self._run(x, items, row, lambda y: combine(hidden_states, plan, y, top_k_weights))
+        def finish(call: LayerCall) -> torch.Tensor:
+            rows = call.run_rows()
+            if rows is not None:  # a one-token call's replies, unjoined
+                return combine_rows(hidden_states, plan, rows, top_k_weights)
+            return combine(hidden_states, plan, call.output(), top_k_weights)
+
+        return self._run(x, items, row, finish)
 
     def invoke(self, function_id: str, x: torch.Tensor, cancelled: threading.Event | None = None) -> torch.Tensor:
         """Compute one function on ``x[N, D]`` remotely: ``y[N, D] = f(x)``.
@@ -224,16 +231,17 @@ class ExpertClient:
             return torch.empty_like(x)
         return self._run(x, [Item(function_id, torch.arange(n), 0, n)], n, _own, cancelled)
 
-    def _run(self, x: torch.Tensor, items: list[Item], total_rows: int, finish: Callable[[torch.Tensor], torch.Tensor],
+    def _run(self, x: torch.Tensor, items: list[Item], total_rows: int, finish: Callable[[LayerCall], torch.Tensor],
              cancelled: threading.Event | None = None) -> torch.Tensor:
-        """Run one call on a lane; ``finish(y)`` (combine, or a copy) reads ``y`` before its slots are released."""
+        """Run one call on a lane; ``finish(call)`` runs it (:meth:`LayerCall.run` or
+        :meth:`LayerCall.run_rows`) and reads its rows (combine, or a copy) before its slots are released."""
         lane = self._take_lane()  # not a contextmanager: a generator per layer call costs more than the lock
         call = None
         try:
             if cancelled is not None and cancelled.is_set():
                 raise Cancelled("the caller cancelled this call before it was sent")
             call = LayerCall(lane, x, items, total_rows)
-            return finish(call.run())
+            return finish(call)
         finally:
             if call is not None:
                 call.release()

@@ -45,6 +45,7 @@ class LayerPlan:
             are ``0..m-1`` (every round of a lone token).
         by_expert: :meth:`expert_rows` built with the plan (cached tensors; decode-sized plans),
             or empty when it is sliced from ``token_idx`` on demand.
+        weight_pos: ``weight_idx`` as Python ints (plans grouped in Python; empty otherwise).
     """
 
     experts: tuple[int, ...]
@@ -53,6 +54,7 @@ class LayerPlan:
     weight_idx: torch.Tensor
     rounds: tuple[tuple[torch.Tensor, torch.Tensor] | tuple[slice, slice], ...]
     by_expert: tuple[tuple[int, torch.Tensor], ...] = ()
+    weight_pos: tuple[int, ...] = ()
 
     def __bool__(self) -> bool:
         return bool(self.experts)
@@ -156,7 +158,7 @@ def _plan_small(ids: list[list[int]], t: int, k: int, num_experts: int) -> Layer
         by_expert.append((e, _tensor(tokens[start : start + n])))
         start += n
     return LayerPlan(tuple(experts), tuple(len(buckets[e]) for e in experts), _tensor(tokens), _tensor(pairs),
-                     tuple(_round(r, tk) for r, tk in rounds), tuple(by_expert))
+                     tuple(_round(r, tk) for r, tk in rounds), tuple(by_expert), tuple(pairs))
 
 
 def _round(rows: list[int], tokens: list[int]) -> tuple[torch.Tensor, torch.Tensor] | tuple[slice, slice]:
@@ -224,6 +226,44 @@ def combine(
             (out if tokens.start == 0 and tokens.stop == t else out[tokens]).add_(cur[rows])
         else:
             out.index_add_(0, tokens.to(dev), cur.index_select(0, rows.to(dev)))
+    return out
+
+
+def combine_rows(
+    hidden_states: torch.Tensor,
+    plan: LayerPlan,
+    rows: list[torch.Tensor],
+    top_k_weights: torch.Tensor,
+) -> torch.Tensor:
+    """:func:`combine` for one token whose ``R`` expert outputs come as ``R`` separate rows.
+
+    A decode step's replies stay in their slots, one ``[1, D]`` row per expert; joining
+    them (``torch.cat``) only to index them apart again cost about half of
+    :func:`combine`'s time at D=256 (measured: 49 vs 27 µs per call). With one token every
+    round of :func:`combine` adds one row, in plan order, so this adds
+    ``rows[r] * w[weight_idx[r]]`` for ``r = 0..R-1`` to zeros: the same products and the
+    same additions in the same order, hence the same bits.
+
+    Args:
+        hidden_states: ``[1, D]`` (gives the output's shape and dtype).
+        plan: from :func:`plan_layer` for ``top_k_index[1, K]`` (``weight_pos`` is set).
+        rows: ``R`` tensors ``[1, D]``, the expert outputs in plan order (on ``hidden_states``' device).
+        top_k_weights: ``[1, K]`` routing weights.
+
+    Returns:
+        ``[1, D]`` in ``hidden_states.dtype``.
+
+    Raises:
+        ValueError: not one token, or ``rows`` does not match the plan.
+    """
+    if hidden_states.shape[0] != 1 or len(rows) != len(plan.weight_pos):
+        raise ValueError(f"combine_rows needs one token and one row per planned pair; got T={hidden_states.shape[0]},"
+                         f" {len(rows)} rows for {len(plan.weight_pos)} pairs")
+    out = torch.zeros_like(hidden_states)
+    w = top_k_weights.reshape(-1, 1)  # [K, 1]: w[s] is a [1] tensor, broadcast over the row
+    for row, pos in zip(rows, plan.weight_pos):
+        cur = row * w[pos]
+        out.add_(cur if cur.dtype == out.dtype else cur.to(out.dtype))
     return out
 
 

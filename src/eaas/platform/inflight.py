@@ -154,6 +154,36 @@ class LayerCall:
             NoReplicaAvailable: some function had no replica until the grace or the deadline.
             RemoteError: a worker refused a request for a non-retryable reason.
         """
+        self.complete()
+        return self._join()
+
+    def run_rows(self) -> list[torch.Tensor] | None:
+        """Like :meth:`run`, but a one-token call whose every reply is one row on ``x``'s device
+        returns those rows, ``[1, D]`` each in ``y``'s order, unjoined (views of their slots, valid
+        until :meth:`release`): :func:`~eaas.platform.dispatch.combine_rows` reads them without a
+        ``torch.cat``. Any other call returns None; :meth:`output` then gives ``y``.
+
+        Raises:
+            NoReplicaAvailable, RemoteError: as :meth:`run`.
+        """
+        self.complete()
+        parts = self.parts
+        if self.y is not None or len(parts) != self.total_rows:  # not in place, or an item of several rows
+            return None
+        parts.sort(key=lambda p: p[0])
+        rows = [p for _, p in parts]
+        return rows if rows[0].device == self.x.device else None
+
+    def output(self) -> torch.Tensor:
+        """``y[total_rows, D]`` of a completed call (after :meth:`run_rows` returned None)."""
+        return self._join()
+
+    def complete(self) -> None:
+        """Dispatch, wait and fail over until every item is computed (the rows: :meth:`output`).
+
+        Raises:
+            NoReplicaAvailable, RemoteError: as :meth:`run`.
+        """
         c = self.c
         settings = c.settings
         call_deadline = time.monotonic() + settings.call_deadline_ms / 1000
@@ -189,7 +219,6 @@ class LayerCall:
                     self._fail(rid, reason)
             if self.pending and not self.inflight and now >= call_deadline:
                 raise NoReplicaAvailable(sorted({i.fid for i in self.pending}), "call deadline passed")
-        return self._join()
 
     def _join(self) -> torch.Tensor:
         """``y``: the buffer, or the answered rows in order — the lone reply itself, or one ``torch.cat``."""
