@@ -27,7 +27,8 @@ monolithic threads need; neither would be there in a deployment of only one of t
 (at T=4, D=256 that spinning alone turned EaaS 1.8 ms into 3.4 ms). So the first call
 of every block starts with the other side idle and its own side cold, and
 tokens/s = ``T / median(seconds)``;
-``overhead_ms`` = EaaS ms − monolithic ms (the per-layer price of going remote); each
+``overhead_ms`` = EaaS ms − monolithic ms (the per-layer price of going remote), with a 95 %
+interval (``overhead_ci95_ms``; null below 6 repeats); each
 row also carries the best (minimum) times and their ``ratio_best``, the estimate
 least moved by other load on a small shared machine. The same run measures the
 physical floors of a same-host round trip (:mod:`eaas.bench.floors`): a unix-socket
@@ -300,7 +301,8 @@ class _Timer:
 
 
 def _diff_ci_ms(a: list[float], b: list[float]) -> list[float] | None:
-    """A 95 % interval of median(a) − median(b) in ms (the medians' own intervals, combined)."""
+    """A 95 % interval of median(a) − median(b) in ms (the medians' own intervals, combined); None
+    with fewer than 6 samples a side (``--repeats`` < 6), too few for a distribution-free interval."""
     from eaas.bench.stats import median_ci
 
     if len(a) < 6 or len(b) < 6:
