@@ -13,8 +13,9 @@ shared-memory ring when it has one (the same-host fast path,
 
 Where the reply's rows go depends on the call's size. A one-token call (a lone decode
 stream) keeps them where they landed — the slot stays held — until the call ends, when
-they are joined into ``y`` (one ``torch.cat``, or the lone reply itself) and the caller,
-done with ``y``, releases the slots (:meth:`LayerCall.release`): measured on a T=1 call at
+the caller reads them (one row per expert: :meth:`LayerCall.run_rows`, combined unjoined;
+otherwise joined into ``y``, one ``torch.cat`` or the lone reply itself) and then
+releases the slots (:meth:`LayerCall.release`): measured on a T=1 call at
 D=256 (2 workers, 2 vCPUs), copying each reply into a ``y`` buffer and gathering with
 ``index_select`` cost a tensor allocation and four small ops, 7% and 7% of the client's
 samples. A larger call copies each reply into ``y`` as it arrives and frees its slot at
