@@ -390,3 +390,50 @@ def test_fuzzed_frames_never_kill_a_worker_nor_make_it_allocate(one_worker, tiny
     assert growth < 256 << 20, f"worker RSS grew by {growth >> 20} MiB under fuzzing"
     assert proc.poll() is None
     sock.close()
+
+
+_DIES_BEFORE_ITS_REPLIES = r"""
+import os, signal, sys, torch
+from eaas.bench.echo import PairClient
+from eaas.platform.protocol import now_ms, send_frames
+endpoint, fid, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+c = PairClient(endpoint, "nixl", arena_bytes=n * (2048 * 64 * 4) + (1 << 20))
+c.connect(timeout_s=30)
+x = torch.randn(2048, 64)
+for i in range(n):  # posted back to back and never read: the worker answers them after this process is gone
+    slot = c.channel.alloc(2048, 64, x.dtype)
+    slot.x.copy_(x)
+    send_frames(c.sock, c.channel.invoke_frames(slot, f"r{i}", [(fid, 2048)], now_ms() + 60_000))
+print("POSTED", flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # no bye: the worker's NIXL WRITEs of the replies meet a dead agent
+"""
+
+
+def test_a_nixl_client_killed_before_its_replies_does_not_kill_the_worker(one_worker, registry, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """A NIXL client posts 24 invokes and is SIGKILLed before any reply. Writing those replies
+    into its arena fails (NIXL raises ``NIXL_ERR_REMOTE_DISCONNECT``, or the transfer ends in
+    ``ERR``): each is counted as a dropped reply, and the worker keeps serving — a new NIXL
+    client gets exact answers. (Before, the first failed WRITE ended the worker's serving loop:
+    a host cut off mid-stream in the multi-host tests killed the worker on the other side.)"""
+    from eaas.bench.echo import PairClient
+    from eaas.platform.transport.nixl import nixl_available
+
+    model, w, proc = one_worker
+    if not nixl_available() or "nixl" not in w.capabilities.get("transports", []):
+        pytest.skip("NIXL is not installed here (pip install nixl-cu12)")
+    fid = f"{model}/0/1"
+    dying = subprocess.run([sys.executable, "-c", _DIES_BEFORE_ITS_REPLIES, w.endpoint, fid, "24"],
+                           check=False, capture_output=True, text=True, timeout=120)
+    assert "POSTED" in dying.stdout, dying.stderr[-2000:]
+    wait_for(lambda: proc.poll() is not None or registry.worker(w.id).replies_dropped > 0, 60,
+             what="the worker counting replies it could not write into the dead client's arena")
+    assert proc.poll() is None, "the worker died"
+    ref = load_shard(tiny_checkpoint("mixtral"), [(0, 1)])
+    c = PairClient(w.endpoint, "nixl", arena_bytes=1 << 20)
+    try:
+        c.connect(timeout_s=30)
+        x = torch.randn(3, 64)
+        assert torch.equal(c.roundtrip(x, [(fid, 3)]), ref.forward(x, [((0, 1), 3)]))
+    finally:
+        c.close()
+    assert proc.poll() is None

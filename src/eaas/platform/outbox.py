@@ -99,6 +99,11 @@ class ReplyOutbox:
             log.warning("worker %s: reply to request %r dropped: its client disconnected", self._worker_id, request_id)
         return False
 
+    def count_lost(self) -> None:
+        """Account for a reply whose data a transport could not deliver (the worker sends the
+        error reply itself, so no ``reply_dropped`` notice is owed)."""
+        self.dropped += 1
+
     def drop(self, peer: Hashable, request_id: Any) -> None:
         """Account for a reply that will not be sent; a ``reply_dropped`` notice is owed."""
         self.dropped += 1

@@ -89,11 +89,16 @@ ERROR_CODES = frozenset({
     "unknown_arena",       # handle names an arena this peer never announced
     "internal",            # the worker failed computing (not the sender's fault)
     "reply_dropped",       # the reply could not be delivered (the client's queue was full); re-send
+    "transfer_failed",     # the reply's data could not be written to the client's arena; hello again, re-send
 })
 
 #: Error codes after which the same rows may succeed on another replica (the client fails over).
 RETRYABLE_CODES = frozenset({"internal", "unknown_function", "deadline_exceeded", "bad_transport", "unknown_arena",
-                             "bad_handle", "reply_dropped"})
+                             "bad_handle", "reply_dropped", "transfer_failed"})
+
+#: Error codes that mean the worker holds no transport state for this pair any more: the client
+#: closes the connection (its next request there opens a new one, with a new hello).
+PAIR_RESET_CODES = frozenset({"unknown_arena", "transfer_failed"})
 
 Frame = Union[bytes, bytearray, memoryview, Any]  # Any: zmq.Frame (has .buffer)
 

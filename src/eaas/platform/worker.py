@@ -159,6 +159,7 @@ class ExpertWorker:
         self.requests_served = 0
         self.batches = 0
         self.cross_client_batches = 0
+        self.loop_errors = 0  # serving-loop iterations that raised (logged; the loop goes on)
         self.function_tokens: Counter[str] = Counter()
         self._busy_s = 0.0
         self.started_at_s = time.time()
@@ -294,16 +295,37 @@ class ExpertWorker:
         row = 0
         for p in live:
             n = p.x.shape[0]
-            try:
-                frames = self.endpoint_io.reply_frames(p.peer, p.header, y if len(live) == 1 else y[row : row + n])
-                self.mailroom.send(p.peer, frames, p.header.id, p.ring)
-            except ProtocolError as e:
-                self._reply_error(p, e)
+            self._reply(p, y if len(live) == 1 else y[row : row + n])
             row += n
             self.requests_served += 1
             self.tokens_served += n
             for f, r in p.header.segments:
                 self.function_tokens[f] += r
+
+    def _reply(self, p: _Pending, y: torch.Tensor) -> None:
+        """Answer ``p`` with ``y[N, D]``; a reply that cannot be written is failed, never fatal.
+
+        A transport can fail to move the reply's bytes to the client (a NIXL WRITE to a
+        client whose process died or whose host was cut off: ``TransportError``). Then the
+        reply is counted as dropped, the pair's transport state is forgotten (a broken
+        endpoint would fail, slowly, every later reply to it) and the client is told, over
+        ZeroMQ, with the retryable code ``transfer_failed``: it re-sends the rows elsewhere
+        and says hello again before its next request here.
+        """
+        try:
+            frames = self.endpoint_io.reply_frames(p.peer, p.header, y)
+        except ProtocolError as e:
+            self._reply_error(p, e)
+            return
+        except Exception as e:  # noqa: BLE001 - TransportError, or anything a transport raises: the worker lives
+            self.outbox.count_lost()
+            log.warning("worker %s: the reply to request %r could not be written to its client (%s: %s); dropping"
+                        " the pair's %s state", self.id, p.header.id, type(e).__name__, e, p.header.transport)
+            self.endpoint_io.drop_peer(p.peer)
+            self._reply_error(p, ProtocolError(f"the reply's data could not be written to the client's arena ({e});"
+                                               " say hello again and re-send", "transfer_failed"))
+            return
+        self.mailroom.send(p.peer, frames, p.header.id, p.ring)
 
     def _reply_error(self, p: _Pending, err: Exception) -> None:
         try:
@@ -378,23 +400,29 @@ class ExpertWorker:
         last_sweep = last_publish = time.monotonic()
         while True:
             self._board.tick()
-            got = self.mailroom.receive(timeout_ms=0 if self._pending else 50)
-            batch = self._take_batch()
-            if batch:
-                self._run_batch(batch)
-            if self.extras is not None and (offer := self.extras.take()) is not None:
-                self.shard, self._fid_to_pair = offer  # between batches: never half a shard
-                self.endpoint_io.known_functions = self._fid_to_pair
-            if self.outbox.owed:
-                self.outbox.flush()
-            now = time.monotonic()
-            if now - last_publish >= 0.1:
-                self._publish()
-                self._watch_lease()
-                last_publish = now
-            if now - last_sweep > 5.0:
-                self.endpoint_io.sweep()
-                last_sweep = now
+            got, batch = False, []
+            try:
+                got = self.mailroom.receive(timeout_ms=0 if self._pending else 50)
+                batch = self._take_batch()
+                if batch:
+                    self._run_batch(batch)
+                if self.extras is not None and (offer := self.extras.take()) is not None:
+                    self.shard, self._fid_to_pair = offer  # between batches: never half a shard
+                    self.endpoint_io.known_functions = self._fid_to_pair
+                if self.outbox.owed:
+                    self.outbox.flush()
+                now = time.monotonic()
+                if now - last_publish >= 0.1:
+                    self._publish()
+                    self._watch_lease()
+                    last_publish = now
+                if now - last_sweep > 5.0:
+                    self.endpoint_io.sweep()
+                    last_sweep = now
+            except Exception:  # noqa: BLE001 - one failed iteration never ends the serving loop
+                self.loop_errors += 1
+                log.exception("worker %s: serving-loop iteration failed (%d so far); serving on", self.id,
+                              self.loop_errors)
             if not self._draining.is_set():
                 continue
             if got or batch or self._pending:

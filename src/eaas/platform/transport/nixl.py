@@ -154,16 +154,21 @@ class _Agent:
         """One-sided WRITE of ``nbytes`` with notification; returns when DONE.
 
         Raises:
-            TransportError: the transfer failed or did not finish in ``timeout_s``.
+            TransportError: the transfer failed (NIXL reported ``ERR``, or raised: e.g.
+                ``nixlRemoteDisconnectError`` when the remote agent's process died or its host
+                was cut off) or did not finish in ``timeout_s``.
         """
         with self.lock:
-            src = self.agent.get_xfer_descs([(local_addr, nbytes, 0)], "DRAM")
-            dst = self.agent.get_xfer_descs([(remote_addr, nbytes, 0)], "DRAM")
-            h = self.agent.initialize_xfer("WRITE", src, dst, remote, notif)
-            state = self.agent.transfer(h)
+            try:
+                src = self.agent.get_xfer_descs([(local_addr, nbytes, 0)], "DRAM")
+                dst = self.agent.get_xfer_descs([(remote_addr, nbytes, 0)], "DRAM")
+                h = self.agent.initialize_xfer("WRITE", src, dst, remote, notif)
+            except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
+                raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote}: {type(e).__name__}: {e}") from e
             deadline = time.monotonic() + timeout_s
             spins = 0
             try:
+                state = self.agent.transfer(h)
                 while state != "DONE":
                     if state == "ERR":
                         raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote} failed")
@@ -171,11 +176,24 @@ class _Agent:
                         raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote} timed out")
                     spins = _backoff(spins)
                     state = self.agent.check_xfer_state(h)
+            except TransportError:
+                raise
+            except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
+                raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote}: {type(e).__name__}: {e}") from e
             finally:
-                self.agent.release_xfer_handle(h)
+                try:
+                    self.agent.release_xfer_handle(h)
+                except Exception:  # noqa: BLE001 - a handle of a failed transfer may be gone already
+                    pass
 
     def wait_notif(self, remote: str, tag: bytes, timeout_s: float = NOTIF_TIMEOUT_S) -> bool:
-        """Consume notification ``tag`` from ``remote``, polling up to ``timeout_s``."""
+        """Consume notification ``tag`` from ``remote``, polling up to ``timeout_s``.
+
+        Returns False when it did not come in time.
+
+        Raises:
+            TransportError: NIXL failed reading notifications.
+        """
         deadline = time.monotonic() + timeout_s
         spins = 0
         while True:
@@ -184,7 +202,11 @@ class _Agent:
                 if seen is not None and tag in seen:  # already collected by an earlier poll
                     seen.discard(tag)
                     return True
-                for agent, msgs in self.agent.get_new_notifs().items():
+                try:
+                    notifs = self.agent.get_new_notifs()
+                except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
+                    raise TransportError(f"nixl: reading notifications failed: {type(e).__name__}: {e}") from e
+                for agent, msgs in notifs.items():
                     key = agent.decode() if isinstance(agent, bytes) else str(agent)
                     self._notifs.setdefault(key, set()).update(msgs)
                 seen = self._notifs.get(remote)
@@ -300,6 +322,8 @@ class NixlWorkerSide:  # implements base.WorkerSide
         agent_name, meta, addr, size = _parse_peer_handle(dict(header.handle), self.max_arena_bytes)
         agent = _Agent.get()
         self.drop_peer(peer)
+        for other in [q for q, st in self._peers.items() if st["agent"] == agent_name]:
+            self.drop_peer(other)  # the same client process on a new connection: its agent is loaded once
         try:
             remote = agent.add_remote(meta)
         except Exception as e:  # noqa: BLE001 - NIXL raises its own types on bad metadata

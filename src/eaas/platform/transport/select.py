@@ -263,6 +263,8 @@ class WorkerEndpoint:
         Raises:
             ProtocolError: the peer's arena vanished or y has the wrong shape; answer
                 with :meth:`error_reply` instead.
+            TransportError: the bytes could not be moved to the peer (a NIXL WRITE to a
+                client that died or was cut off); the pair's state is then best dropped.
         """
         return self._side(header).reply_frames(peer, header, y)
 
