@@ -183,3 +183,83 @@ def test_concurrent_calls_each_get_their_own_lane_and_exact_results(registry, re
         client.close()
     assert sorted(results) == [0, 1] and all(len(e) == 60 and max(e) <= 1e-5 for e in results.values())
     assert len(client._lanes) == 2 and client.stats.calls == 120
+
+
+def test_a_worker_that_forgot_the_pair_gets_a_new_hello_and_the_call_stays_exact(registry, registered, tiny_checkpoint) -> None:  # type: ignore[no-untyped-def]
+    """A worker forgets a pair's transport state when writing a reply into the client's arena
+    failed (a NIXL WRITE to a host that was cut off): it answers ``transfer_failed`` and later
+    requests on that pair ``unknown_arena``. The client must re-send the rows and open a new
+    connection (a new hello) rather than keep sending into a pair the worker no longer knows.
+
+    The worker here is a ROUTER served by a thread of this test process with the real
+    worker-side decoding (``WorkerEndpoint``, shm) and the real expert shard; it forgets the
+    pair once, at the first invoke, as the worker does after a failed WRITE (a NIXL failure
+    cannot be caused on purpose between two live processes on one host)."""
+    import threading
+
+    import zmq
+
+    from eaas.errors import ProtocolError
+    from eaas.functions import load_shard
+    from eaas.functions.spec import function_id
+    from eaas.platform.protocol import error_frames
+    from eaas.platform.transport.select import WorkerEndpoint, local_capabilities
+    from eaas.registry.records import WorkerRecord, WorkerState
+
+    model = registered("mixtral")
+    shard = load_shard(tiny_checkpoint("mixtral"), [(l, e) for l in (0, 1) for e in range(8)])
+    pairs = {function_id(model, l, e): (l, e) for l, e in shard.functions}
+    sock = zmq.Context.instance().socket(zmq.ROUTER)
+    sock.setsockopt(zmq.LINGER, 0)
+    port = sock.bind_to_random_port("tcp://127.0.0.1")
+    endpoint_io = WorkerEndpoint(max_message_bytes=1 << 26, max_arena_bytes=1 << 26, known_functions=pairs,
+                                 offered=["inline", "shm"], ring=False)
+    seen = {"hello": 0, "invoke": 0, "forgot": 0}
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            if not sock.poll(20):
+                continue
+            peer, *frames = sock.recv_multipart(copy=False)
+            inc = endpoint_io.on_message(peer.bytes, frames)
+            if inc.header is not None and inc.header.kind in seen:
+                seen[inc.header.kind] += 1
+            if inc.reply is not None:
+                sock.send_multipart([peer, *inc.reply])
+            elif inc.x is not None:
+                h = inc.header
+                if not seen["forgot"]:
+                    seen["forgot"] += 1
+                    endpoint_io.drop_peer(peer.bytes)
+                    sock.send_multipart([peer, *error_frames(ProtocolError("WRITE failed", "transfer_failed"), h.id)])
+                    continue
+                y = shard.forward(inc.x, [(pairs[f], r) for f, r in h.segments])
+                sock.send_multipart([peer, *endpoint_io.reply_frames(peer.bytes, h, y)])
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    registry.register_worker(WorkerRecord(id="w-forgets", model=model, endpoint=f"tcp://127.0.0.1:{port}",
+                                          shard=tuple(sorted(pairs)), state=WorkerState.READY,
+                                          capabilities=local_capabilities("cpu")), 60)
+    client = ExpertClient(registry, model, _settings(registry, shm_ring=False), transport="shm")
+    try:
+        g = torch.Generator().manual_seed(5)
+        for i in range(4):
+            x = torch.randn(3, 64, generator=g)
+            idx = torch.tensor([[0, 1], [2, 3], [1, 5]])
+            w = torch.rand(3, 2, generator=g)
+            y = client.forward(i % 2, x, idx, w)
+            want = torch.zeros_like(x)
+            for tok in range(3):
+                for k in range(2):
+                    want[tok] += w[tok, k] * shard.forward(x[tok:tok + 1], [((i % 2, int(idx[tok, k])), 1)])[0]
+            torch.testing.assert_close(y, want, rtol=1e-5, atol=1e-6)
+        assert client.stats.errors["transfer_failed"] == 1
+        assert seen["hello"] == 2, seen  # the first connection, and the new one after the worker forgot it
+        assert client.transports() == {"w-forgets": "shm"}
+    finally:
+        client.close()
+        stop.set()
+        t.join(5)
+        sock.close(0)

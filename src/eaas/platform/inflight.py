@@ -41,7 +41,7 @@ from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteErro
 from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
 from eaas.platform.decode import decode_header
 from eaas.platform.dispatch import RecentTokens, choose_replica, layer_key
-from eaas.platform.protocol import RETRYABLE_CODES, has_input, now_ms, recv_frames, send_frames
+from eaas.platform.protocol import PAIR_RESET_CODES, RETRYABLE_CODES, has_input, now_ms, recv_frames, send_frames
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
 from eaas.settings import Settings
@@ -431,6 +431,8 @@ class LayerCall:
             self.inflight.pop(rid)
             if (h.code or "") in RETRYABLE_CODES:
                 self._requeue(fl, f"error {h.code}: {h.error}")
+                if h.code in PAIR_RESET_CODES:  # the worker forgot this pair: a new connection (and hello) next time
+                    self._disconnected(wid, f"worker dropped the pair's transport state ({h.code})")
                 return
             raise RemoteError(f"worker {wid} rejected request {rid}: {h.error}", h.code or "remote_error")
         try:
@@ -439,6 +441,10 @@ class LayerCall:
             cn.channel.release(fl.slot)
             self.inflight.pop(rid)
             self._requeue(fl, f"bad reply: {e}")
+            return
+        except TransportError as e:  # the pair's data path broke (NIXL): fail over, reconnect next time
+            self._fail(rid, f"reply data lost: {e}")
+            self._disconnected(wid, "the pair's data path failed")
             return
         # A one-token call keeps the rows in the slot until release() (joined into y once); a larger
         # one copies them into y now, while other replies are still being computed.
