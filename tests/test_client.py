@@ -263,3 +263,62 @@ def test_a_worker_that_forgot_the_pair_gets_a_new_hello_and_the_call_stays_exact
         stop.set()
         t.join(5)
         sock.close(0)
+
+
+def test_a_call_retried_while_redis_is_down_goes_on_with_the_table_it_holds(registered, tiny_checkpoint, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Redis is stopped and the only replica stalls (SIGSTOP) past the per-attempt timeout, so the
+    call has no untried replica left and waits for one. While waiting it re-reads the routing
+    table; that read fails with Redis down. The call must go on with the table it holds and
+    retry the replica, which answers once it resumes (SIGCONT); before, the failed read ended
+    the call with RegistryUnavailable although serving needs no Redis."""
+    import os
+    import threading
+
+    from eaas.functions import inspect_checkpoint, load_shard
+    from eaas.registry.server import RedisServer
+    from eaas.testing import start_worker
+
+    server = RedisServer().start()
+    proc = None
+    try:
+        reg = Registry.from_url(server.url, "outage")
+        spec, fns = inspect_checkpoint(tiny_checkpoint("mixtral"))
+        reg.register_model(spec.to_dict(), [f.to_dict() for f in fns])
+        env = dict(os.environ, EAAS_REDIS_URL=server.url, EAAS_PREFIX="outage", OMP_NUM_THREADS="1",
+                   EAAS_LEASE_TTL_S="60")
+        proc = start_worker(env, spec.name, "all", log_path=str(tmp_path / "worker.log"))
+        wait_workers_ready(reg, spec.name, 1)
+        settings = get_settings(redis_url="unused", prefix="outage", request_timeout_ms=300, call_deadline_ms=60_000)
+        client = ExpertClient(reg, spec.name, settings)
+        ref = load_shard(tiny_checkpoint("mixtral"), [(0, 2), (0, 5)])
+        x, idx, w = torch.randn(1, 64), torch.tensor([[2, 5]]), torch.tensor([[0.25, 0.75]])
+        want = 0.25 * ref.forward(x, [((0, 2), 1)]) + 0.75 * ref.forward(x, [((0, 5), 1)])
+        try:
+            torch.testing.assert_close(client.forward(0, x, idx, w), want, rtol=1e-5, atol=1e-6)
+            server.stop()
+            proc.send_signal(signal.SIGSTOP)
+            out: dict = {}
+            t = threading.Thread(target=lambda: out.update(y=_call(client, x, idx, w)), daemon=True)
+            t.start()
+            wait_for(lambda: client.stats.failovers >= 2 or not t.is_alive(), 30,
+                     what="the call failing over from the stalled replica")
+            proc.send_signal(signal.SIGCONT)
+            t.join(60)
+            assert not t.is_alive()
+            assert not isinstance(out["y"], Exception), out["y"]
+            torch.testing.assert_close(out["y"], want, rtol=1e-5, atol=1e-6)
+        finally:
+            client.close()
+    finally:
+        if proc is not None:
+            proc.send_signal(signal.SIGCONT)
+            proc.kill()
+            proc.wait(10)
+        server.stop()
+
+
+def _call(client: ExpertClient, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor | Exception:
+    try:
+        return client.forward(0, x, idx, w)
+    except Exception as e:  # noqa: BLE001 - handed to the test thread
+        return e

@@ -203,7 +203,10 @@ class LayerCall:
                         it.tried.clear()  # a replica that failed earlier may be back
                     c.routing.request_refresh()
                     c.stop.wait(min(0.05, max(0.0, call_deadline - now)))
-                    c.routing.refresh()
+                    try:
+                        c.routing.refresh()
+                    except EaaSError as e:  # Redis unreachable: retry on the table held until the deadline
+                        log.debug("client %s: routing refresh failed while waiting: %s", c.model, e)
                 self.pending = unplaced
                 if not self.inflight:
                     continue
