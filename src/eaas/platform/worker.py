@@ -122,6 +122,7 @@ class ExpertWorker:
             offered=transports,
             device=str(shard.device),
             ring=settings.shm_ring,
+            xfer_timeout_s=settings.request_timeout_ms / 1000,
         )
         self._ctx = zmq.Context.instance()
         self._sock = self._ctx.socket(zmq.ROUTER)

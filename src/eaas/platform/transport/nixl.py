@@ -310,12 +310,16 @@ class NixlWorkerSide:  # implements base.WorkerSide
 
     Args:
         max_arena_bytes: largest arena a peer may announce (the worker allocates as much).
+        xfer_timeout_s: longest a reply's WRITE may take (s): the worker serves nobody else
+            meanwhile, so a WRITE to a host that was cut off must give up once the client
+            has failed over anyway (the worker passes the per-attempt timeout).
     """
 
     name = "nixl"
 
-    def __init__(self, max_arena_bytes: int) -> None:
+    def __init__(self, max_arena_bytes: int, xfer_timeout_s: float = XFER_TIMEOUT_S) -> None:
         self.max_arena_bytes = max_arena_bytes
+        self.xfer_timeout_s = xfer_timeout_s
         self._peers: dict[Hashable, dict[str, Any]] = {}
 
     def on_hello(self, peer: Hashable, header: Header) -> dict:
@@ -362,7 +366,7 @@ class NixlWorkerSide:  # implements base.WorkerSide
         off = header.handle["offset"]
         if header.nbytes:
             _Agent.get().write(out.data_ptr(), st["agent"], st["addr"] + off, header.nbytes,
-                               f"y:{header.id}".encode())
+                               f"y:{header.id}".encode(), self.xfer_timeout_s)
         return [encode_reply(header, y, handle=header.handle)]
 
     def drop_peer(self, peer: Hashable) -> None:

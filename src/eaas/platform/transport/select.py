@@ -176,6 +176,9 @@ class WorkerEndpoint:
         device: torch device of the worker's tensors.
         ring: accept the shm message rings clients offer (the same-host fast path).
         clock_ms: current epoch ms (injected in tests).
+        xfer_timeout_s: longest a reply's NIXL WRITE may hold the worker (s); a reply later
+            than the client's per-attempt timeout is of no use to it (it failed over). Default:
+            ``nixl.XFER_TIMEOUT_S``.
 
     Peers are opaque hashables, normally the ROUTER identity frame.
     ``rejected`` counts refused messages by error code.
@@ -183,7 +186,8 @@ class WorkerEndpoint:
 
     def __init__(self, *, max_message_bytes: int, max_arena_bytes: int | None = None,
                  known_functions: Container[str] | None = None, offered: Sequence[str] | None = None,
-                 device: str = "cpu", ring: bool = True, clock_ms: Callable[[], int] = now_ms) -> None:
+                 device: str = "cpu", ring: bool = True, clock_ms: Callable[[], int] = now_ms,
+                 xfer_timeout_s: float = 10.0) -> None:
         self.max_message_bytes = max_message_bytes
         self.known_functions = known_functions
         self.clock_ms = clock_ms
@@ -199,7 +203,7 @@ class WorkerEndpoint:
         if "nixl" in self.capabilities["transports"]:
             from eaas.platform.transport.nixl import NixlWorkerSide
 
-            self._sides["nixl"] = NixlWorkerSide(arena_cap)
+            self._sides["nixl"] = NixlWorkerSide(arena_cap, xfer_timeout_s=xfer_timeout_s)
         self.rejected: Counter[str] = Counter()
 
     @property
