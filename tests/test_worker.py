@@ -437,3 +437,43 @@ def test_a_nixl_client_killed_before_its_replies_does_not_kill_the_worker(one_wo
     finally:
         c.close()
     assert proc.poll() is None
+
+
+def _keepers(pid: int) -> list[int]:
+    """Live lease-keeper children of process ``pid`` (from /proc)."""
+    out = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                kids = [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        for k in kids:
+            try:
+                with open(f"/proc/{k}/cmdline", "rb") as f:
+                    if b"eaas.platform.lease" in f.read():
+                        out.append(k)
+            except OSError:
+                pass
+    return out
+
+
+def test_a_lease_keeper_killed_for_real_is_replaced_and_the_worker_registers_again(one_worker, registry) -> None:  # type: ignore[no-untyped-def]
+    """SIGKILL the worker's lease keeper: the worker starts one new keeper (not one per loop
+    iteration), which registers it again as a new incarnation, and it keeps serving. Before, the
+    new keeper could not open the board (its file was unlinked after the first keeper opened it)
+    and died at once, again and again, while the worker's lease expired."""
+    model, w, proc = one_worker
+    (old,) = wait_for(lambda: _keepers(proc.pid), 10, what="the worker's lease keeper")
+    os.kill(old, signal.SIGKILL)
+    wait_for(lambda: registry.worker(w.id).epoch > w.epoch if w.id in {x.id for x in registry.workers()} else False,
+             30, interval_s=0.1, what="the worker registered again by a new keeper")
+    keepers = _keepers(proc.pid)
+    assert len(keepers) == 1 and keepers[0] != old, keepers
+    sock = _dealer(w.endpoint)
+    x = torch.randn(2, 64)
+    sock.send_multipart(_invoke(f"{model}/1/3", x, "after-keeper"))
+    reply, _ = _recv_header(sock)
+    assert reply["kind"] == "reply" and reply["id"] == "after-keeper"
+    sock.close()
+    assert proc.poll() is None

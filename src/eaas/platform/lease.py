@@ -5,7 +5,8 @@ than the lease TTL (a huge first batch, a stuck C extension that never releases 
 lets the lease expire although the worker is alive, and the worker then comes back as
 if it were a new one while clients already re-sent its work (issue 14). So the lease
 is renewed by a small *keeper* process (``python -m eaas.platform.lease``) that shares
-one page of memory with the worker — a :class:`LeaseBoard`, a file mapped by both:
+one page of memory with the worker — a :class:`LeaseBoard`, an anonymous file (``memfd``)
+mapped by both:
 
 - the worker writes its counters there (queue depth, tokens and requests served,
   busy seconds, replies dropped, per-function tokens as JSON) and the time of its
@@ -72,22 +73,37 @@ class BoardStats:
 class LeaseBoard:
     """The page the worker and its lease keeper share (a mapped file of ``BOARD_BYTES``).
 
+    On Linux the worker's board is an anonymous ``memfd_create(2)`` file: nothing on disk
+    to leak when the worker is SIGKILLed, and the worker keeps the descriptor open to hand
+    it to every keeper it starts (a keeper that died is replaced; it inherits the
+    descriptor, ``pass_fds``). Elsewhere it is a file in the temp directory, removed by
+    :meth:`unlink` once the first keeper mapped it.
+
     Args:
-        path: an existing board file (the keeper's side); ``None`` creates one (the
-            worker's side), in the temp directory, removed by :meth:`unlink`.
+        path: an existing board file (the keeper's side, without ``fd``); ``None`` creates
+            a board (the worker's side).
+        fd: a board descriptor inherited from the worker (the keeper's side, Linux).
     """
 
-    def __init__(self, path: str | None = None) -> None:
-        if path is None:
-            fd, path = tempfile.mkstemp(prefix="eaas-lease-")
-            os.ftruncate(fd, BOARD_BYTES)
-        else:
+    def __init__(self, path: str | None = None, *, fd: int | None = None) -> None:
+        self.fd: int | None = None  # the worker's memfd, kept open for later keepers
+        if fd is not None:
+            self.path = None
+        elif path is not None:
             fd = os.open(path, os.O_RDWR)
-        self.path = path
+            self.path = path
+        elif hasattr(os, "memfd_create"):
+            fd = self.fd = os.memfd_create("eaas-lease")
+            os.ftruncate(fd, BOARD_BYTES)
+            self.path = None
+        else:  # pragma: no cover - not Linux
+            fd, self.path = tempfile.mkstemp(prefix="eaas-lease-")
+            os.ftruncate(fd, BOARD_BYTES)
         try:
             self._mm = mmap.mmap(fd, BOARD_BYTES)
         finally:
-            os.close(fd)
+            if fd != self.fd:
+                os.close(fd)
         self._seq = _Q.unpack_from(self._mm, 0)[0]
 
     # --- worker side ------------------------------------------------------------
@@ -172,11 +188,17 @@ class LeaseBoard:
         return float(_D.unpack_from(self._mm, 8)[0])
 
     def close(self) -> None:
-        """Unmap the board."""
+        """Unmap the board (and close the worker's descriptor)."""
         self._mm.close()
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def unlink(self) -> None:
-        """Remove the board's file (both processes keep their mappings)."""
+        """Remove the board's file, if it has one (both processes keep their mappings).
+        A memfd board has none: it is freed with the last mapping and descriptor."""
+        if self.path is None:
+            return
         try:
             os.unlink(self.path)
         except FileNotFoundError:
@@ -192,15 +214,17 @@ def start_keeper(board: LeaseBoard, record_json: str, env: dict[str, str] | None
     """
     from eaas.procs import die_with_parent
 
-    proc = subprocess.Popen([sys.executable, "-m", "eaas.platform.lease", board.path], stdin=subprocess.PIPE,
-                            env=env, preexec_fn=die_with_parent if sys.platform == "linux" else None)
+    where = f"fd:{board.fd}" if board.fd is not None else str(board.path)
+    proc = subprocess.Popen([sys.executable, "-m", "eaas.platform.lease", where], stdin=subprocess.PIPE,
+                            env=env, pass_fds=(board.fd,) if board.fd is not None else (),
+                            preexec_fn=die_with_parent if sys.platform == "linux" else None)
     assert proc.stdin is not None
     proc.stdin.write(record_json.encode() + b"\n")
     proc.stdin.close()
     return proc
 
 
-def _keeper_main(path: str) -> int:  # pragma: no cover - runs in the keeper process (tested end to end)
+def _keeper_main(where: str) -> int:  # pragma: no cover - runs in the keeper process (tested end to end)
     import signal
 
     from eaas.errors import EaaSError
@@ -221,7 +245,7 @@ def _keeper_main(path: str) -> int:  # pragma: no cover - runs in the keeper pro
     # full socket timeout (2 s by default), and the worker is back within its TTL + ~1 s.
     beat_timeout_s = min(settings.redis_timeout_s, max(interval, ttl / 3))
     registry, _ = open_registry(settings.model_copy(update={"redis_timeout_s": beat_timeout_s}))
-    board = LeaseBoard(path)
+    board = LeaseBoard(fd=int(where[3:])) if where.startswith("fd:") else LeaseBoard(where)
 
     def register() -> None:
         epoch = registry.register_worker(record, ttl)

@@ -371,7 +371,7 @@ class ExpertWorker:
         try:
             self._start_keeper(self.settings.startup_timeout_s + 10)
         finally:
-            self._board.unlink()  # both processes hold the mapping: the file is not needed any more
+            self._board.unlink()  # a temp-file board (not Linux): both processes map it, the file can go
         log.info("worker %s: serving %d functions at %s (epoch %d)", self.id, len(self._fid_to_pair), self.endpoint,
                  self.epoch)
         if self._reload is not None:
