@@ -107,6 +107,38 @@ def test_sigkill_of_a_worker_during_200_calls_loses_nothing(registry, registered
     assert len(errors) == 200 and max(errors) <= 1e-5
 
 
+def test_a_dead_replica_is_skipped_within_the_same_dispatch(registry, registered, tiny_checkpoint, workers, caplog) -> None:  # type: ignore[no-untyped-def]
+    """Two workers host every expert; one is SIGKILLed while its lease is still valid, so the
+    routing table still lists it. A send that fails there (its connection cannot be opened) is
+    placed again at once on the live replica: every call stays exact and none goes into the
+    "no ready replica; waiting" state (before, each such call waited there although a healthy
+    replica was listed, and logged that no replica was ready)."""
+    import logging
+
+    model = registered("mixtral")
+    procs = workers(model, ["all", "all"])
+    wait_workers_ready(registry, model, 2)
+    ref = _layer_reference(tiny_checkpoint("mixtral"), 1)
+    client = ExpertClient(registry, model, _settings(registry, request_timeout_ms=3000))
+    try:
+        _stream_calls(client, ref, 4)  # both connections open
+        procs[0].send_signal(signal.SIGKILL)
+        assert procs[0].wait(10) == -signal.SIGKILL
+        errors: list[float] = []
+
+        def sent_to_dead() -> bool:  # calls until one was sent to the dead replica (its suspicion lapses in ~0.25 s)
+            errors.extend(_stream_calls(client, ref, 5))
+            return any("sending to worker" in r.getMessage() for r in caplog.records)
+
+        with caplog.at_level(logging.WARNING, logger="eaas.platform.inflight"):
+            wait_for(sent_to_dead, 60, interval_s=0.0, what="a call sent to the dead replica")
+        assert max(errors) <= 1e-5
+        waited = [r.getMessage() for r in caplog.records if "no ready replica" in r.getMessage()]
+        assert waited == [], waited
+    finally:
+        client.close()
+
+
 def test_stalled_worker_is_routed_around_and_its_late_replies_ignored(registry, registered, tiny_checkpoint, workers) -> None:  # type: ignore[no-untyped-def]
     model = registered("mixtral")
     procs = workers(model, ["all", "all"])

@@ -48,6 +48,9 @@ from eaas.settings import Settings
 
 log = logging.getLogger(__name__)
 
+#: placement rounds per dispatch when sends fail (each failed worker is tried once per item)
+SEND_ROUNDS = 4
+
 
 @dataclass(slots=True)
 class ClientStats:
@@ -261,14 +264,30 @@ class LayerCall:
     # --- dispatch ----------------------------------------------------------------
 
     def _dispatch(self, attempt_deadline_s: float, call_deadline_s: float) -> list[Item]:
-        """Place pending items on replicas and send one request per worker. Returns the unplaced."""
+        """Place pending items on replicas and send one request per worker. Returns the unplaced.
+
+        Items whose send failed (a worker that died: its connection cannot be opened) are
+        placed again at once on a replica they have not tried, up to ``SEND_ROUNDS`` rounds,
+        rather than waiting for the next pass of :meth:`complete`.
+        """
+        items = self.pending
+        for _ in range(SEND_ROUNDS):
+            items, send_failed = self._dispatch_once(items, attempt_deadline_s, call_deadline_s)
+            if not send_failed or not items:
+                break
+        return items
+
+    def _dispatch_once(self, items: list[Item], attempt_deadline_s: float,
+                       call_deadline_s: float) -> tuple[list[Item], bool]:
+        """One placement round: returns the unplaced items and whether a send failed."""
         c = self.c
         by_worker: dict[str, list[Item]] = {}
         workers: dict[str, Any] = {}
         unplaced: list[Item] = []
+        send_failed = False
         table = c.routing.table()
         now = time.monotonic()
-        for it in self.pending:
+        for it in items:
             reps = table.get(it.fid, ())
             layer = layer_key(it.fid)
             if len(reps) == 1:  # the only replica (suspect or not), unless it already failed this item
@@ -298,6 +317,7 @@ class LayerCall:
                         bells.append(ring)
                 except (zmq.ZMQError, EaaSError) as e:
                     log.warning("client %s: sending to worker %s failed: %s", c.model, wid, e)
+                    send_failed = True
                     c.conns.drop(wid)
                     c.suspects.mark(wid)
                     for it in its:
@@ -307,7 +327,7 @@ class LayerCall:
         finally:
             for ring in bells:  # every request posted first: a doorbell (a syscall, ~20-60 µs) delays no other post
                 ring.notify()
-        return unplaced
+        return unplaced, send_failed
 
     def _send(self, worker: Any, its: list[Item], attempt_deadline_s: float, call_deadline_s: float) -> Any:
         """Post one request to ``worker``; returns the ring whose doorbell is still to be rung (None when

@@ -255,7 +255,13 @@ class LocalPool:
         return out
 
     def reap(self) -> dict[str, int]:
-        """Collect children that exited; returns ``{worker_id: exit code}``."""
+        """Collect children that exited; returns ``{worker_id: exit code}``.
+
+        A child that exited with an error (killed, crashed) is deregistered at once: clients
+        route around it on the ``worker_gone`` event instead of retrying a dead endpoint until
+        its lease expires (each retry costs them a connection timeout). A clean exit (0)
+        deregistered itself at the end of its drain.
+        """
         done: dict[str, int] = {}
         with self._lock:
             for wid, proc in list(self._procs.items()):
@@ -271,6 +277,11 @@ class LocalPool:
                     f.close()
         for wid, rc in done.items():
             (log.info if rc == 0 else log.warning)("worker %s: exited with %d", wid, rc)
+            if rc != 0:
+                try:
+                    self.registry.deregister_worker(wid)
+                except EaaSError as e:
+                    log.warning("worker %s: deregistration after its exit failed (%s); its lease will expire", wid, e)
         return done
 
     # --- stopping -------------------------------------------------------------
