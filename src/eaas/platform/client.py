@@ -38,9 +38,10 @@ import torch
 
 from eaas.errors import Cancelled, EaaSError
 from eaas.functions.spec import function_id
+from eaas.platform.callstate import CallEnv, ClientStats, Item
 from eaas.platform.connections import Connections
 from eaas.platform.dispatch import RecentTokens, combine, combine_rows, plan_layer
-from eaas.platform.inflight import CallEnv, ClientStats, Item, LayerCall
+from eaas.platform.inflight import LayerCall
 from eaas.platform.routing import RoutingView, Suspects
 from eaas.platform.waiter import Waiter
 from eaas.registry.records import WorkerRecord

@@ -4,7 +4,9 @@
 (``pending``), the requests sent and not answered (``inflight``), this call's load
 per worker — and runs it to the end (:meth:`LayerCall.run`). The long-lived parts it
 uses belong to the :class:`~eaas.platform.client.ExpertClient` that made it: the
-routing view, the connections, the suspects, the waiter and the counters.
+routing view, the connections, the suspects, the waiter and the counters (its lane,
+:mod:`eaas.platform.callstate`). Waiting for and taking the replies is
+:class:`~eaas.platform.intake.ReplyIntake`'s part; what each reply means is this module's.
 
 Per request the data path is: rows gathered straight into the pair's slot (a plain copy
 when the call has one token: every row is that token); the invoke posted on the pair's
@@ -26,25 +28,30 @@ rather than after the last one.
 from __future__ import annotations
 
 import logging
-import random
-import threading
 import time
-from collections import Counter
-from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import zmq
 
-from eaas.errors import EaaSError, NoReplicaAvailable, ProtocolError, RemoteError, TransportError
-from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn, Connections
+from eaas.errors import (
+    EaaSError,
+    NoReplicaAvailable,
+    ProtocolError,
+    RemoteError,
+    TransportError,
+)
+from eaas.platform.callstate import CallEnv, InFlight, Item
+from eaas.platform.connections import CONNECT_TIMEOUT_MS, Conn
 from eaas.platform.decode import decode_header
-from eaas.platform.dispatch import RecentTokens, choose_replica, layer_key
-from eaas.platform.protocol import PAIR_RESET_CODES, RETRYABLE_CODES, has_input, now_ms, recv_frames, send_frames
-from eaas.platform.routing import RoutingView, Suspects
-from eaas.platform.waiter import Waiter
-from eaas.settings import Settings
+from eaas.platform.dispatch import choose_replica, layer_key
+from eaas.platform.intake import ReplyIntake
+from eaas.platform.protocol import (
+    PAIR_RESET_CODES,
+    RETRYABLE_CODES,
+    now_ms,
+    send_frames,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,72 +59,7 @@ log = logging.getLogger(__name__)
 SEND_ROUNDS = 4
 
 
-@dataclass(slots=True)
-class ClientStats:
-    """Counters of one client (read by the gateway's metrics)."""
-
-    calls: int = 0
-    requests: int = 0
-    rows: int = 0
-    failovers: int = 0
-    late_replies: int = 0
-    errors: Counter = field(default_factory=Counter)
-
-
-@dataclass(slots=True)
-class CallEnv:
-    """The long-lived parts a call uses; one per :class:`~eaas.platform.client.ExpertClient`.
-
-    Attributes:
-        model: model name (logs, metrics labels).
-        settings: timeouts and limits.
-        routing, conns, suspects, waiter: the client's routing view, connections,
-            suspected workers and reply waiter.
-        rng: replica-choice random source.
-        stats: counters; metrics: optional ``record_expert_call(n, model)`` /
-            ``record_failover(n, model)`` sink.
-        stop: set when the client closes (cuts waits short).
-        next_request_id: a fresh request id per call.
-        recent: rows sent to each (worker, layer) lately (shared by the lanes; steers replica choice).
-    """
-
-    model: str
-    settings: Settings
-    routing: RoutingView
-    conns: Connections
-    suspects: Suspects
-    waiter: Waiter
-    rng: random.Random
-    stats: ClientStats
-    stop: threading.Event
-    next_request_id: Callable[[], str]
-    metrics: Any = None
-    recent: RecentTokens = field(default_factory=RecentTokens)
-
-
-@dataclass(slots=True)
-class Item:
-    """One expert's rows in a call: where they come from and where their output goes."""
-
-    fid: str
-    rows: torch.Tensor  # [n] int64 indices into the call's x
-    out_row: int  # first row of its output in the call's y
-    n: int  # rows (rows.numel())
-    tried: set[str] = field(default_factory=set)
-
-
-@dataclass(slots=True)
-class InFlight:
-    """One request sent and not yet answered."""
-
-    wid: str
-    slot: Any
-    items: list[Item]
-    deadline_s: float
-    epoch: int = 0  # the incarnation of the worker it was sent to
-
-
-class LayerCall:
+class LayerCall(ReplyIntake):
     """Runs one call: ``y[total_rows, D]`` where the rows of ``item`` are ``f_item(x[item.rows])``.
 
     Args:
@@ -363,72 +305,7 @@ class LayerCall:
             c.metrics.record_expert_call(len(its), c.model)
         return ring
 
-    # --- replies -------------------------------------------------------------------
-
-    def _collect(self) -> None:
-        """Wait (until the earliest attempt deadline, at most 50 ms) for replies and disconnects."""
-        c = self.c
-        conns = {fl.wid: c.conns[fl.wid] for fl in self.inflight.values() if fl.wid in c.conns}
-        if self._take_rings(conns):
-            return
-        earliest = min(fl.deadline_s for fl in self.inflight.values())
-        timeout_s = max(0.0, min(0.05, earliest - time.monotonic()))
-        rings = [cn.ring for cn in conns.values() if cn.ring is not None]
-        socks = [s for cn in conns.values() for s in (cn.sock, cn.monitor)]
-        res = c.waiter.wait(rings, socks, timeout_s)
-        if res.ring_ready and not res.closed:
-            # A reply came on a ring: take it now. The sockets and monitors (a ZeroMQ reply, a
-            # disconnect) are looked at by the next wait, if anything is still in flight: checking
-            # them here costs a getsockopt per socket and a failed recv per pair on every reply.
-            self._take_rings(conns)
-            return
-        for wid, cn in conns.items():
-            if cn.ring is not None and cn.ring in res.closed:
-                self._disconnected(wid, "the worker closed its doorbell")
-                continue
-            if has_input(cn.monitor):
-                self._on_monitor(wid, cn)
-            if wid in c.conns:
-                self._take_socket(wid, cn)
-        self._take_rings(conns)
-
-    def _take_rings(self, conns: dict[str, Conn]) -> bool:
-        """Handle every reply waiting on the pairs' rings. True if any was handled."""
-        got = False
-        for wid, cn in conns.items():
-            ring = cn.ring
-            while ring is not None and ring.ready() and wid in self.c.conns:
-                try:
-                    data = ring.take()
-                except ProtocolError as e:
-                    self._disconnected(wid, f"corrupt ring: {e}")
-                    break
-                if data is None:
-                    break
-                got = True
-                self._on_reply(wid, cn, [data])
-        return got
-
-    def _take_socket(self, wid: str, cn: Conn) -> None:
-        while wid in self.c.conns and has_input(cn.sock):  # no recv, and no zmq.Again, when nothing came
-            try:
-                frames = recv_frames(cn.sock, zmq.NOBLOCK, 1)  # header as bytes, payload as frames
-            except zmq.ZMQError:  # Again included
-                return
-            self._on_reply(wid, cn, frames)
-
-    def _on_monitor(self, wid: str, cn: Conn) -> None:
-        disconnected = False
-        while True:
-            try:
-                msg = cn.monitor.recv_multipart(zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            event = int.from_bytes(msg[0][:2], "little")
-            if event & (zmq.EVENT_DISCONNECTED | zmq.EVENT_CLOSED):
-                disconnected = True
-        if disconnected:
-            self._disconnected(wid, "connection dropped")
+    # --- replies (taken by ReplyIntake._collect) --------------------------------------
 
     def _disconnected(self, wid: str, reason: str) -> None:
         for rid in [r for r, fl in self.inflight.items() if fl.wid == wid]:
