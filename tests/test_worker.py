@@ -477,3 +477,37 @@ def test_a_lease_keeper_killed_for_real_is_replaced_and_the_worker_registers_aga
     assert reply["kind"] == "reply" and reply["id"] == "after-keeper"
     sock.close()
     assert proc.poll() is None
+
+
+def _arenas_mapped_by(pid: int, client_pid: int) -> set[str]:
+    """Names of ``client_pid``'s shm arenas that process ``pid`` still maps (from /proc)."""
+    with open(f"/proc/{pid}/maps") as f:
+        return {line.split("/dev/shm/", 1)[1].split()[0] for line in f
+                if f"/dev/shm/eaas-{client_pid}-" in line}
+
+
+def test_a_client_that_drops_a_connection_lets_the_worker_unmap_its_arena(one_worker, registry) -> None:  # type: ignore[no-untyped-def]
+    """A client drops a connection it still could use (a timeout, a pair reset) and opens a new
+    one: the worker must let go of the old pair's arena at once — the client says ``bye`` —
+    and not keep mapping 64 MiB of shared memory per reconnect of a live client until it
+    exits (its sweep only frees pairs of dead processes). Plain shm (no ring: a ring's
+    doorbell closing already tells the worker)."""
+    from eaas.platform.client import ExpertClient
+    from eaas.settings import get_settings
+
+    model, w, proc = one_worker
+    client = ExpertClient(registry, model, get_settings(redis_url="unused", prefix=registry.prefix, shm_ring=False),
+                          transport="shm")
+    x, idx, wt = torch.randn(1, 64), torch.tensor([[1, 2]]), torch.tensor([[0.5, 0.5]])
+    try:
+        client.forward(0, x, idx, wt)
+        first = _arenas_mapped_by(proc.pid, os.getpid())
+        assert len(first) == 1, first
+        for lane in list(client._lanes):  # what a timeout or a pair reset does to the connection
+            lane.conns.drop(w.id)
+        client.forward(0, x, idx, wt)  # a new connection, a new arena
+        wait_for(lambda: len(_arenas_mapped_by(proc.pid, os.getpid())) == 1, 10,
+                 what="the worker unmapping the dropped pair's arena")
+        assert _arenas_mapped_by(proc.pid, os.getpid()) != first
+    finally:
+        client.close()

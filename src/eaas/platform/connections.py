@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 HELLO_TIMEOUT_S = 2.0
 CONNECT_TIMEOUT_MS = 250
+BYE_LINGER_MS = 200  # how long libzmq keeps trying to deliver a dropped connection's ``bye`` (ms)
 
 
 @dataclass(slots=True)
@@ -147,20 +148,32 @@ class Connections:
         return False
 
     def drop(self, wid: str) -> None:
-        """Close the connection to ``wid`` (its channel, monitor and socket), if any."""
+        """Close the connection to ``wid`` (its channel, monitor and socket), if any.
+
+        The worker is told ``bye`` (if it can still be reached), so it frees the pair's state
+        at once — a shared arena it maps, an opened IPC handle — rather than keeping it for as
+        long as this process lives (its sweep frees only pairs of dead processes).
+        """
         c = self._conns.pop(wid, None)
         if c is not None:
-            self._close(c)
+            self._close(c, bye=True)
 
     @staticmethod
-    def _close(c: Conn) -> None:
+    def _close(c: Conn, bye: bool = False) -> None:
+        linger_ms = 0
+        if bye:
+            try:
+                c.sock.send(encode_header(Header(kind="bye", id="bye")), zmq.NOBLOCK)
+                linger_ms = BYE_LINGER_MS  # libzmq delivers it after close, in its I/O thread
+            except zmq.ZMQError:  # no connection to the worker: nothing to tell
+                pass
         try:
             c.channel.close()
         except Exception:  # noqa: BLE001 - closing a broken channel
             pass
         c.sock.disable_monitor()
         c.monitor.close(linger=0)
-        c.sock.close(linger=0)
+        c.sock.close(linger=linger_ms)
 
     def transports(self) -> dict[str, str]:
         """Worker id -> the transport its open connection uses."""
@@ -169,8 +182,4 @@ class Connections:
     def close(self) -> None:
         """Say ``bye`` to every worker (it frees the pair's state at once) and close everything."""
         for wid in list(self._conns):
-            try:
-                self._conns[wid].sock.send(encode_header(Header(kind="bye", id="bye")), zmq.NOBLOCK)
-            except Exception:  # noqa: BLE001 - a dead peer needs no goodbye
-                pass
             self.drop(wid)
