@@ -355,6 +355,13 @@ def test_lone_surrogate_is_a_400_not_a_500(gateway):
     body = b'{"model": "tiny", "messages": [{"role": "user", "content": "\\udfff"}], "max_tokens": 2}'
     r = post(gateway, "/v1/chat/completions", content=body, headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text
+    # a stop string with one could never match decoded text: refused, not accepted and ignored
+    # (the official SDK cannot even send it; other clients can, as JSON escapes)
+    for stop in (b'"\\ud800"', b'["ok", "x\\udfff"]'):
+        body = b'{"model": "tiny", "prompt": "x", "max_tokens": 2, "stop": ' + stop + b'}'
+        r = post(gateway, "/v1/completions", content=body, headers={"content-type": "application/json"})
+        err = r.json()["error"]
+        assert r.status_code == 400 and err["param"] == "stop" and "Unicode" in err["message"], r.text
 
 
 class _Wrapped(torch.nn.Module):

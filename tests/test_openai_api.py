@@ -380,6 +380,22 @@ def test_retrieve_model(client):
     assert e.value.body["code"] == "model_not_found" and "no-such-model" in e.value.body["message"]
 
 
+def test_an_unknown_model_is_model_not_found_on_every_endpoint(client):
+    """OpenAI answers an unknown model with 404 ``model_not_found`` wherever a model is named
+    (docs/openai-api.md says so); the generation endpoints used to answer ``not_found``."""
+    calls = {
+        "completions": lambda: client.completions.create(model="no-such-model", prompt=PROMPT, max_tokens=2),
+        "chat": lambda: client.chat.completions.create(model="no-such-model", messages=CHAT, max_completion_tokens=2),
+        "retrieve": lambda: client.models.retrieve("no-such-model"),
+    }
+    for name, call in calls.items():
+        with pytest.raises(openai.NotFoundError) as e:
+            call()
+        body = e.value.body
+        assert (body["code"], body["type"], body["param"]) == ("model_not_found", "invalid_request_error", "model"), name
+        assert "no-such-model" in body["message"] and MODEL in body["message"], name
+
+
 def test_chat_content_as_text_parts(client):
     kw = dict(model=MODEL, max_completion_tokens=5, temperature=0, extra_body={"ignore_eos": True})
     plain = client.chat.completions.create(messages=[{"role": "user", "content": "hello there"}], **kw)

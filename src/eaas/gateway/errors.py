@@ -6,6 +6,7 @@ Body: ``{"error": {"message": str, "type": str, "param": str | None, "code": str
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterable
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -59,9 +60,11 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
     return APIError(400, message, param=param, code=code)
 
 
-def not_found(message: str, param: str | None = None) -> APIError:
-    """An HTTP 404 in OpenAI's error shape."""
-    return APIError(404, message, type="not_found_error", param=param, code="not_found")
+def model_not_found(name: str, served: Iterable[str]) -> APIError:
+    """An HTTP 404 for a model not served here, as OpenAI answers one (``invalid_request_error``,
+    code ``model_not_found``), on every endpoint that takes a model."""
+    return APIError(404, f"The model '{name}' does not exist; served here: {sorted(served)}",
+                    type="invalid_request_error", param="model", code="model_not_found")
 
 
 # EaaSError subclass -> (status, type, code); the first matching class wins.

@@ -25,7 +25,7 @@ from eaas.errors import Cancelled
 from eaas.functions.families import moe_block
 from eaas.gateway.cancel import await_or_cancel, new_request_id
 from eaas.gateway.completions import handle_generation
-from eaas.gateway.errors import APIError, not_found
+from eaas.gateway.errors import APIError, model_not_found
 from eaas.gateway.metrics import CONTENT_TYPE, GatewayMetrics
 from eaas.gateway.runner import ModelRunner
 from eaas.gateway.schemas import (
@@ -79,7 +79,7 @@ class GatewayState:
         """
         runner = self.runners.get(name)
         if runner is None:
-            raise not_found(f"model {name!r} is not served here; models: {sorted(self.runners)}", param="model")
+            raise model_not_found(name, self.runners)
         return runner
 
     def runner_health(self) -> tuple[bool, dict[str, Any]]:
@@ -156,8 +156,7 @@ async def retrieve_model(model_id: str, request: Request) -> ModelCard:
     gw = gateway_state(request)
     runner = gw.runners.get(model_id)
     if runner is None:
-        raise APIError(404, f"The model '{model_id}' does not exist", type="invalid_request_error", param="model",
-                       code="model_not_found")
+        raise model_not_found(model_id, gw.runners)
     return ModelCard(id=model_id, created=gw.created, max_model_len=runner.max_model_len)
 
 

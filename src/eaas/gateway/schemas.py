@@ -109,6 +109,11 @@ class _Sampling(BaseModel):
             raise ValueError(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
         if any(len(s) == 0 or len(s) > 200 for s in stops):
             raise ValueError("stop strings must have 1 to 200 characters")
+        for s in stops:  # a lone surrogate can never appear in decoded text: it would never stop anything
+            try:
+                s.encode("utf-8")
+            except UnicodeEncodeError as e:
+                raise ValueError(f"stop strings must be valid Unicode text ({e.reason} at position {e.start})") from None
         return v
 
     @field_validator("logit_bias")
