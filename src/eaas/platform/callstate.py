@@ -39,13 +39,16 @@ class ClientStats:
 
 @dataclass(slots=True)
 class CallEnv:
-    """The long-lived parts a call uses; one per :class:`~eaas.platform.client.ExpertClient`.
+    """A lane: the long-lived parts one call at a time uses. An
+    :class:`~eaas.platform.client.ExpertClient` has one per concurrent caller (at most
+    ``MAX_LANES``); the lanes share its routing view, suspects, counters and random source,
+    and each has its own connections and waiter.
 
     Attributes:
         model: model name (logs, metrics labels).
         settings: timeouts and limits.
-        routing, conns, suspects, waiter: the client's routing view, connections,
-            suspected workers and reply waiter.
+        routing, conns, suspects, waiter: the client's routing view, this lane's
+            connections, the client's suspected workers, this lane's reply waiter.
         rng: replica-choice random source.
         stats: counters; metrics: optional ``record_expert_call(n, model)`` /
             ``record_failover(n, model)`` sink.
