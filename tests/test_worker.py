@@ -32,6 +32,17 @@ def _recv_header(sock: zmq.Socket, timeout_ms: int = 10_000) -> tuple[dict, list
     return msgpack.unpackb(frames[0], raw=False), frames[1:]
 
 
+def _assert_answers(endpoint: str, fid: str, rid: str) -> None:
+    """A fresh DEALER sends one invoke of 3 rows to ``endpoint``; the worker answers it."""
+    sock = _dealer(endpoint)
+    try:
+        sock.send_multipart(_invoke(fid, torch.randn(3, 64), rid))
+        reply, _ = _recv_header(sock)
+        assert reply["kind"] == "reply" and reply["id"] == rid, reply
+    finally:
+        sock.close()
+
+
 def _invoke(fid: str, x: torch.Tensor, rid: str, deadline_ms: int | None = None) -> list:
     h = invoke_header(rid, [(fid, x.shape[0])], dtype=x.dtype, hidden=x.shape[1],
                       deadline_ms=deadline_ms or now_ms() + 10_000, transport="inline")
@@ -289,12 +300,7 @@ def test_a_worker_started_while_redis_is_down_registers_once_it_is_back(tiny_che
         wait_for(retrying, 30, what="the worker retrying the registry")
         server2 = RedisServer(port=port, persist_dir=data).start()
         (w,) = wait_workers_ready(reg, spec.name, 1)
-        sock = _dealer(w.endpoint)
-        x = torch.randn(3, 64)
-        sock.send_multipart(_invoke(f"{spec.name}/1/2", x, "after-outage"))
-        reply, _ = _recv_header(sock)
-        assert reply["kind"] == "reply" and reply["id"] == "after-outage"
-        sock.close()
+        _assert_answers(w.endpoint, f"{spec.name}/1/2", "after-outage")
         text = log_path.read_text()
         assert "giving up in" in text and "registry reachable after" in text
     finally:
@@ -466,16 +472,11 @@ def test_a_lease_keeper_killed_for_real_is_replaced_and_the_worker_registers_aga
     model, w, proc = one_worker
     (old,) = wait_for(lambda: _keepers(proc.pid), 10, what="the worker's lease keeper")
     os.kill(old, signal.SIGKILL)
-    wait_for(lambda: registry.worker(w.id).epoch > w.epoch if w.id in {x.id for x in registry.workers()} else False,
-             30, interval_s=0.1, what="the worker registered again by a new keeper")
+    wait_for(lambda: any(x.id == w.id and x.epoch > w.epoch for x in registry.workers()), 30, interval_s=0.1,
+             what="the worker registered again by a new keeper")
     keepers = _keepers(proc.pid)
     assert len(keepers) == 1 and keepers[0] != old, keepers
-    sock = _dealer(w.endpoint)
-    x = torch.randn(2, 64)
-    sock.send_multipart(_invoke(f"{model}/1/3", x, "after-keeper"))
-    reply, _ = _recv_header(sock)
-    assert reply["kind"] == "reply" and reply["id"] == "after-keeper"
-    sock.close()
+    _assert_answers(w.endpoint, f"{model}/1/3", "after-keeper")
     assert proc.poll() is None
 
 

@@ -159,15 +159,12 @@ class _Agent:
                 was cut off) or did not finish in ``timeout_s``.
         """
         with self.lock:
+            deadline = time.monotonic() + timeout_s
+            spins, h = 0, None
             try:
                 src = self.agent.get_xfer_descs([(local_addr, nbytes, 0)], "DRAM")
                 dst = self.agent.get_xfer_descs([(remote_addr, nbytes, 0)], "DRAM")
                 h = self.agent.initialize_xfer("WRITE", src, dst, remote, notif)
-            except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
-                raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote}: {type(e).__name__}: {e}") from e
-            deadline = time.monotonic() + timeout_s
-            spins = 0
-            try:
                 state = self.agent.transfer(h)
                 while state != "DONE":
                     if state == "ERR":
@@ -181,10 +178,11 @@ class _Agent:
             except Exception as e:  # noqa: BLE001 - NIXL raises its own exception types
                 raise TransportError(f"nixl WRITE of {nbytes} bytes to {remote}: {type(e).__name__}: {e}") from e
             finally:
-                try:
-                    self.agent.release_xfer_handle(h)
-                except Exception:  # noqa: BLE001 - a handle of a failed transfer may be gone already
-                    pass
+                if h is not None:
+                    try:
+                        self.agent.release_xfer_handle(h)
+                    except Exception:  # noqa: BLE001 - a handle of a failed transfer may be gone already
+                        pass
 
     def wait_notif(self, remote: str, tag: bytes, timeout_s: float = NOTIF_TIMEOUT_S) -> bool:
         """Consume notification ``tag`` from ``remote``, polling up to ``timeout_s``.
